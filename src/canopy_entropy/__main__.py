@@ -1,0 +1,5 @@
+"""``python -m canopy_entropy`` is the ``canopy`` command."""
+
+from canopy_entropy.cli.main import main
+
+main()

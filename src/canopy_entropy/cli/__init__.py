@@ -1,0 +1,1 @@
+"""The ``canopy`` command line (typer + rich). One module per command."""

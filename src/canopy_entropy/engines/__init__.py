@@ -1,0 +1,1 @@
+"""Sampling engines. Each engine is one module; ``get_engine`` picks one by name."""

@@ -1,0 +1,109 @@
+"""The contract every sampling engine meets (transformers, vLLM, OpenAI-compatible HTTP).
+
+An engine samples M rollouts for one prompt given as token ids and returns them as one
+columnar batch holding exactly the SPEC section-1 per-step fields. Randomness of rollout ``i``
+of prompt ``p`` depends only on ``rollout_seed(run_seed, p, i)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from canopy_entropy.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DecodingPolicy:
+    """The sampling policy shared by all engines (SPEC section 1).
+
+    The per-step entropy recorded is that of the renormalised distribution actually sampled
+    from: temperature applied, then top-k, top-p and min-p truncation, EOS kept whenever it
+    survives truncation. ``temperature == 0`` means greedy decoding (entropy 0).
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    min_p: float = 0.0
+    max_new_tokens: int = 512
+    eos_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+
+    def validate(self) -> DecodingPolicy:
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0 (got {self.temperature}); use 0 for greedy")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"top_k must be >= 1 or unset (got {self.top_k})")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ConfigError(f"top_p must be in (0, 1] (got {self.top_p}); use 1 for no cut")
+        if not (0.0 <= self.min_p < 1.0):
+            raise ConfigError(f"min_p must be in [0, 1) (got {self.min_p}); use 0 for no cut")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+        if not self.eos_token_ids and not self.stop_strings:
+            raise ConfigError(
+                "the model has no EOS token and no stop string was given: rollouts could never "
+                "end; pass --eos-id or --stop"
+            )
+        return self
+
+
+@dataclass
+class RolloutBatch:
+    """M rollouts of one prompt, columnar: per-step fields as flat arrays + offsets.
+
+    ``offsets`` has M+1 entries; rollout i's steps are ``[offsets[i], offsets[i+1])``.
+    Optional per-step fields are None when the engine cannot provide them.
+    """
+
+    rollout_index: np.ndarray  # int32 [M]
+    seed: np.ndarray  # int64 [M]
+    finish_reason: list[str]  # M of 'eos' | 'length' | 'stop'
+    offsets: np.ndarray  # int64 [M+1]
+    token_ids: np.ndarray  # int32 [sum N]
+    entropy: np.ndarray  # float32 [sum N]
+    eos_prob: np.ndarray | None = None
+    logprob: np.ndarray | None = None
+    kept_mass: np.ndarray | None = None
+    entropy_upper: np.ndarray | None = None
+    text: list[str | None] | None = None
+    extra: dict = field(default_factory=dict)
+
+    def split(self, flat: np.ndarray | None) -> list[np.ndarray] | None:
+        """Per-rollout views of a flat per-step array."""
+        if flat is None:
+            return None
+        return [flat[self.offsets[i] : self.offsets[i + 1]] for i in range(len(self.offsets) - 1)]
+
+
+def rollout_seed(run_seed: int, prompt_id: str, rollout_index: int, stream: str = "") -> int:
+    """A 63-bit seed that depends only on (run seed, prompt id, rollout index[, stream]).
+
+    ``stream`` is the model name unless common random numbers are requested (then ""), so
+    distinct models get independent streams by default.
+    """
+    h = hashlib.blake2b(
+        f"{run_seed}\x1f{prompt_id}\x1f{rollout_index}\x1f{stream}".encode(), digest_size=8
+    ).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+class Engine:
+    """Base class: subclasses implement ``sample`` for one prompt."""
+
+    name = "base"
+
+    def sample(
+        self,
+        prompt_token_ids: list[int],
+        seeds: np.ndarray,
+        rollout_indices: np.ndarray,
+        policy: DecodingPolicy,
+    ) -> RolloutBatch:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release resources (GPU memory, servers)."""
