@@ -1,0 +1,1 @@
+"""Statistics: pooling rules, bootstrap, regression."""
