@@ -92,9 +92,24 @@ def rollout_seed(run_seed: int, prompt_id: str, rollout_index: int, stream: str 
 
 
 class Engine:
-    """Base class: subclasses implement ``sample`` for one prompt."""
+    """Base class: subclasses implement ``sample`` for one prompt.
+
+    Constructed as ``Engine(model, **options)``; after construction it exposes the model's
+    ``tokenizer`` (a HF tokenizer, for prompt rendering via ``prompting.render_prompt``),
+    ``eos_token_ids`` (every EOS id of the model's generation config), ``vocab_size`` and
+    ``context_length`` (max prompt + new tokens), and ``describe()`` for the run manifest.
+    """
 
     name = "base"
+    tokenizer: object = None
+    eos_token_ids: tuple[int, ...] = ()
+    vocab_size: int = 0
+    context_length: int | None = None
+    approximate: bool = False  # True when entropies are bounds, not exact (top-20 APIs)
+
+    def describe(self) -> dict:
+        """Facts for the manifest: model path/revision, dtype, device, tokenizer hash."""
+        return {"engine": self.name}
 
     def sample(
         self,
