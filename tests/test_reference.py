@@ -22,10 +22,9 @@ def _tiny() -> FiniteStateLM:
 
 
 def _enumerate(lm: FiniteStateLM, pi0: np.ndarray, cap: int):
-    """All sequences up to the cap with their probabilities (independent of the closed form).
-
-    Returns (joint entropy of the whole outcome, E[N], H(N), E[sum_t H_t / N]).
-    """
+    """Every generation up to the cap (cut ones summed over their last token) with its
+    probability, (length, cut) and rate: independent of the closed form. With one start
+    state, distinct token sequences are distinct outcomes, so -sum p log p is H(N, Y)."""
     probs, lengths, rates = [], [], []
     for s0 in range(lm.n_states):
         for n in range(1, cap + 1):
@@ -44,11 +43,7 @@ def _enumerate(lm: FiniteStateLM, pi0: np.ndarray, cap: int):
                         for v in range(lm.vocab):
                             q = p * (1 - lm.eos_prob[s]) * lm.emission[s, v]
                             probs.append(q), lengths.append((n, 1)), rates.append(h / n)
-    probs = np.array(probs)
-    # the outcome is (start state is hidden, tokens): merge start states with equal tokens
-    # -> here next_state is a bijection per token, so sequences from different starts differ
-    # only in probability; joint entropy over (tokens) needs merging by token sequence.
-    return probs, lengths, np.array(rates)
+    return np.array(probs), lengths, np.array(rates)
 
 
 def test_exact_matches_enumeration_single_start_state():
@@ -69,8 +64,7 @@ def test_exact_matches_enumeration_single_start_state():
     assert ex.mean_length == pytest.approx((probs * n).sum(), rel=1e-12)
     assert ex.length_entropy == pytest.approx(h_n, rel=1e-12)
     assert ex.entropy_rate == pytest.approx((probs * rates).sum(), rel=1e-12)
-    assert ex.truncation_prob == pytest.approx(law[(cap, 0)] * 0 + sum(
-        p for (ln, cut), p in law.items() if cut), rel=1e-12)
+    assert ex.truncation_prob == pytest.approx(law[(cap, 1)], rel=1e-12)
 
 
 def test_exact_without_cap_is_limit_of_capped():

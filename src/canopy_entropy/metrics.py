@@ -433,14 +433,18 @@ def _fit_tail(
 ) -> TailFit:
     """Geometric (discrete exponential) fit to the upper survival curve of N, per prompt.
 
-    Threshold u = the 75th-percentile length (kept below the cap T); above u the per-step
+    Threshold u = the 75th-percentile length, kept below the cap T and below the longest
+    rollout that stopped (so at least one stop lies above it); above u the per-step
     stopping hazard is fitted by censored maximum likelihood (stops / steps at risk, cut
     rollouts censored), so P(N > t) = P(N > u) (1 - hazard)^(t - u) for t >= u.
     """
     P = len(m)
     idx = np.arange(P)
     u = sorted_len[idx, np.floor(0.75 * (m - 1)).astype(np.int64)]
+    longest_stop = np.full(P, -np.inf)  # u stays below the longest rollout that stopped
+    np.maximum.at(longest_stop, code[~truncated], length[~truncated])
     u = np.minimum(u, cap - 1)
+    u = np.where(np.isfinite(longest_stop), np.minimum(u, longest_stop - 1), u)
     above = length > u[code]
     events = np.bincount(code, above & ~truncated, P)
     exposure = np.bincount(code, np.where(above, length - u[code], 0), P)
