@@ -75,8 +75,9 @@ def test_exact_without_cap_is_limit_of_capped():
     assert free.ce_star == pytest.approx(capped.ce_star, rel=1e-10)
     assert free.length_entropy == pytest.approx(capped.length_entropy, rel=1e-10)
     # E[N] for a geometric-like law: sum of survival probabilities
-    assert free.mean_length == pytest.approx(float(np.arange(1, len(free.length_pmf) + 1)
-                                                   @ free.length_pmf), rel=1e-10)
+    assert free.mean_length == pytest.approx(
+        float(np.arange(1, len(free.length_pmf) + 1) @ free.length_pmf), rel=1e-10
+    )
 
 
 @pytest.fixture(scope="module")

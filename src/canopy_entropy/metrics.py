@@ -497,9 +497,7 @@ class MetricsResult:
             groups.append(
                 {
                     "key": {c: row[c] for c in by},
-                    "pooled": {
-                        c: _json_value(row[c]) for c in self.pooled.columns if c not in by
-                    },
+                    "pooled": {c: _json_value(row[c]) for c in self.pooled.columns if c not in by},
                     "prompts": [
                         {c: _json_value(v) for c, v in zip(pcols, rec, strict=True)}
                         for rec in prows[pcols].itertuples(index=False, name=None)
@@ -753,7 +751,9 @@ def _pool(
 
 
 def _extra_columns(prompts: pd.DataFrame) -> list[str]:
-    return [c for c in DIVERSITY_COLUMNS if c in prompts.columns]
+    """Merged per-prompt columns (e.g. diversity) pooled beside the metrics."""
+    known = {*PROMPT_KEYS, *METRIC_COLUMNS}
+    return [c for c in prompts.columns if c not in known]
 
 
 def pool_group(g: pd.DataFrame, delta: float = 0.05) -> tuple[dict[str, float], list[str]]:
@@ -902,7 +902,8 @@ def _merge_diversity(result: MetricsResult, path: Path, delta: float) -> Metrics
     numeric = [
         c
         for c in div.columns
-        if c not in PROMPT_KEYS and pd.api.types.is_numeric_dtype(div[c])
+        if c not in PROMPT_KEYS
+        and pd.api.types.is_numeric_dtype(div[c])
         and c not in result.prompts.columns
     ]
     if div.duplicated(list(PROMPT_KEYS)).any():
@@ -910,25 +911,14 @@ def _merge_diversity(result: MetricsResult, path: Path, delta: float) -> Metrics
     prompts = result.prompts.merge(
         div[[*PROMPT_KEYS, *numeric]], on=list(PROMPT_KEYS), how="left", validate="one_to_one"
     )
+    by = list(result.by)
+    grouped = prompts.groupby(by, sort=True) if by else [((), prompts)]
     rows = []
-    grouped = prompts.groupby(list(result.by), sort=True) if result.by else [((), prompts)]
-    pooled = result.pooled.set_index(list(result.by)) if result.by else result.pooled
     for key, g in grouped:
-        n = g["n_rollouts"].to_numpy(dtype=np.float64)
-        extra = {}
-        for col in numeric:
-            values = g[col].to_numpy(dtype=np.float64)
-            if col == "corr_length_d":
-                extra[col] = float(pool_fisher(values, n))
-            else:
-                finite = values[np.isfinite(values)]
-                extra[col] = float(finite.mean()) if finite.size else float("nan")
-        rows.append(extra)
-    extra_frame = pd.DataFrame(rows, columns=numeric)
-    new_pooled = pd.concat(
-        [pooled.reset_index() if result.by else pooled, extra_frame], axis=1
-    )
-    return MetricsResult(prompts=prompts, pooled=new_pooled, by=result.by, notes=result.notes)
+        key = key if isinstance(key, tuple) else (key,)
+        rows.append({**dict(zip(by, key, strict=True)), **pool_group(g, delta)[0]})
+    pooled = pd.DataFrame(rows, columns=[*by, *METRIC_COLUMNS, *_extra_columns(prompts)])
+    return MetricsResult(prompts=prompts, pooled=pooled, by=result.by, notes=result.notes)
 
 
 def load_metrics_json(path: str | os.PathLike[str]) -> dict[str, Any]:
