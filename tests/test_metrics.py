@@ -277,3 +277,17 @@ def test_json_document_and_write_metrics(tmp_path):
     saved = pd.read_parquet(tmp_path / "metrics" / "pooled.parquet")
     pd.testing.assert_frame_equal(saved, result.pooled)
     assert len(pd.read_parquet(tmp_path / "metrics" / "prompts.parquet")) == 4
+
+
+def test_prompt_split_across_shards_matches_one_table(tmp_path):
+    """Shards are reduced in parallel and merged: a prompt spread over shards is one prompt."""
+    rng = np.random.default_rng(9)
+    ents = [rng.random(rng.integers(1, 30)).round(3).tolist() for _ in range(40)]
+    eos = [rng.random(len(e)).round(3).tolist() for e in ents]
+    whole = make_rollouts({"a": ents, "b": ents[::-1]}, eos={"a": eos, "b": eos[::-1]})
+    store = RunStore(tmp_path)
+    for k, (lo, hi) in enumerate([(0, 25), (25, 60), (60, 80)]):
+        store.write_rollouts(f"part{k}", whole.slice(lo, hi - lo))
+    expected = compute_metrics(whole, warn=False).prompts
+    got = compute_metrics(tmp_path, warn=False, batch_size=8).prompts
+    pd.testing.assert_frame_equal(got, expected, rtol=1e-13)

@@ -209,9 +209,7 @@ def _reduce(source: Any, batch_size: int = 1024) -> _Reduced:
         def one(path: Path) -> _Reduced | None:
             reader = pq.ParquetFile(path)
             return _reduce_stream(
-                reader.iter_batches(
-                    batch_size=batch_size, columns=_READ_COLUMNS, use_threads=False
-                )
+                reader.iter_batches(batch_size=batch_size, columns=_READ_COLUMNS, use_threads=False)
             )
 
         if workers == 1:
@@ -690,6 +688,7 @@ def compute_metrics(
     store = _as_store(source)
     manifest = store.read_manifest() if store is not None else {}
     red = _reduce(store if store is not None else source, batch_size=batch_size)
+    red.approximate = red.approximate or bool(manifest.get("approximate"))
     return _assemble(red, by, delta, h_max, manifest, warn)
 
 
