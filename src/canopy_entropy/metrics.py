@@ -624,23 +624,29 @@ def _caps_and_hmax(
     manifest: dict,
     h_max: float | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per prompt: the length cap T (manifest policy, else the cut length, else the longest
-    rollout) and H_max (--h-max, else log top_k / log vocab_size from the manifest, else NaN)."""
+    """Per prompt: the length cap T and H_max.
+
+    T: the length of the prompt's cut rollouts (the data is authoritative), else the
+    manifest's max_new_tokens for the model, else the model's cut length, else the prompt's
+    longest rollout. H_max: --h-max, else log top_k / log vocab_size from the manifest, else NaN.
+    """
     P = len(models)
-    cap = np.empty(P, dtype=np.float64)
+    cut_len = np.full(P, -np.inf)
+    np.maximum.at(cut_len, code[truncated], N[truncated])
+    longest = np.full(P, -np.inf)
+    np.maximum.at(longest, code, N)
+    cap = np.where(np.isfinite(cut_len), cut_len, np.nan)
     hmax = np.empty(P, dtype=np.float64)
-    model_of_rollout = models[code]
     for model in np.unique(models):  # loop over models only
         sel = models == model
-        mask = model_of_rollout == model
         configured = _manifest_lookup(manifest, str(model), "policy", "max_new_tokens")
-        if configured:
-            cap[sel] = float(configured)
-        elif np.any(truncated & mask):
-            cap[sel] = float(N[truncated & mask].max())
-        else:
-            cap[sel] = float(N[mask].max())
+        model_cut = cut_len[sel].max()
+        fallback = (
+            float(configured) if configured else (model_cut if np.isfinite(model_cut) else np.nan)
+        )
+        cap[sel] = np.where(np.isnan(cap[sel]), fallback, cap[sel])
         hmax[sel] = _h_max_for(manifest, str(model), h_max)
+    cap = np.where(np.isnan(cap), longest, cap)
     return cap, hmax
 
 
