@@ -380,17 +380,16 @@ def _accumulate_hazard(
     lens = length[rows]
     starts = offsets[rows]
     total = int(lens.sum())
-    # step position within its rollout and the flat index of the value, no Python loop
-    row_start_in_steps = np.repeat(np.cumsum(lens) - lens, lens)
-    pos = np.arange(total, dtype=np.int64) - row_start_in_steps
+    first_step = np.cumsum(lens) - lens  # where each rollout's steps begin in the flat order
     if rows.size == len(ok) and starts[0] == 0 and offsets[-1] == total:
         values = lam[:total]  # every row valid and contiguous: no gather needed
     else:
-        values = lam[np.repeat(starts, lens) + pos]
-    # local prompt index (dense within this batch)
+        values = lam[np.repeat(starts - first_step, lens) + np.arange(total)]
+    # cell = local prompt * width + step position, built with one repeat and one add
     uniq, local = np.unique(code[rows], return_inverse=True)
     width = int(lens.max())
-    cell = np.repeat(local, lens) * width + pos
+    cell = np.repeat(local * width - first_step, lens)
+    cell += np.arange(total, dtype=np.int64)
     size = len(uniq) * width
     sums = np.bincount(cell, weights=values, minlength=size).reshape(len(uniq), width)
     for j, g in enumerate(uniq):  # loop over prompts only
