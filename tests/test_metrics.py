@@ -20,7 +20,7 @@ from canopy_entropy.metrics import (
     write_metrics,
 )
 from canopy_entropy.store import RunStore, atomic_write_table
-from conftest import make_rollouts
+from metrics_helpers import make_rollouts
 
 PROMPT_A = [[1.0, 0.5], [0.5, 0.5, 0.5, 0.5], [2.0], [1.0, 1.0, 0.25]]
 EOS_A = [[0.25, 0.5], [0.0, 0.25, 0.25, 0.5], [0.5], [0.25, 0.25, 0.5]]
