@@ -22,10 +22,10 @@ from canopy_entropy.compare import (
     length_bins,
     match_lengths,
     paired_bootstrap,
-    prompt_statistics_from_rollouts,
-    rollout_frame,
+    prompt_statistics,
 )
 from canopy_entropy.errors import ConfigError
+from canopy_entropy.metrics import compute_metrics
 from canopy_entropy.store import RunStore
 from semantic_fixtures import make_run
 
@@ -178,7 +178,7 @@ def test_full_sample_values_match_independent_computation(tmp_path) -> None:
     result = compare_run(run, n_boot=100)
     table = RunStore(run).read_rollouts().to_pandas()
     sub = table[(table.variant == "instruct") & (table.task == "story")]
-    ce, nbar, rbar, pear, kend, cov, hn, ns = [], [], [], [], [], [], [], []
+    ce, nbar, rbar, pear, spear, kend, cov, ns = [], [], [], [], [], [], [], []
     for _, g in sub.groupby("prompt_id"):
         h = np.array([np.sum(e.astype(np.float64)) for e in g["entropy"]])
         n = g["length"].to_numpy(np.float64)
@@ -187,14 +187,10 @@ def test_full_sample_values_match_independent_computation(tmp_path) -> None:
         nbar.append(n.mean())
         rbar.append(r.mean())
         pear.append(sps.pearsonr(n, r).statistic)
+        spear.append(sps.spearmanr(n, r).statistic)
         kend.append(sps.kendalltau(n, r).statistic)
         cov.append(np.cov(n, r, ddof=1)[0, 1])
         ns.append(len(n))
-        p = {}
-        for lam_seq in g["eos_prob"]:
-            for step, lam in enumerate(lam_seq, start=1):
-                p[step] = p.get(step, 0.0) + float(lam) / len(n)
-        hn.append(-sum(v * math.log(v) for v in p.values() if v > 0))
     ns = np.array(ns, dtype=np.float64)
     z = np.arctanh(np.array(pear))
     got = result.table[result.table.task == "story"].set_index("metric")["b"]
@@ -206,7 +202,14 @@ def test_full_sample_values_match_independent_computation(tmp_path) -> None:
     w = ns * (ns - 1) / 2
     assert got["kendall"] == pytest.approx(np.sum(w * kend) / w.sum(), rel=1e-6)
     assert got["covariance"] == pytest.approx(np.sum((ns - 1) * cov) / np.sum(ns - 1), rel=1e-6)
-    assert got["length_entropy"] == pytest.approx(np.mean(hn), rel=1e-6)
+    zs = np.arctanh(np.array(spear))
+    assert got["spearman"] == pytest.approx(
+        np.tanh(np.sum((ns - 3) * zs) / np.sum(ns - 3)), rel=1e-6
+    )
+    # H(N) is the `canopy metrics` estimator (EOS hazard); the comparison pools it as a mean
+    metrics = compute_metrics(run, warn=False).prompts
+    sel = metrics[(metrics.variant == "instruct") & (metrics.task == "story")]
+    assert got["length_entropy"] == pytest.approx(sel["length_entropy"].mean(), rel=1e-12)
     for ext in ("csv", "md", "tex"):
         assert (run / "tables" / f"compare_entropy.{ext}").exists()
     assert (run / "compare" / "comparison.parquet").exists()
@@ -263,7 +266,7 @@ def test_length_matching_keeps_identical_per_bin_counts() -> None:
 
 def test_bad_options_are_config_errors(tmp_path) -> None:
     run = make_run(tmp_path / "run", n_prompts=3)
-    prompts = prompt_statistics_from_rollouts(rollout_frame(run), run)
+    prompts = prompt_statistics(run)
     with pytest.raises(ConfigError, match="matches no variant"):
         compare_prompts(prompts, a="chat")
     with pytest.raises(ConfigError, match="cannot group by"):
