@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 
 import numpy as np
@@ -277,16 +275,49 @@ def test_bad_options_are_config_errors(tmp_path) -> None:
     assert set(table["a_label"]) == {"fam-base"}
 
 
-def test_cli_compare_json_and_one_line_error(tmp_path) -> None:
+def test_cli_compare_json_and_one_line_error(tmp_path, monkeypatch, capsys) -> None:
+    from canopy_entropy.cli.main import main
+
     run = make_run(tmp_path / "run", n_prompts=3)
-    env = {**os.environ, "PYTHONPATH": "src", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "canopy_entropy", "compare", str(run)]
-    ok = subprocess.run(
-        [*cmd, "--bootstrap", "50", "--json"], capture_output=True, text=True, env=env
-    )
-    assert ok.returncode == 0, ok.stderr
-    records = json.loads(ok.stdout)["comparison"]
+    monkeypatch.setattr(sys, "argv", ["canopy", "compare", str(run), "--bootstrap", "50", "--json"])
+    main()
+    records = json.loads(capsys.readouterr().out)["comparison"]
     assert {r["metric"] for r in records} >= {"ce_star", "genppl", "bf", "pearson"}
-    bad = subprocess.run([*cmd, "--a", "nope"], capture_output=True, text=True, env=env)
-    assert bad.returncode == 2
-    assert bad.stderr.strip().startswith("error:") and "Traceback" not in bad.stderr
+    monkeypatch.setattr(sys, "argv", ["canopy", "compare", str(run), "--a", "nope"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "matches no variant" in err and "Traceback" not in err
+
+
+def test_rate_diversity_relations_match_regression_oracles() -> None:
+    from canopy_entropy.compare import _relation_stats
+
+    rng = np.random.default_rng(12)
+    rows = []
+    for p in range(3):
+        n = rng.integers(5, 200, 30)
+        r = rng.uniform(0.2, 1.0, 30) + 0.001 * n
+        d = 0.3 * r + 0.02 * np.log(n) + rng.normal(0, 0.05, 30) + p
+        rows.append(pd.DataFrame({"prompt_id": f"p{p}", "length": n, "r": r, "d": d}))
+    frame = pd.concat(rows, ignore_index=True).assign(model="m", variant="v", family="f", task="t")
+    got = _relation_stats(frame, has_d=True)
+    z_rd, z_partial, z_nr = [], [], []
+    x_all, y_all = [], []
+    for _, g in frame.groupby("prompt_id"):
+        n, r, d = g["length"].to_numpy(float), g["r"].to_numpy(), g["d"].to_numpy()
+        design = np.column_stack([np.ones_like(n), np.log(n)])
+        res_r = r - design @ np.linalg.lstsq(design, r, rcond=None)[0]
+        res_d = d - design @ np.linalg.lstsq(design, d, rcond=None)[0]
+        z_rd.append(np.arctanh(sps.pearsonr(r, d).statistic))
+        z_partial.append(np.arctanh(sps.pearsonr(res_r, res_d).statistic))
+        z_nr.append(np.arctanh(sps.pearsonr(n, r).statistic))
+        x_all.append(r - r.mean())
+        y_all.append(d - d.mean())
+    x, y = np.concatenate(x_all), np.concatenate(y_all)
+    assert got["corr_r_d"] == pytest.approx(np.tanh(np.mean(z_rd)), abs=1e-12)
+    assert got["partial_corr_r_d_logN"] == pytest.approx(np.tanh(np.mean(z_partial)), abs=1e-12)
+    assert got["rho_pearson_N_r"] == pytest.approx(np.tanh(np.mean(z_nr)), abs=1e-12)
+    # within-prompt (fixed-effects) slope of d on r
+    assert got["slope_d_on_r"] == pytest.approx(np.linalg.lstsq(x[:, None], y, rcond=None)[0][0])
