@@ -321,3 +321,13 @@ def test_rate_diversity_relations_match_regression_oracles() -> None:
     assert got["rho_pearson_N_r"] == pytest.approx(np.tanh(np.mean(z_nr)), abs=1e-12)
     # within-prompt (fixed-effects) slope of d on r
     assert got["slope_d_on_r"] == pytest.approx(np.linalg.lstsq(x[:, None], y, rcond=None)[0][0])
+
+
+def test_cli_usage_error_is_not_a_traceback(tmp_path, monkeypatch, capsys) -> None:
+    from canopy_entropy.cli.main import main
+
+    monkeypatch.setattr(sys, "argv", ["canopy", "compare", str(tmp_path), "--bogus"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    assert "No such option: --bogus" in capsys.readouterr().err
