@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats as sps
 
 from canopy_entropy.compare import (
@@ -20,10 +22,17 @@ from canopy_entropy.compare import (
     length_bins,
     match_lengths,
     paired_bootstrap,
+    pooled_statistics,
     prompt_statistics,
 )
 from canopy_entropy.errors import ConfigError
 from canopy_entropy.metrics import compute_metrics
+from canopy_entropy.stats.pooling import (
+    pool_covariance,
+    pool_fisher,
+    pool_kendall,
+    weighted_mean_with_fallback,
+)
 from canopy_entropy.store import RunStore
 from semantic_fixtures import make_run
 
@@ -331,3 +340,26 @@ def test_cli_usage_error_is_not_a_traceback(tmp_path, monkeypatch, capsys) -> No
         main()
     assert exit_info.value.code == 2
     assert "No such option: --bogus" in capsys.readouterr().err
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 8), st.integers(1, 20), st.integers(0, 2**31 - 1))
+def test_count_matrix_pooling_equals_stats_pooling_on_gathered_arrays(p, b, seed) -> None:
+    # small n makes every Fisher weight max(n-3, 0) zero in some rows: the unweighted fallback;
+    # NaNs make some rows all-NaN: NaN out
+    rng = np.random.default_rng(seed)
+    stats = random_prompt_stats(rng, p)
+    stats["n_rollouts"] = rng.integers(1, 6, p).astype(np.float64)
+    for col in ("kendall", "ce_star", "pearson"):
+        stats[col][rng.random(p) < 0.3] = np.nan
+    idx = rng.integers(0, p, (b, p))
+    got = pooled_statistics(stats, idx)
+    n = stats["n_rollouts"][idx]
+    np.testing.assert_allclose(got["pearson"], pool_fisher(stats["pearson"][idx], n), rtol=1e-12)
+    np.testing.assert_allclose(got["spearman"], pool_fisher(stats["spearman"][idx], n), rtol=1e-12)
+    np.testing.assert_allclose(got["kendall"], pool_kendall(stats["kendall"][idx], n), rtol=1e-12)
+    np.testing.assert_allclose(
+        got["covariance"], pool_covariance(stats["covariance"][idx], n), rtol=1e-12, atol=1e-15
+    )
+    ce = weighted_mean_with_fallback(stats["ce_star"][idx], np.ones(1))
+    np.testing.assert_allclose(got["ce_star"], ce, rtol=1e-12)
