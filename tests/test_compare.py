@@ -363,3 +363,15 @@ def test_count_matrix_pooling_equals_stats_pooling_on_gathered_arrays(p, b, seed
     )
     ce = weighted_mean_with_fallback(stats["ce_star"][idx], np.ones(1))
     np.testing.assert_allclose(got["ce_star"], ce, rtol=1e-12)
+
+
+def test_pooled_over_tasks_pairs_on_task_and_prompt_id(tmp_path) -> None:
+    # prompt ids repeat across tasks: with --by '' a prompt is (family, task, prompt_id)
+    run = make_run(tmp_path / "run", n_prompts=3, tasks=("math", "story"))
+    pooled = compare_run(run, n_boot=50, by=())
+    assert (pooled.table["n_prompts"] == 6).all()
+    per_task = compare_run(run, n_boot=50, by=("task",)).table
+    ce = per_task[per_task.metric == "ce_star"]["a"].mean()
+    assert pooled.table.set_index("metric").loc["ce_star", "a"] == pytest.approx(ce, rel=1e-12)
+    lm = pooled.length_matched
+    assert (lm["n_prompts"] == 6).all()

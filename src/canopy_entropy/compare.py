@@ -1,8 +1,8 @@
 """Paired comparison of two models on the same prompts (SPEC section 5), plus length matching.
 
-``compare_run`` pairs the prompts of side A and side B (by ``prompt_id`` within each by-group),
-draws one ``[B, P]`` matrix of resampled prompt indices per group and applies it to both sides,
-so every replicate compares the two models on the same prompts. Every pooled statistic is
+``compare_run`` pairs the prompts of side A and side B (same family/task/prompt_id within each
+by-group), draws one ``[B, P]`` matrix of resampled prompt indices per group and applies it to
+both sides, so every replicate compares the two models on the same prompts. Every pooled statistic is
 recomputed from per-prompt sufficient statistics (CE*_p, Nbar_p, Rbar_p, H(N)_p, D_p, Vendi_p,
 per-prompt correlations and their n_p) with the SPEC pooling rules, all replicates at once; no
 per-step data is touched after the per-prompt table is built.
@@ -435,6 +435,16 @@ def _validate_sides(prompts: pd.DataFrame, a: str, b: str, a_key: str) -> None:
         raise ConfigError(f"--a and --b are both '{a}'; pick two different {a_key}s")
 
 
+def pairing_columns(by: Sequence[str], a_key: str) -> list[str]:
+    """Columns identifying the same prompt on both sides, beyond the by-columns.
+
+    A prompt is (family, task, prompt_id) when comparing variants of a family, and
+    (task, prompt_id) when comparing models by name (they may belong to different families).
+    """
+    cols = ["family", "task"] if a_key == "variant" else ["task"]
+    return [c for c in cols if c not in by] + ["prompt_id"]
+
+
 def compare_prompts(
     prompts: pd.DataFrame,
     a: str = "base",
@@ -460,6 +470,7 @@ def compare_prompts(
         for c in (*MEAN_COLUMNS, "pearson", "spearman", "kendall", "covariance", "n_rollouts")
         if c in prompts.columns
     ]
+    pair_cols = [c for c in pairing_columns(by, a_key) if c in prompts.columns]
     rows: list[dict] = []
     frame = prompts.copy()
     for col in by:
@@ -472,15 +483,16 @@ def compare_prompts(
         sel_a = sel[sel[a_key].astype(str) == a]
         sel_b = sel[sel[a_key].astype(str) == b]
         for side, part in (("A", sel_a), ("B", sel_b)):
-            if part["prompt_id"].duplicated().any():
+            if part.duplicated(pair_cols).any():
                 raise CanopyError(
-                    f"group {label} has several {side} rows per prompt_id (more than one model "
-                    f"or variant); narrow the sides with --on model or add a column to --by"
+                    f"group {label} has several {side} rows per prompt ({'/'.join(pair_cols)}): "
+                    "more than one model per side; compare model names with --on model or add "
+                    "'model' to --by"
                 )
-        pairs = sel_a[["prompt_id", *metric_cols]].merge(
-            sel_b[["prompt_id", *metric_cols]], on="prompt_id", suffixes=("_a", "_b")
+        pairs = sel_a[[*pair_cols, *metric_cols]].merge(
+            sel_b[[*pair_cols, *metric_cols]], on=pair_cols, suffixes=("_a", "_b")
         )
-        pairs = pairs.sort_values("prompt_id", kind="stable").reset_index(drop=True)
+        pairs = pairs.sort_values(pair_cols, kind="stable").reset_index(drop=True)
         dropped = len(sel_a) + len(sel_b) - 2 * len(pairs)
         if dropped:
             notes.append(
@@ -609,11 +621,10 @@ def length_matched_analysis(
     frame = rollouts[rollouts[a_key].astype(str).isin([a, b])].copy()
     frame["_side"] = np.where(frame[a_key].astype(str) == a, "a", "b")
     frame = frame.sort_values(["_side", *PROMPT_KEYS, "rollout_index"]).reset_index(drop=True)
-    both = frame.groupby([*by, "prompt_id"], observed=True)["_side"].transform("nunique") == 2
+    cell = [*by, *pairing_columns(by, a_key)]
+    both = frame.groupby(cell, observed=True)["_side"].transform("nunique") == 2
     frame = frame[both.to_numpy()].reset_index(drop=True)
-    keep = match_lengths(
-        frame, "_side", [*by, "prompt_id"], seed=seed, bins_per_octave=bins_per_octave
-    )
+    keep = match_lengths(frame, "_side", cell, seed=seed, bins_per_octave=bins_per_octave)
     frame["_keep"] = keep
     rows = []
     for key, grp in frame.groupby(by, sort=True, observed=True) if by else [((), frame)]:
@@ -633,7 +644,7 @@ def length_matched_analysis(
                         "matched": ma.get(stat, np.nan),
                         "n_rollouts_unmatched": len(sub),
                         "n_rollouts_matched": int(sub["_keep"].sum()),
-                        "n_prompts": int(sub["prompt_id"].nunique()),
+                        "n_prompts": len(sub[cell].drop_duplicates()),
                     }
                 )
     return pd.DataFrame(rows)
