@@ -25,6 +25,7 @@ from canopy_entropy.plots.figures import (
     DEFAULT_MIN_ACTIVE,
     FIGURE_NAMES,
     FIGURE_TITLES,
+    FORMATS,
     make_figures,
 )
 from canopy_entropy.store import atomic_write_text
@@ -680,15 +681,17 @@ def build_report(
     out: str | Path | None = None,
     figures: bool = True,
     min_active: int = DEFAULT_MIN_ACTIVE,
+    formats: Sequence[str] = FORMATS,
 ) -> Path:
     """Write the self-contained ``report.html`` of a run (re-rendering its figures first).
 
-    With ``figures=False`` the PNGs already in ``RUN/figures/`` are embedded as they are.
+    With ``figures=False`` the PNGs already in ``RUN/figures/`` are embedded as they are;
+    ``formats`` are the files written beside the report's PNGs (PDF for papers by default).
     Returns the path written (atomically).
     """
     run = data.check_run_dir(run_dir)
     if figures:
-        made = make_figures(run, min_active=min_active)
+        made = make_figures(run, min_active=min_active, formats=sorted({"png", *formats}))
         paths, notes = list(made), made.notes
     else:
         fig_dir = run / "figures"
