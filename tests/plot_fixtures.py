@@ -233,8 +233,8 @@ def _write_compare(root, rng) -> None:
                         pct_se=5.0,
                         pct_lo=pct - 10,
                         pct_hi=pct + 12,
-                        ratio_lo=b / a * 0.9,
-                        ratio_hi=b / a * 1.1,
+                        ratio_lo=pct - 9,
+                        ratio_hi=pct + 13,
                         n_prompts=6,
                         a_label="base",
                         b_label="instruct",
@@ -293,8 +293,15 @@ def _write_regression(root, df, keys, rng) -> None:
         "loglik": 812.5,
         "aic": -1601.0,
         "nobs": len(panel),
-        "slope_ratio": {"estimate": 2.66, "se": 0.4},
-        "convergence": {"converged": True, "grad_norm": 1e-6, "hessian_pd": True},
+        "slope_ratio": {"estimate": 2.66, "se": 0.4, "lo": 1.876, "hi": 3.444},
+        "ngroups": {"prompt": 12, "family": 2},
+        "converged": True,
+        "convergence": {
+            "max_abs_gradient": 1e-6,
+            "hessian_positive_definite": True,
+            "message": "ok",
+            "iterations": 31,
+        },
     }
     atomic_write_json(root / "regression" / "result.json", result)
     atomic_write_json(

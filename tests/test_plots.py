@@ -231,7 +231,7 @@ def test_written_files_are_real_images(run):
         assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
         assert float(img[..., :3].std()) > 0.05, f"{name}.png looks blank"
         assert (run / "figures" / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
-    assert json.loads((run / "figures" / "notes.json").read_text()) == {}
+    assert json.loads((run / "figures" / "index.json").read_text())["notes"] == {}
 
 
 def test_missing_stages_give_notes_not_crashes(tmp_path):
@@ -243,7 +243,8 @@ def test_missing_stages_give_notes_not_crashes(tmp_path):
     assert "canopy metrics" in made.notes["fig4_ce_decomposition"]
     assert "canopy compare" in made.notes["fig5_comparison"]
     assert "canopy regress" in made.notes["fig6_coefficients"]
-    assert json.loads((run / "figures" / "notes.json").read_text()) == made.notes
+    index = json.loads((run / "figures" / "index.json").read_text())
+    assert index["notes"] == made.notes and index["min_active"] == 5
 
 
 def test_no_rollouts_only_later_stages(tmp_path):

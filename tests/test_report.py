@@ -150,14 +150,15 @@ def test_report_without_rollouts_and_without_figures(tmp_path):
     out = build_report(run, figures=False, out=tmp_path / "x.html")
     text = "".join(Parsed(out.read_text()).text)
     assert "no rollouts in rollouts/" in text
-    assert "run 'canopy plot' first" in text
+    assert "not drawn yet: run 'canopy plot' first" in text
     assert not (run / "report.html").exists()
 
 
 def test_non_converged_regression_is_loud(tmp_path):
     run = build_run(tmp_path / "r", prompts=3, rollouts=4, stages=("regression",))
     res = json.loads((run / "regression" / "result.json").read_text())
-    res["convergence"] = {"converged": False, "grad_norm": 0.3}
+    res["converged"] = False
+    res["convergence"]["max_abs_gradient"] = 0.3
     (run / "regression" / "result.json").write_text(json.dumps(res))
     page = render_report(run)
     assert "did not converge" in page and 'class="alert danger"' in page
@@ -274,3 +275,21 @@ def test_cli_report_no_figures(run, tmp_path, monkeypatch, capsys):
         assert not exc.code
     assert capsys.readouterr().out.strip() == str(target)
     assert len([t for t, _ in Parsed(target.read_text()).tags if t == "img"]) == len(FIGURE_NAMES)
+
+
+def test_report_redraws_figures_only_when_stale(tmp_path):
+    from canopy_entropy.plots.figures import figures_are_fresh, make_figures
+
+    run = build_run(tmp_path / "r", prompts=3, rollouts=4, stages=("rollouts", "compare"))
+    make_figures(run, formats=("png",), names=["fig5_comparison"])
+    png = run / "figures" / "fig5_comparison.png"
+    before = png.stat().st_mtime_ns
+    assert figures_are_fresh(run) and not figures_are_fresh(run, min_active=3)
+    build_report(run)  # fresh: embeds the existing PNG, draws nothing
+    assert png.stat().st_mtime_ns == before
+    assert len([t for t, _ in Parsed((run / "report.html").read_text()).tags if t == "img"]) == 1
+    (run / "compare" / "comparison.parquet").unlink()  # an input disappears: stale
+    assert not figures_are_fresh(run)
+    build_report(run, formats=("png",))
+    assert not png.exists()
+    assert "not drawn: compare/comparison.parquet not found" in (run / "report.html").read_text()

@@ -8,6 +8,7 @@ skipped with a note (``.notes`` on the returned list, also ``figures/notes.json`
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -446,6 +447,11 @@ def fig_rate_vs_diversity(
     return fig
 
 
+def _float(value: Any) -> float:
+    """JSON number or null -> float (null -> NaN)."""
+    return float("nan") if value is None else float(value)
+
+
 def _headline_term(terms: Sequence[str]) -> str | None:
     for hint in HEADLINE_TERM_HINTS:
         if hint in terms:
@@ -460,8 +466,8 @@ def fig_coefficients(result: dict[str, Any]) -> Figure:
     terms = [t for t in mean if t != "(Intercept)"]
     if not terms:
         raise data.MissingInput("regression/result.json has no mean-model coefficients")
-    est = np.array([float(mean[t]["estimate"]) for t in terms])
-    se = np.array([float(mean[t].get("se", np.nan)) for t in terms])
+    est = np.array([_float(mean[t].get("estimate")) for t in terms])
+    se = np.array([_float(mean[t].get("se")) for t in terms])
     fig = new_figure(6.0, 1.2 + 0.28 * len(terms))
     ax = fig.add_subplot()
     y = np.arange(len(terms))[::-1]
@@ -476,7 +482,7 @@ def fig_coefficients(result: dict[str, Any]) -> Figure:
     ratio = result.get("slope_ratio")
     if isinstance(ratio, dict):
         ratio = ratio.get("estimate")
-    if ratio is not None and np.isfinite(float(ratio)):
+    if ratio is not None and np.isfinite(_float(ratio)):
         title += f" (slope ratio {float(ratio):.2f})"
     ax.set_title(title)
     return fig
@@ -649,8 +655,9 @@ def make_figures(
 ) -> FigureFiles:
     """Render every figure whose inputs exist to ``RUN/figures/<name>.<fmt>`` (atomic writes).
 
-    Returns the written paths; ``.notes`` says why each other figure was skipped (also saved
-    to ``figures/notes.json``). Stale files of a skipped figure are removed so the folder
+    Returns the written paths; ``.notes`` says why each other figure was skipped. Both are
+    recorded in ``figures/index.json`` (with ``min_active``) so the report can tell whether
+    the figures are up to date. Stale files of a skipped figure are removed so the folder
     never shows a figure from older inputs.
     """
     run = data.check_run_dir(run_dir)
@@ -676,5 +683,52 @@ def make_figures(
             path = out_dir / f"{name}.{fmt}"
             atomic_write_bytes(path, figure_bytes(fig, fmt))
             written.append(path)
-    atomic_write_json(out_dir / "notes.json", written.notes)
+    atomic_write_json(
+        out_dir / INDEX_NAME,
+        {
+            "min_active": min_active,
+            "files": [p.name for p in written],
+            "notes": written.notes,
+        },
+    )
     return written
+
+
+INDEX_NAME = "index.json"
+# Everything a figure reads: a change (or a deletion, via the folder's mtime) makes them stale.
+INPUT_GLOBS = (
+    "manifest.json",
+    "rollouts",
+    "rollouts/*.parquet",
+    "metrics",
+    "metrics/*",
+    "semantic",
+    "semantic/*.parquet",
+    "compare",
+    "compare/*.parquet",
+    "regression",
+    "regression/*",
+)
+
+
+def read_index(run_dir: str | Path) -> dict[str, Any] | None:
+    """figures/index.json of a run, or None when absent or unreadable."""
+    path = Path(run_dir) / "figures" / INDEX_NAME
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def figures_are_fresh(run_dir: str | Path, min_active: int = DEFAULT_MIN_ACTIVE) -> bool:
+    """True when figures/ was drawn (with ``min_active``) after every input last changed."""
+    run = Path(run_dir)
+    index = read_index(run)
+    if index is None or index.get("min_active") != min_active:
+        return False
+    stamp = (run / "figures" / INDEX_NAME).stat().st_mtime_ns
+    for pattern in INPUT_GLOBS:
+        for path in run.glob(pattern):
+            if path.stat().st_mtime_ns > stamp:
+                return False
+    return all((run / "figures" / name).exists() for name in index.get("files", []))
