@@ -176,6 +176,8 @@ def test_fig4_decomposition_bars(run, palette):
     # stacked total of the three terms equals CE* (the fixture's terms add up exactly)
     total = sum(np.array([p.get_height() for p in c.patches]) for c in top.containers)
     np.testing.assert_allclose(total, rows["ce_star"], rtol=1e-9)
+    cov_share = 100 * (rows["within_cov_term"] + rows["between_cov_term"]) / rows["ce_star"]
+    assert [t.get_text() for t in top.texts] == [f"cov {v:+.1f}%" for v in cov_share]
 
 
 def test_fig5_comparison(run, palette):

@@ -293,3 +293,43 @@ def test_report_redraws_figures_only_when_stale(tmp_path):
     build_report(run, formats=("png",))
     assert not png.exists()
     assert "not drawn: compare/comparison.parquet not found" in (run / "report.html").read_text()
+
+
+def test_pipeline_reference_run_metrics_compare_figures_report(tmp_path):
+    """Real upstream stages (metrics, compare) on the exact reference model feed the figures
+    and the report; pooled groups without a family column still get family colours."""
+    from canopy_entropy.compare import compare_run
+    from canopy_entropy.metrics import write_metrics
+    from canopy_entropy.plots.figures import make_figures
+    from canopy_entropy.reference import FiniteStateLM
+
+    run = tmp_path / "ref"
+    for fi, family in enumerate(("famA", "famB")):
+        for vi, variant in enumerate(("base", "instruct")):
+            lm = FiniteStateLM.random(seed=10 * fi + vi, mean_eos=0.08 if vi == 0 else 0.05)
+            for ti, task in enumerate(("math", "story")):
+                lm.sample_store(
+                    run,
+                    4,
+                    6,
+                    seed=100 * fi + 10 * vi + ti,
+                    model=f"{family}-{variant}",
+                    variant=variant,
+                    family=family,
+                    task=task,
+                    max_new_tokens=40,
+                    prompt_seed=ti,
+                )
+    write_metrics(run, warn=False)
+    compare_run(run, by=("family", "task"), n_boot=100)
+    made = make_figures(run, formats=("png",))
+    assert sorted(made.notes) == ["fig6_coefficients", "fig6_qq", "fig6_rate_vs_diversity"]
+    pooled = pdata.metrics_pooled(run)
+    assert "family" not in pd.read_parquet(run / "metrics" / "pooled.parquet").columns
+    assert set(pooled["family"]) == {"famA", "famB"}
+    page = build_report(run, figures=False).read_text()
+    sort_values = {a.get("data-sort") for a in _cells(page)}
+    for value in pooled["ce_star"]:
+        assert repr(float(value)) in sort_values
+    assert "rollouts (within)" in page or "prompts (between)" in page
+    assert len([t for t, _ in Parsed(page).tags if t == "img"]) == 5

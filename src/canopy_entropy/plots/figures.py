@@ -281,6 +281,23 @@ def fig_ce_decomposition(pooled: pd.DataFrame, palette: Palette) -> Figure:
         if "ce_star" in sub.columns:
             ce = [float(r["ce_star"]) for r in rows]
             ax.plot(x, ce, linestyle="none", marker="_", markersize=18, color="black", label="CE*")
+            # the covariance terms are often small next to N̄·R̄: print their share of CE*
+            cov = sum(
+                np.array([float(r[c]) for r in rows])
+                for c in ("within_cov_term", "between_cov_term")
+                if c in sub.columns
+            )
+            for xi, top, c_i, ce_i in zip(x, pos_base, np.atleast_1d(cov), ce, strict=False):
+                if np.isfinite(c_i) and ce_i:
+                    ax.annotate(
+                        f"cov {100 * c_i / ce_i:+.1f}%",
+                        (xi, top),
+                        ha="center",
+                        va="bottom",
+                        fontsize=7,
+                        xytext=(0, 2),
+                        textcoords="offset points",
+                    )
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_title(task)
         ax.set_xticks(x, [m for m, _, _ in models], rotation=30, ha="right")
