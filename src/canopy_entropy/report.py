@@ -110,11 +110,16 @@ figcaption { color: var(--muted); font-size: 13px; margin-top: 4px; }
 pre { background: var(--bg-alt); padding: 10px; overflow-x: auto; font-size: 12px;
       border: 1px solid var(--line); white-space: pre-wrap; word-break: break-word; }
 code { font-family: ui-monospace, "SF Mono", Menlo, Consolas, monospace; }
+@page { size: A4 landscape; margin: 12mm; }
 @media print {
   body { padding: 0; max-width: none; font-size: 11px; }
   nav, .noprint { display: none; }
   h2 { page-break-after: avoid; break-after: avoid; }
-  table, figure, .alert { page-break-inside: avoid; break-inside: avoid; }
+  figure, .alert, tr { page-break-inside: avoid; break-inside: avoid; }
+  thead { display: table-header-group; }
+  table { font-size: 9px; }
+  th, td { padding: 2px 5px; }
+  td.t, th { white-space: normal; overflow-wrap: anywhere; }
   table.sortable th::after { content: ""; }
   th { position: static; }
   .scroll { overflow: visible; }
