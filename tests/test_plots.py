@@ -209,9 +209,20 @@ def test_fig6_scatter_curves_forest_qq(run, palette):
     assert "slope ratio 2.66" in fig.axes[0].get_title()
     doc, resid = pdata.regression_diagnostics(run)
     fig = F.fig_qq(doc, resid)
-    pts = fig.axes[0].get_lines()[0]
-    np.testing.assert_allclose(pts.get_ydata(), np.sort(resid["scaled_residual"]))
-    assert "p=0.41" in " ".join(t.get_text() for t in fig.axes[0].texts)
+    lines = fig.axes[0].get_lines()
+    assert [ln.get_label() for ln in lines[:2]] == [
+        "residual_conditional",
+        "residual_unconditional",
+    ]
+    np.testing.assert_allclose(lines[1].get_ydata(), np.sort(resid["residual_unconditional"]))
+    text = " ".join(t.get_text() for t in fig.axes[0].texts)
+    for line in (
+        "conditional ks: p=0.41",
+        "unconditional dispersion: p=0.6",
+        "conditional outliers: p=1",
+    ):
+        assert line in text
+    assert "statistic" not in text and "expected" not in text
 
 
 def test_fig6_without_regression_uses_metrics_and_diversity(tmp_path, palette):

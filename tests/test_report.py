@@ -123,7 +123,7 @@ def test_policy_regression_and_manifest_shown(page):
         "slope ratio",
         "2.66 ± 0.4",
         "random-effect SD (prompt)",
-        "conditional.ks_p",
+        "conditional.ks.p",
         "manifest.json",
         "config.toml",
         "seed_scheme",

@@ -513,21 +513,27 @@ DIAGNOSTIC_P = (
 
 
 def _diagnostic_pvalues(doc: dict[str, Any]) -> list[str]:
-    """Readable 'test p=..' strings from a diagnostics.json of any reasonable nesting."""
+    """'conditional ks p=0.41'-style lines from diagnostics.json (any reasonable nesting).
+
+    A number counts as a p-value when its key is ``p``/``pvalue``/``p_value`` or ends in
+    ``_p``, and its path names one of the KS, dispersion or outlier tests.
+    """
     found: list[str] = []
 
-    def walk(obj: Any, path: str) -> None:
+    def is_p(key: str) -> bool:
+        return key in ("p", "pvalue", "p_value") or key.endswith("_p")
+
+    def walk(obj: Any, path: list[str]) -> None:
         if isinstance(obj, dict):
             for k, v in obj.items():
-                walk(v, f"{path}.{k}" if path else str(k))
-        elif isinstance(obj, int | float) and not isinstance(obj, bool):
-            low = path.lower()
-            if ("p" in low.split(".")[-1] or "pvalue" in low or "p_value" in low) and any(
-                key in low for key, _ in DIAGNOSTIC_P
-            ):
-                found.append(f"{path}: p={float(obj):.3g}")
+                walk(v, [*path, str(k).lower()])
+        elif isinstance(obj, int | float) and not isinstance(obj, bool) and path:
+            joined = ".".join(path)
+            if is_p(path[-1]) and any(key in joined for key, _ in DIAGNOSTIC_P):
+                name = " ".join(path[:-1]) if path[-1] in ("p", "pvalue", "p_value") else joined
+                found.append(f"{name}: p={float(obj):.3g}")
 
-    walk(doc, "")
+    walk(doc, [])
     return found
 
 
