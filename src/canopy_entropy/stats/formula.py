@@ -144,7 +144,9 @@ class FixedDesign:
     formulaic_names: list[str] = field(default_factory=list)
 
     @classmethod
-    def fit(cls, rhs: str, data: pd.DataFrame, what: str = "model") -> tuple[FixedDesign, np.ndarray]:
+    def fit(
+        cls, rhs: str, data: pd.DataFrame, what: str = "model"
+    ) -> tuple[FixedDesign, np.ndarray]:
         """Build the design matrix on ``data``; returns the design and the matrix (R order)."""
         try:
             mm = model_matrix(rhs, data, context={"ns": ns}, na_action="raise")
