@@ -111,8 +111,28 @@ def run_diagnostics(result: BetaGLMMResult, nsim: int = 250, seed: int = 0) -> D
     return Diagnostics(frame, tests)
 
 
+def _save(fig, base: Path) -> list[Path]:
+    """Save a figure as PNG and PDF atomically."""
+    import io
+
+    from canopy_entropy.store import atomic_write_bytes
+
+    paths = []
+    for ext in ("png", "pdf"):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=ext, dpi=150)
+        path = base.with_suffix(f".{ext}")
+        atomic_write_bytes(path, buf.getvalue())
+        paths.append(path)
+    return paths
+
+
 def plot_diagnostics(diag: Diagnostics, out_dir: Path, stem: str = "regression") -> list[Path]:
-    """QQ plot and residual-vs-predicted plot (conditional residuals) as PNG and PDF."""
+    """QQ plot and residual-vs-predicted plot as PNG and PDF.
+
+    Uses the unconditional simulations (fresh random effects), DHARMa's default for mixed
+    models; conditional residuals are known to look under-dispersed.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,10 +140,10 @@ def plot_diagnostics(diag: Diagnostics, out_dir: Path, stem: str = "regression")
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    resid = np.sort(diag.residuals["residual_conditional"].to_numpy())
+    resid = np.sort(diag.residuals["residual_unconditional"].to_numpy())
     n = len(resid)
     expected = (np.arange(1, n + 1) - 0.5) / n
-    tests = diag.tests["conditional"]
+    tests = diag.tests["unconditional"]
     paths = []
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
@@ -142,16 +162,13 @@ def plot_diagnostics(diag: Diagnostics, out_dir: Path, stem: str = "regression")
         fontsize=8,
     )
     fig.tight_layout()
-    for ext in ("png", "pdf"):
-        path = out_dir / f"{stem}_qq.{ext}"
-        fig.savefig(path, dpi=150)
-        paths.append(path)
+    paths += _save(fig, out_dir / f"{stem}_qq")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    pred = diag.residuals["predicted_conditional"].to_numpy()
+    pred = diag.residuals["predicted_unconditional"].to_numpy()
     rank = stats.rankdata(pred) / len(pred)
-    res = diag.residuals["residual_conditional"].to_numpy()
+    res = diag.residuals["residual_unconditional"].to_numpy()
     ax.plot(rank, res, ".", ms=3, alpha=0.6, color="C0")
     for q in (0.25, 0.5, 0.75):
         ax.axhline(q, color="C3", ls="--", lw=0.8)
@@ -167,9 +184,6 @@ def plot_diagnostics(diag: Diagnostics, out_dir: Path, stem: str = "regression")
     ax.set_ylim(0, 1)
     ax.set_title("Residuals vs predicted", fontsize=10)
     fig.tight_layout()
-    for ext in ("png", "pdf"):
-        path = out_dir / f"{stem}_resid.{ext}"
-        fig.savefig(path, dpi=150)
-        paths.append(path)
+    paths += _save(fig, out_dir / f"{stem}_resid")
     plt.close(fig)
     return paths
