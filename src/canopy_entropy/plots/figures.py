@@ -501,6 +501,11 @@ def fig_coefficients(result: dict[str, Any]) -> Figure:
         ratio = ratio.get("estimate")
     if ratio is not None and np.isfinite(_float(ratio)):
         title += f" (slope ratio {float(ratio):.2f})"
+    conv = result.get("convergence") if isinstance(result.get("convergence"), dict) else {}
+    if result.get("converged") is False or conv.get("converged") is False:
+        title += "\nNOT CONVERGED: estimates unreliable"
+    if not np.isfinite(se).all():
+        ax.set_xlabel("estimate (logit scale) ± 1.96 SE (no bar: SE not available)")
     ax.set_title(title)
     return fig
 
