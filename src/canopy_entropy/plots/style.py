@@ -11,9 +11,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import matplotlib
-
-matplotlib.use("Agg", force=False)
-
 from matplotlib.figure import Figure
 
 # Colour-blind-safe palette (Okabe-Ito, black dropped), then tab10 for more families.
@@ -71,7 +68,8 @@ def style():
 
 
 def new_figure(width: float, height: float) -> Figure:
-    """A pyplot-free Figure (no global state, no GUI backend, freed when dropped)."""
+    """A pyplot-free Figure: no global state and no backend switch (safe inside notebooks);
+    ``savefig`` renders PNG/PDF/SVG through matplotlib's own canvases; freed when dropped."""
     return Figure(figsize=(width, height), layout="constrained")
 
 
