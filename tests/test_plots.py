@@ -347,3 +347,18 @@ def test_model_names_are_drawn_verbatim(scan, palette):
     labels = {ln.get_label() for ax in fig.axes for ln in ax.get_lines()}
     assert model_name("fam-b", "instruct") in labels
     assert EVIL in model_name("fam-b", "instruct")
+
+
+def test_rerun_gives_byte_identical_files(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    names = ["fig6_qq", "fig5_comparison"]
+    first = make_figures(copy, names=names, formats=("png", "pdf", "svg"))
+    data1 = {p.name: p.read_bytes() for p in first}
+    second = make_figures(copy, names=names, formats=("png", "pdf", "svg"))
+    assert {p.name: p.read_bytes() for p in second} == data1
+    # a partial redraw keeps the other figures' entries in the index
+    index = json.loads((copy / "figures" / "index.json").read_text())
+    assert "fig1_running_rate.png" in index["files"] and "fig6_qq.svg" in index["files"]

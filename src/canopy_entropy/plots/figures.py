@@ -666,9 +666,9 @@ def build_figure(name: str, inputs: _Inputs, palette: Palette) -> Figure:
 
 
 def figure_bytes(fig: Figure, fmt: str) -> bytes:
-    """Serialise a figure (PDF without a creation date so re-runs are byte-identical)."""
+    """Serialise a figure (no creation dates, so re-runs give byte-identical files)."""
     buf = io.BytesIO()
-    metadata = {"CreationDate": None} if fmt == "pdf" else None
+    metadata = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}.get(fmt)
     with style():
         fig.savefig(buf, format=fmt, metadata=metadata)
     return buf.getvalue()
@@ -711,12 +711,17 @@ def make_figures(
             path = out_dir / f"{name}.{fmt}"
             atomic_write_bytes(path, figure_bytes(fig, fmt))
             written.append(path)
+    # figures not drawn in this call keep their entries (same min_active only)
+    old = read_index(run) or {}
+    same = old.get("min_active") == min_active
+    kept_files = [f for f in old.get("files", []) if same and Path(f).stem not in names]
+    kept_notes = {k: v for k, v in old.get("notes", {}).items() if same and k not in names}
     atomic_write_json(
         out_dir / INDEX_NAME,
         {
             "min_active": min_active,
-            "files": [p.name for p in written],
-            "notes": written.notes,
+            "files": sorted({*kept_files, *(p.name for p in written)}),
+            "notes": {**kept_notes, **written.notes},
         },
     )
     return written

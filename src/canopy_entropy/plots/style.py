@@ -57,6 +57,7 @@ RC: dict[str, Any] = {
     "lines.linewidth": 1.6,
     "pdf.fonttype": 42,  # TrueType in PDFs: editable text for journals
     "svg.fonttype": "none",
+    "svg.hashsalt": "canopy-entropy",  # stable SVG ids: re-runs give identical files
 }
 
 
