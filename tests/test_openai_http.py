@@ -40,7 +40,9 @@ def canned_rollout(seed: int, top_k: int, max_tokens: int, n_logprobs: int | Non
         tokens.append(tok)
         sampled.append(float(np.log(p[choice])))
         shown = zip(keep[:n_logprobs], p[:n_logprobs], strict=True)
-        tops.append({f"token_id:{int(t)}": float(np.log(q)) for t, q in shown})
+        top = {f"token_id:{int(t)}": float(np.log(q)) for t, q in shown}
+        top[f"token_id:{tok}"] = float(np.log(p[choice]))  # like vLLM: sampled token too
+        tops.append(top)
         ent.append(float(-(p * np.log(p)).sum()))
         eos_p.append(float(p[np.isin(keep, EOS)].sum()))
         if tok in EOS:

@@ -62,6 +62,7 @@ def pad_ragged(
 def dedupe_rows(token_ids: np.ndarray, logprobs: np.ndarray) -> np.ndarray:
     """Log-probs with repeated token ids within a row set to ``-inf`` (kept once).
 
+    Id ``-1`` is padding and never merged.
     vLLM lists the sampled token beside the top-K, so it can appear twice in one step.
     """
     if token_ids.size == 0:
@@ -69,7 +70,7 @@ def dedupe_rows(token_ids: np.ndarray, logprobs: np.ndarray) -> np.ndarray:
     order = np.argsort(token_ids, axis=1, kind="stable")
     sorted_ids = np.take_along_axis(token_ids, order, axis=1)
     repeat = np.zeros_like(sorted_ids, dtype=bool)
-    repeat[:, 1:] = (sorted_ids[:, 1:] == sorted_ids[:, :-1]) & (sorted_ids[:, 1:] >= 0)
+    repeat[:, 1:] = (sorted_ids[:, 1:] == sorted_ids[:, :-1]) & (sorted_ids[:, 1:] != -1)
     out = logprobs.copy()
     rows = np.nonzero(repeat)
     out[rows[0], order[rows]] = -np.inf
