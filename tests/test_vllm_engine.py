@@ -175,3 +175,31 @@ def test_too_long_prompt_is_refused(engine):
     policy = DecodingPolicy(temperature=1.0, top_k=5, max_new_tokens=200, eos_token_ids=EOS)
     with pytest.raises(ConfigError, match="exceeds the context length"):
         engine.sample(list(range(5, 105)), _seeds("x", 1), np.arange(1), policy)
+
+
+def test_data_parallel_replicas_give_identical_rollouts(engine, tiny_path):
+    """Two local replica processes: same seeds, same tokens and numbers as one engine."""
+    from canopy_entropy.engines.vllm import VLLMEngine
+
+    policy = POLICIES["topk_topp"]
+    prompt_a, prompt_b = _prompts(engine)
+    reqs = [(prompt_a, _seeds("a", 5), np.arange(5)), (prompt_b, _seeds("b", 4), np.arange(4))]
+    single = engine.sample_many(reqs, policy)
+    dp = VLLMEngine(
+        tiny_path,
+        data_parallel_size=2,
+        dtype="float32",
+        gpu_memory_utilization=0.05,
+        max_model_len=256,
+        enforce_eager=True,
+    )
+    try:
+        assert dp.describe()["data_parallel_size"] == 2
+        split = dp.sample_many(reqs, policy)
+    finally:
+        dp.close()
+    for a, b in zip(single, split, strict=True):
+        assert a.token_ids.tolist() == b.token_ids.tolist()
+        assert a.offsets.tolist() == b.offsets.tolist()
+        assert a.finish_reason == b.finish_reason
+        np.testing.assert_allclose(a.entropy, b.entropy, atol=1e-5)
