@@ -73,6 +73,9 @@ POLICIES = {
         temperature=1.0, top_k=50, top_p=0.8, max_new_tokens=32, eos_token_ids=EOS
     ),
     "minp": DecodingPolicy(temperature=1.0, min_p=0.05, max_new_tokens=32, eos_token_ids=EOS),
+    "stop_string": DecodingPolicy(
+        temperature=1.0, top_k=30, max_new_tokens=32, eos_token_ids=EOS, stop_strings=("a",)
+    ),
 }
 
 
@@ -95,10 +98,15 @@ def test_steps_match_teacher_forcing(engine, hf_model, name):
             np.testing.assert_allclose(batch.logprob[sl], ref["logprob"], atol=1e-4, rtol=0)
             if batch.finish_reason[i] == "eos":
                 assert toks[-1] in EOS and not set(toks[:-1]) & set(EOS)
+            elif batch.finish_reason[i] == "stop":
+                assert policy.stop_strings and "a" in engine.tokenizer.decode(toks)
+                assert "a" not in engine.tokenizer.decode(toks[:-1])
             else:
                 assert batch.finish_reason[i] == "length" and len(toks) == policy.max_new_tokens
             n_steps += len(toks)
-    assert n_steps > 100
+    assert n_steps > 40
+    if policy.stop_strings:
+        assert "stop" in {f for b in batches for f in b.finish_reason}
     assert all(b.text is not None for b in batches)
 
 
