@@ -252,3 +252,9 @@ def test_hosted_server_refuses_top_k():
     with pytest.raises(CanopyError, match="cannot apply top_k"):
         eng.sample([1], np.array([1]), np.arange(1), POLICY)
     eng.close()
+
+
+def test_missing_base_url_is_config_error(monkeypatch):
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(CanopyError, match="needs the server address"):
+        OpenAIEngine("canned", tokenizer=False, eos_token_ids=EOS)

@@ -47,7 +47,7 @@ class OpenAIEngine(Engine):
         self,
         model: str,
         *,
-        base_url: str,
+        base_url: str | None = None,
         api_key: str | None = None,
         chat: bool = False,
         concurrency: int = 8,
@@ -64,6 +64,12 @@ class OpenAIEngine(Engine):
         extra_body: dict | None = None,
     ) -> None:
         httpx = require("httpx", "openai")
+        base_url = base_url or os.environ.get("OPENAI_BASE_URL")
+        if not base_url:
+            raise ConfigError(
+                "engine 'openai' needs the server address: set engine option base_url "
+                "(e.g. http://127.0.0.1:8000/v1) or OPENAI_BASE_URL"
+            )
         if server not in SERVERS:
             raise ConfigError(f"unknown server kind '{server}'; use one of {list(SERVERS)}")
         if concurrency < 1:
