@@ -110,15 +110,16 @@ def outputs_to_compact(
         if hasattr(lp, "start_indices"):  # FlatLogprobs
             starts = np.asarray(lp.start_indices, dtype=np.int64)
             ends = np.asarray(lp.end_indices, dtype=np.int64)
-            id_chunks.append(np.asarray(lp.token_ids, dtype=np.int64))
-            lp_chunks.append(np.asarray(lp.logprobs, dtype=np.float64))
+            # fromiter: ~3x faster than asarray on long Python lists
+            id_chunks.append(np.fromiter(lp.token_ids, np.int64, len(lp.token_ids)))
+            lp_chunks.append(np.fromiter(lp.logprobs, np.float32, len(lp.logprobs)))
             count_chunks.append(ends - starts)
         else:  # list of {token_id: Logprob}: sampled token first, like the flat layout
             counts = []
             for tok, d in zip(toks.tolist(), lp, strict=True):
                 rest = [t for t in d if t != tok]
                 id_chunks.append(np.asarray([tok, *rest], dtype=np.int64))
-                lp_chunks.append(np.asarray([d[t].logprob for t in (tok, *rest)], np.float64))
+                lp_chunks.append(np.asarray([d[t].logprob for t in (tok, *rest)], np.float32))
                 counts.append(len(rest) + 1)
             count_chunks.append(np.asarray(counts, dtype=np.int64))
     token_ids = np.concatenate(tok_chunks) if tok_chunks else np.zeros(0, np.int64)
@@ -133,11 +134,17 @@ def outputs_to_compact(
         flat_lps = np.concatenate(lp_chunks)
         if len(counts) != steps or np.any(counts < 1):
             raise RuntimeError("vLLM returned log-probs that do not match the sampled tokens")
-        first = np.concatenate(([0], np.cumsum(counts)[:-1]))
-        sampled_ids, sampled_lp = flat_ids[first], flat_lps[first]
-        is_top = np.ones(len(flat_ids), dtype=bool)
-        is_top[first] = False
-        top_ids, top_lps = pad_ragged(counts - 1, flat_ids[is_top], flat_lps[is_top])
+        if counts.min() == counts.max():  # the usual case: k + 1 entries every step
+            ids2 = flat_ids.reshape(steps, -1)
+            lps2 = flat_lps.reshape(steps, -1)
+            sampled_ids, sampled_lp = ids2[:, 0], lps2[:, 0]
+            top_ids, top_lps = ids2[:, 1:], lps2[:, 1:]
+        else:
+            first = np.concatenate(([0], np.cumsum(counts)[:-1]))
+            sampled_ids, sampled_lp = flat_ids[first], flat_lps[first]
+            is_top = np.ones(len(flat_ids), dtype=bool)
+            is_top[first] = False
+            top_ids, top_lps = pad_ragged(counts - 1, flat_ids[is_top], flat_lps[is_top])
         stats = topk_step_stats(
             top_ids,
             top_lps,
