@@ -75,7 +75,7 @@ def bench_end_to_end(model: str, rollouts: int, max_new: int, top_k: int) -> Non
     from canopy_entropy.engines.base import DecodingPolicy
     from canopy_entropy.engines.vllm import VLLMEngine, sampling_params_kwargs
 
-    eng = VLLMEngine(model, dtype="float32", gpu_memory_utilization=0.05, max_model_len=1024,
+    eng = VLLMEngine(model, dtype="float32", gpu_memory_utilization=0.05, max_model_len=512,
                      enforce_eager=True)  # fmt: skip
     eos = eng.eos_token_ids
     policy = DecodingPolicy(temperature=1.0, top_k=top_k, max_new_tokens=max_new, eos_token_ids=eos)

@@ -211,3 +211,11 @@ def test_data_parallel_replicas_give_identical_rollouts(engine, tiny_path):
         assert a.offsets.tolist() == b.offsets.tolist()
         assert a.finish_reason == b.finish_reason
         np.testing.assert_allclose(a.entropy, b.entropy, atol=1e-5)
+
+
+def test_bad_engine_option_is_one_line_config_error(tiny_path):
+    from canopy_entropy.engines.vllm import VLLMEngine
+
+    with pytest.raises(ConfigError, match="max_model_len") as info:
+        VLLMEngine(tiny_path, dtype="float32", gpu_memory_utilization=0.05, max_model_len=4096)
+    assert "\n" not in str(info.value)

@@ -174,7 +174,13 @@ class _Replica:
     def __init__(self, model: str, llm_kwargs: dict[str, Any]) -> None:
         vllm, self._tokens_prompt = _import_vllm()
         self._vllm = vllm
-        self.llm = vllm.LLM(model=model, **llm_kwargs)
+        try:
+            self.llm = vllm.LLM(model=model, **llm_kwargs)
+        except (TypeError, ValueError) as exc:  # bad engine options (pydantic errors included)
+            raise ConfigError(
+                f"vLLM refused the engine options for '{model}': {_one_line(exc)}; fix the "
+                "engine_options (see docs/engines-vllm-openai.md)"
+            ) from exc
         cfg = self.llm.llm_engine.model_config
         self.vocab_size = int(cfg.get_vocab_size())
         self.max_model_len = int(cfg.max_model_len)
@@ -492,6 +498,13 @@ class VLLMEngine(Engine):
             )
             row += m
         return batches
+
+
+def _one_line(exc: BaseException) -> str:
+    """The informative line of an exception message (pydantic puts it after a header)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if ln.lower().startswith("value error")] or lines or [repr(exc)]
+    return useful[0][:400]
 
 
 def _cuda_count() -> int:
