@@ -173,8 +173,13 @@ class OpenAIEngine(Engine):
             path = "/completion"
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             futures = [(r, j, pool.submit(self._post, path, body)) for r, j, body in jobs]
-            for r, j, fut in futures:
-                results[r][j] = fut.result()
+            try:
+                for r, j, fut in futures:
+                    results[r][j] = fut.result()
+            except BaseException:  # a request gave up (or Ctrl-C): do not send the rest
+                for _, _, fut in futures:
+                    fut.cancel()
+                raise
         return [
             self._to_batch(res, np.asarray(seeds), np.asarray(idx), policy, exact, k)
             for res, (_, seeds, idx) in zip(results, requests, strict=True)
