@@ -129,6 +129,11 @@ def _beta_terms(eta, phi, log_y, log_1my):
     mu = special.expit(eta)
     one_m_mu = special.expit(-eta)
     a, b = mu * phi, one_m_mu * phi
+    with np.errstate(all="ignore"):
+        return _beta_terms_inner(mu, one_m_mu, a, b, phi, log_y, log_1my)
+
+
+def _beta_terms_inner(mu, one_m_mu, a, b, phi, log_y, log_1my):
     ell = (
         special.gammaln(phi)
         - special.gammaln(a)
@@ -521,6 +526,7 @@ class BetaGLMMResult:
 
     _re_sum_fitted: np.ndarray = field(default_factory=lambda: np.empty(0))
     group_codes: dict[str, np.ndarray] = field(default_factory=dict)
+    singular: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         """The ``canopy regress --json`` dictionary with R's term names."""
@@ -545,6 +551,7 @@ class BetaGLMMResult:
                 "hessian_positive_definite": bool(self.hessian_pd),
                 "message": self.message,
                 "iterations": int(self.iterations),
+                "singular_groups": list(self.singular),
             },
             "clipped_responses": int(self.clipped),
         }
@@ -715,13 +722,21 @@ def fit_beta_glmm(
         )
 
     b = lap.b_mode.copy() if lap.k else np.empty(0)
+    p, q = X.shape[1], W.shape[1]
+    singular = [g for i, g in enumerate(groups) if np.exp(theta[p + q + i]) < 1e-4]
+    if singular:
+        warnings.warn(
+            f"random-effect SD of {', '.join(map(repr, singular))} is essentially zero "
+            "(boundary fit); the grouping explains no extra variance",
+            UserWarning,
+            stacklevel=2,
+        )
     re_modes, re_sum = {}, np.zeros(len(y))
     offset = 0
     for g, size, code in zip(groups, sizes, codes):
         re_modes[g] = pd.Series(b[offset : offset + size], index=levels[g])
         re_sum += b[offset : offset + size][code]
         offset += size
-    p, q = X.shape[1], W.shape[1]
     fitted_link = X @ theta[:p] + re_sum
     fitted_phi = np.exp(W @ theta[p : p + q])
     ref_levels = {
@@ -757,4 +772,5 @@ def fit_beta_glmm(
         reference_levels=ref_levels,
         _re_sum_fitted=re_sum,
         group_codes=dict(zip(groups, codes)),
+        singular=singular,
     )
