@@ -9,6 +9,10 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import optimize, special, stats
+
+from canopy_entropy.errors import CanopyError
+from canopy_entropy.stats.beta_glmm import ConvergenceWarning, fit_beta_glmm
 from regress_helpers import (
     DATA,
     PUBLISHED_MEAN,
@@ -18,10 +22,6 @@ from regress_helpers import (
     r_with_glmmtmb,
     stored_glmmtmb,
 )
-from scipy import optimize, special, stats
-
-from canopy_entropy.errors import CanopyError
-from canopy_entropy.stats.beta_glmm import ConvergenceWarning, fit_beta_glmm
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import typer
-from regress_helpers import DATA, PUBLISHED_MEAN, PUBLISHED_PRECISION, make_panel, stored_glmmtmb
 from typer.testing import CliRunner
 
 from canopy_entropy.cli.regress import command
 from canopy_entropy.errors import CanopyError
 from canopy_entropy.stats.regression import build_panel, regress_run, zscore
+from regress_helpers import DATA, PUBLISHED_MEAN, PUBLISHED_PRECISION, make_panel, stored_glmmtmb
 
 
 def _app() -> typer.Typer:

@@ -7,10 +7,10 @@ import subprocess
 
 import numpy as np
 import pytest
-from regress_helpers import DATA, r_with_glmmtmb
 
 from canopy_entropy.errors import CanopyError
 from canopy_entropy.stats.splines import NaturalSplineBasis, ns, quantile_type7
+from regress_helpers import DATA, r_with_glmmtmb
 
 CASES = json.loads((DATA / "ns_reference.json").read_text())
 

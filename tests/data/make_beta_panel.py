@@ -16,9 +16,9 @@ def make_panel(seed: int = 20260601, n_prompts: int = 30, raw: bool = False) -> 
     """The generating process described in the module docstring (``raw``: keep R and invN)."""
     rng = np.random.default_rng(seed)
     tasks, families, variants = ["T1", "T2", "T3", "T4"], ["fa", "fb", "fc"], ["base", "instruct"]
-    task_mu = dict(zip(tasks, [0.0, 0.5, -0.4, 0.2]))
-    task_phi = dict(zip(tasks, [0.0, -0.3, 0.2, 0.4]))
-    fam_re = dict(zip(families, rng.normal(0, 0.3, len(families))))
+    task_mu = dict(zip(tasks, [0.0, 0.5, -0.4, 0.2], strict=False))
+    task_phi = dict(zip(tasks, [0.0, -0.3, 0.2, 0.4], strict=False))
+    fam_re = dict(zip(families, rng.normal(0, 0.3, len(families)), strict=False))
     rows = []
     for task in tasks:
         for k in range(n_prompts):
@@ -49,7 +49,7 @@ def make_panel(seed: int = 20260601, n_prompts: int = 30, raw: bool = False) -> 
     df["R_sc"] = (df.R - df.R.mean()) / df.R.std(ddof=1)
     df["invN_sc"] = (df.invN - df.invN.mean()) / df.invN.std(ddof=1)
     cols = ["task", "prompt", "family", "variant", "D", "R_sc", "invN_sc"]
-    return df[cols + ["R", "invN"]] if raw else df[cols]
+    return df[[*cols, "R", "invN"]] if raw else df[cols]
 
 
 if __name__ == "__main__":

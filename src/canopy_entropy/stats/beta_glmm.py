@@ -58,7 +58,7 @@ class _Problem:
     def global_index(self) -> list[np.ndarray]:
         """Codes shifted into the stacked random-effect vector."""
         offsets = np.cumsum([0, *self.group_sizes[:-1]])
-        return [codes + off for codes, off in zip(self.group_codes, offsets)]
+        return [codes + off for codes, off in zip(self.group_codes, offsets, strict=False)]
 
 
 def _trigamma_np(x: np.ndarray) -> np.ndarray:
@@ -626,7 +626,6 @@ def fit_beta_glmm(
         )
     y = np.clip(y_raw, clip, 1 - clip)
 
-    factor_cols = [g for g in mean_f.groups]
     frame = prepare_factors(data, [], reference)
     mean_design, X = FixedDesign.fit(mean_f.fixed, frame, "mean")
     prec_design, W = FixedDesign.fit(prec_f.fixed, frame, "precision")
@@ -733,7 +732,7 @@ def fit_beta_glmm(
         )
     re_modes, re_sum = {}, np.zeros(len(y))
     offset = 0
-    for g, size, code in zip(groups, sizes, codes):
+    for g, size, code in zip(groups, sizes, codes, strict=False):
         re_modes[g] = pd.Series(b[offset : offset + size], index=levels[g])
         re_sum += b[offset : offset + size][code]
         offset += size
@@ -752,7 +751,7 @@ def fit_beta_glmm(
         cov=cov,
         loglik=-value,
         nobs=len(y),
-        ngroups={g: s for g, s in zip(groups, sizes)},
+        ngroups={g: s for g, s in zip(groups, sizes, strict=False)},
         re_modes=re_modes,
         converged=converged,
         max_abs_gradient=max_grad,
@@ -771,6 +770,6 @@ def fit_beta_glmm(
         factor_columns=list(ref_levels),
         reference_levels=ref_levels,
         _re_sum_fitted=re_sum,
-        group_codes=dict(zip(groups, codes)),
+        group_codes=dict(zip(groups, codes, strict=False)),
         singular=singular,
     )
