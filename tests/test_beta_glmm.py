@@ -267,6 +267,8 @@ def test_formula_errors_are_one_line():
         fit_beta_glmm(data, "y ~ x + (x | g)", "~ 1")
     with pytest.raises(CanopyError, match="grouping column 'nope'"):
         fit_beta_glmm(data, "y ~ x + (1 | nope)", "~ 1")
+    with pytest.raises(CanopyError, match="'g' has 1 missing"):
+        fit_beta_glmm(data.assign(g=data.g.where(data.index != 3)), "y ~ x + (1 | g)", "~ 1")
     with pytest.raises(CanopyError, match="reference level 'maybe'"):
         fit_beta_glmm(data, "y ~ x + pos", "~ 1", reference={"pos": "maybe"})
 
