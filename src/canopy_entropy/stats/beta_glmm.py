@@ -58,7 +58,7 @@ class _Problem:
     def global_index(self) -> list[np.ndarray]:
         """Codes shifted into the stacked random-effect vector."""
         offsets = np.cumsum([0, *self.group_sizes[:-1]])
-        return [codes + off for codes, off in zip(self.group_codes, offsets)]
+        return [codes + off for codes, off in zip(self.group_codes, offsets, strict=False)]
 
 
 def _trigamma_np(x: np.ndarray) -> np.ndarray:
@@ -129,6 +129,11 @@ def _beta_terms(eta, phi, log_y, log_1my):
     mu = special.expit(eta)
     one_m_mu = special.expit(-eta)
     a, b = mu * phi, one_m_mu * phi
+    with np.errstate(all="ignore"):
+        return _beta_terms_inner(mu, one_m_mu, a, b, phi, log_y, log_1my)
+
+
+def _beta_terms_inner(mu, one_m_mu, a, b, phi, log_y, log_1my):
     ell = (
         special.gammaln(phi)
         - special.gammaln(a)
@@ -521,6 +526,7 @@ class BetaGLMMResult:
 
     _re_sum_fitted: np.ndarray = field(default_factory=lambda: np.empty(0))
     group_codes: dict[str, np.ndarray] = field(default_factory=dict)
+    singular: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         """The ``canopy regress --json`` dictionary with R's term names."""
@@ -545,6 +551,7 @@ class BetaGLMMResult:
                 "hessian_positive_definite": bool(self.hessian_pd),
                 "message": self.message,
                 "iterations": int(self.iterations),
+                "singular_groups": list(self.singular),
             },
             "clipped_responses": int(self.clipped),
         }
@@ -599,6 +606,11 @@ def fit_beta_glmm(
     for g in mean_f.groups:
         if g not in data.columns:
             raise CanopyError(f"grouping column {g!r} of '(1 | {g})' is not in the data")
+        if data[g].isna().any():
+            raise CanopyError(
+                f"grouping column {g!r} has {int(data[g].isna().sum())} missing values; "
+                "drop those rows or give them a level"
+            )
     y_raw = pd.to_numeric(data[mean_f.response], errors="coerce").to_numpy(dtype=float)
     if np.isnan(y_raw).any():
         raise CanopyError(
@@ -619,7 +631,6 @@ def fit_beta_glmm(
         )
     y = np.clip(y_raw, clip, 1 - clip)
 
-    factor_cols = [g for g in mean_f.groups]
     frame = prepare_factors(data, [], reference)
     mean_design, X = FixedDesign.fit(mean_f.fixed, frame, "mean")
     prec_design, W = FixedDesign.fit(prec_f.fixed, frame, "precision")
@@ -672,7 +683,7 @@ def fit_beta_glmm(
     theta = res.x
     value, grad = lap.value_and_grad(theta)
     hess = lap.hessian(theta)
-    # Newton polish with the Laplace Hessian: L-BFGS stops early on flat likelihoods.
+    # Newton polish with the Laplace Hessian: quasi-Newton stops early on flat likelihoods.
     for _ in range(8):
         try:
             chol = np.linalg.cholesky(hess)
@@ -715,13 +726,21 @@ def fit_beta_glmm(
         )
 
     b = lap.b_mode.copy() if lap.k else np.empty(0)
+    p, q = X.shape[1], W.shape[1]
+    singular = [g for i, g in enumerate(groups) if np.exp(theta[p + q + i]) < 1e-4]
+    if singular:
+        warnings.warn(
+            f"random-effect SD of {', '.join(map(repr, singular))} is essentially zero "
+            "(boundary fit); the grouping explains no extra variance",
+            UserWarning,
+            stacklevel=2,
+        )
     re_modes, re_sum = {}, np.zeros(len(y))
     offset = 0
-    for g, size, code in zip(groups, sizes, codes):
+    for g, size, code in zip(groups, sizes, codes, strict=False):
         re_modes[g] = pd.Series(b[offset : offset + size], index=levels[g])
         re_sum += b[offset : offset + size][code]
         offset += size
-    p, q = X.shape[1], W.shape[1]
     fitted_link = X @ theta[:p] + re_sum
     fitted_phi = np.exp(W @ theta[p : p + q])
     ref_levels = {
@@ -737,7 +756,7 @@ def fit_beta_glmm(
         cov=cov,
         loglik=-value,
         nobs=len(y),
-        ngroups={g: s for g, s in zip(groups, sizes)},
+        ngroups={g: s for g, s in zip(groups, sizes, strict=False)},
         re_modes=re_modes,
         converged=converged,
         max_abs_gradient=max_grad,
@@ -756,5 +775,6 @@ def fit_beta_glmm(
         factor_columns=list(ref_levels),
         reference_levels=ref_levels,
         _re_sum_fitted=re_sum,
-        group_codes=dict(zip(groups, codes)),
+        group_codes=dict(zip(groups, codes, strict=False)),
+        singular=singular,
     )
