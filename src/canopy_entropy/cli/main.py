@@ -22,6 +22,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+@app.callback()
+def _root() -> None:
+    """Canopy Entropy: how a language model spends its uncertainty over whole generations."""
+
+
 # command name -> module under canopy_entropy.cli
 COMMANDS = {
     "run": "run",
@@ -61,7 +67,14 @@ def main() -> None:
     except Exception as exc:  # click usage errors
         import click
 
-        if isinstance(exc, click.ClickException):
+        click_errors: tuple[type, ...] = (click.ClickException,)
+        try:  # typer >= 0.29 vendors its own click
+            from typer._click.exceptions import ClickException as _TyperClickException
+
+            click_errors += (_TyperClickException,)
+        except ImportError:  # pragma: no cover - older typer
+            pass
+        if isinstance(exc, click_errors):
             exc.show()
             sys.exit(exc.exit_code)
         raise
