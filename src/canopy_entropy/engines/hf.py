@@ -78,7 +78,9 @@ class HFEngine(Engine):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+            raise ConfigError(
+                "--device cuda was asked for but no CUDA GPU is visible; use --device cpu"
+            )
         if dtype == "auto":
             dtype = "bfloat16" if device.startswith("cuda") else "float32"
         if dtype not in _DTYPES:
@@ -199,7 +201,9 @@ class HFEngine(Engine):
         cache.batch_repeat_interleave(size)
         logits = prefix_logits.expand(size, -1)
         rows = torch.arange(size, device=dev)  # buffer row of each active batch row
-        stop = _StopChecker(self.tokenizer, policy.stop_strings, size) if policy.stop_strings else None
+        stop = (
+            _StopChecker(self.tokenizer, policy.stop_strings, size) if policy.stop_strings else None
+        )
         t_forward = 0.0
         for step in range(cap):
             stats = step_stats(logits, policy, eos, step_uniforms(seed_t[rows], step))
@@ -227,9 +231,7 @@ class HFEngine(Engine):
             else:
                 tokens = stats.token
             t0 = time.perf_counter()
-            out = self.model(
-                input_ids=tokens.unsqueeze(-1), past_key_values=cache, use_cache=True
-            )
+            out = self.model(input_ids=tokens.unsqueeze(-1), past_key_values=cache, use_cache=True)
             t_forward += time.perf_counter() - t0
             cache = out.past_key_values
             logits = out.logits[:, -1, :]
@@ -288,7 +290,7 @@ class _StopChecker:
 
     def update(self, rows: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         hit = np.zeros(len(rows), dtype=bool)
-        for j, (row, tok) in enumerate(zip(rows.tolist(), tokens.tolist())):
+        for j, (row, tok) in enumerate(zip(rows.tolist(), tokens.tolist(), strict=True)):
             hist = self.history[row]
             hist.append(tok)
             tail = self.tokenizer.decode(hist[-self.window :], skip_special_tokens=False)
