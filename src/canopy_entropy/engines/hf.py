@@ -12,7 +12,6 @@ randomness is a function of the rollout seed and step only).
 from __future__ import annotations
 
 import hashlib
-import time
 from typing import Any
 
 import numpy as np
@@ -111,11 +110,30 @@ class HFEngine(Engine):
                 f"cannot load model '{model}': {str(exc).splitlines()[0]}; give a local folder, "
                 "an offline alias (smollm2-135m-instruct, gemma3-270m) or a hub id with network"
             ) from exc
+        self._finish_setup()
+
+    @classmethod
+    def from_model(
+        cls, model: Any, tokenizer: Any, name: str = "in-memory", batch_size: int | None = None
+    ) -> HFEngine:
+        """Wrap an already loaded model and tokenizer (benchmarks, notebooks); no loading."""
+        engine = cls.__new__(cls)
+        engine.model_name = name
+        engine.model_path = name
+        engine.model = model
+        engine.tokenizer = tokenizer
+        engine.device = next(model.parameters()).device
+        engine.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        engine.batch_size = batch_size
+        engine._finish_setup()
+        return engine
+
+    def _finish_setup(self) -> None:
         self.model.to(self.device).eval()
         self.eos_token_ids = model_eos_ids(self.model, self.tokenizer)
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)
-        self.stats = {"forward_s": 0.0, "steps": 0, "tokens": 0}
+        self.stats = {"steps": 0, "tokens": 0}
 
     def describe(self) -> dict:
         """Manifest facts: model path, dtype, device, tokenizer and chat-template hashes."""
@@ -204,7 +222,6 @@ class HFEngine(Engine):
         stop = (
             _StopChecker(self.tokenizer, policy.stop_strings, size) if policy.stop_strings else None
         )
-        t_forward = 0.0
         for step in range(cap):
             stats = step_stats(logits, policy, eos, step_uniforms(seed_t[rows], step))
             buf_tok[rows, step] = stats.token
@@ -230,12 +247,10 @@ class HFEngine(Engine):
                 tokens = stats.token[keep]
             else:
                 tokens = stats.token
-            t0 = time.perf_counter()
             out = self.model(input_ids=tokens.unsqueeze(-1), past_key_values=cache, use_cache=True)
-            t_forward += time.perf_counter() - t0
             cache = out.past_key_values
             logits = out.logits[:, -1, :]
-        self.stats["forward_s"] += t_forward
+        self.stats["steps"] += step + 1
         length_np = length.cpu().numpy()
         mask = np.arange(cap)[None, :] < length_np[:, None]
         floats = buf.cpu().numpy()
