@@ -133,7 +133,7 @@ def test_prompt_longer_than_context_is_rejected_by_name(tmp_path, engine, tiny):
         )  # fmt: skip
     assert not RunStore(tmp_path).shard_files()
     assert not (tmp_path / "manifest.json").exists()  # nothing recorded: a fixed re-run is allowed
-    with pytest.raises(ConfigError, match="prompt 'empty'.*no tokens"):
+    with pytest.raises(ConfigError, match=r"prompt 'empty'.*no tokens"):
         _check_context([Prompt("empty", "", "t")], {0: ("", [])}, _policy(), 512)
 
 
