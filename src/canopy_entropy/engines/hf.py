@@ -200,9 +200,7 @@ class HFEngine(Engine):
         ids = torch.tensor([prompt_token_ids], dtype=torch.long, device=self.device)
         cache = DynamicCache(config=self.model.config)
         try:
-            out = self.model(
-                input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1
-            )
+            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         except TypeError:  # remote-code models without logits_to_keep
             out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
         return out.past_key_values, out.logits[:, -1, :]
