@@ -22,6 +22,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+@app.callback()
+def _root() -> None:
+    """Canopy Entropy: how a language model spends its uncertainty over whole generations."""
+
+
 # command name -> module under canopy_entropy.cli
 COMMANDS = {
     "run": "run",
