@@ -1,0 +1,749 @@
+"""Paired comparison of two models on the same prompts (SPEC section 5), plus length matching.
+
+``compare_run`` pairs the prompts of side A and side B (by ``prompt_id`` within each by-group),
+draws one ``[B, P]`` matrix of resampled prompt indices per group and applies it to both sides,
+so every replicate compares the two models on the same prompts. Every pooled statistic is
+recomputed from per-prompt sufficient statistics (CE*_p, Nbar_p, Rbar_p, H(N)_p, D_p, Vendi_p,
+per-prompt correlations and their n_p) with the SPEC pooling rules, all replicates at once; no
+per-step data is touched after the per-prompt table is built.
+
+Outputs: ``RUN/compare/comparison.parquet`` (+ ``.csv``), a tidy long table; ``RUN/tables/
+compare_<set>.{csv,md,tex}`` (rows: tasks, columns: families, cells ``value ± SE``);
+``RUN/compare/length_matched.parquet`` (rho(N, r) and rate-diversity relations before/after
+matching the two models' rollouts on length).
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from scipy import stats as sps
+
+from canopy_entropy.errors import CanopyError, ConfigError
+from canopy_entropy.stats.pooling import (
+    pool_covariance,
+    pool_fisher,
+    pool_kendall,
+    weighted_mean_with_fallback,
+)
+from canopy_entropy.store import KEY_COLUMNS, RunStore, atomic_write_table, atomic_write_text
+
+COMPARISON_SCHEMA_VERSION = "canopy-comparison/1"
+LENGTH_MATCHED_SCHEMA_VERSION = "canopy-length-matched/1"
+
+# Pooled as unweighted means of the per-prompt value (GenPPL and BF derive from these).
+MEAN_COLUMNS = ("ce_star", "mean_length", "entropy_rate", "length_entropy", "diversity", "vendi")
+RATIO_METRICS = (
+    "ce_star",
+    "genppl",
+    "bf",
+    "entropy_rate",
+    "mean_length",
+    "length_entropy",
+    "diversity",
+    "vendi",
+)
+CORRELATION_METRICS = ("pearson", "spearman", "kendall", "covariance")
+METRIC_SETS = {
+    "entropy": ("ce_star", "genppl", "bf", "entropy_rate", "mean_length", "length_entropy"),
+    "correlation": CORRELATION_METRICS,
+    "diversity": ("diversity", "vendi"),
+}
+PROMPT_KEYS = (*KEY_COLUMNS, "prompt_id")
+CI_LEVEL = 0.95
+
+
+# --------------------------------------------------------------------------------------------
+# pooled statistics from per-prompt sufficient statistics, vectorised over replicates
+# --------------------------------------------------------------------------------------------
+def pooled_statistics(prompt_stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Pool per-prompt statistics along the last axis (shape ``[..., P]`` -> ``[...]``).
+
+    Means over prompts for CE*, mean length, entropy rate, H(N), D and Vendi (non-finite values
+    dropped); GenPPL = exp(mean CE* / mean Nbar); BF = exp(mean Rbar); Pearson/Spearman Fisher
+    pooled, Kendall tau-weighted, covariance (n-1)-weighted (SPEC sections 2, 3).
+    """
+    out: dict[str, np.ndarray] = {}
+    ones = np.ones(1)
+    for col in MEAN_COLUMNS:
+        if col in prompt_stats:
+            out[col] = weighted_mean_with_fallback(prompt_stats[col], ones)
+    if "ce_star" in out and "mean_length" in out:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out["genppl"] = np.exp(out["ce_star"] / out["mean_length"])
+    if "entropy_rate" in out:
+        out["bf"] = np.exp(out["entropy_rate"])
+    n = prompt_stats.get("n_rollouts")
+    if n is not None:
+        if "pearson" in prompt_stats:
+            out["pearson"] = pool_fisher(prompt_stats["pearson"], n)
+        if "spearman" in prompt_stats:
+            out["spearman"] = pool_fisher(prompt_stats["spearman"], n)
+        if "kendall" in prompt_stats:
+            out["kendall"] = pool_kendall(prompt_stats["kendall"], n)
+        if "covariance" in prompt_stats:
+            out["covariance"] = pool_covariance(prompt_stats["covariance"], n)
+    return out
+
+
+def bootstrap_indices(n_prompts: int, n_boot: int, seed: int, group_key: Sequence[str] = ()) -> np.ndarray:
+    """``[n_boot, n_prompts]`` prompt indices drawn with replacement.
+
+    The stream depends only on ``seed`` and the group's key, so adding or removing other groups
+    never changes a group's replicates.
+    """
+    salt = zlib.crc32("\x1f".join(map(str, group_key)).encode())
+    rng = np.random.default_rng([int(seed), salt])
+    return rng.integers(0, n_prompts, size=(n_boot, n_prompts))
+
+
+def _gather(prompt_stats: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[idx] for k, v in prompt_stats.items()}
+
+
+def _bca_interval(
+    theta_hat: float, replicates: np.ndarray, jackknife: np.ndarray, level: float = CI_LEVEL
+) -> tuple[float, float]:
+    """BCa interval of a statistic; falls back to the percentile interval when degenerate."""
+    reps = replicates[np.isfinite(replicates)]
+    alpha = (1.0 - level) / 2.0
+    if reps.size < 2 or not np.isfinite(theta_hat):
+        return (np.nan, np.nan)
+    pct = (float(np.quantile(reps, alpha)), float(np.quantile(reps, 1.0 - alpha)))
+    share = float(np.mean(reps < theta_hat))
+    jack = jackknife[np.isfinite(jackknife)]
+    if not (0.0 < share < 1.0) or jack.size < 3:
+        return pct
+    z0 = sps.norm.ppf(share)
+    dev = jack.mean() - jack
+    den = 6.0 * (dev**2).sum() ** 1.5
+    acc = (dev**3).sum() / den if den > 0 else 0.0
+    z = sps.norm.ppf([alpha, 1.0 - alpha])
+    adj = sps.norm.cdf(z0 + (z0 + z) / (1.0 - acc * (z0 + z)))
+    if not np.all(np.isfinite(adj)):
+        return pct
+    lo, hi = np.quantile(reps, adj)
+    return float(lo), float(hi)
+
+
+def _sd(x: np.ndarray) -> float:
+    x = x[np.isfinite(x)]
+    return float(np.std(x, ddof=1)) if x.size >= 2 else float("nan")
+
+
+def _percentile(x: np.ndarray, level: float = CI_LEVEL) -> tuple[float, float]:
+    x = x[np.isfinite(x)]
+    if x.size < 2:
+        return (np.nan, np.nan)
+    alpha = (1.0 - level) / 2.0
+    return float(np.quantile(x, alpha)), float(np.quantile(x, 1.0 - alpha))
+
+
+@dataclass
+class PairedReplicates:
+    """Full-sample pooled values and bootstrap replicates of both sides for one group."""
+
+    a: dict[str, np.ndarray]
+    b: dict[str, np.ndarray]
+    a_reps: dict[str, np.ndarray]
+    b_reps: dict[str, np.ndarray]
+    a_jack: dict[str, np.ndarray]
+    b_jack: dict[str, np.ndarray]
+    indices: np.ndarray
+
+
+def paired_bootstrap(
+    a_stats: dict[str, np.ndarray],
+    b_stats: dict[str, np.ndarray],
+    n_boot: int = 2000,
+    seed: int = 0,
+    group_key: Sequence[str] = (),
+) -> PairedReplicates:
+    """Paired cluster bootstrap: the same ``[B, P]`` prompt indices for both sides.
+
+    ``a_stats[k][p]`` and ``b_stats[k][p]`` are prompt ``p``'s sufficient statistic ``k`` for
+    the two sides (already paired by prompt). Also returns leave-one-prompt-out (jackknife)
+    values for BCa intervals.
+    """
+    n_prompts = len(next(iter(a_stats.values())))
+    idx = bootstrap_indices(n_prompts, n_boot, seed, group_key)
+    if n_prompts >= 2:
+        jack_idx = np.array([np.delete(np.arange(n_prompts), i) for i in range(n_prompts)])
+    else:
+        jack_idx = np.zeros((0, 0), dtype=np.int64)
+    return PairedReplicates(
+        a=pooled_statistics(a_stats),
+        b=pooled_statistics(b_stats),
+        a_reps=pooled_statistics(_gather(a_stats, idx)),
+        b_reps=pooled_statistics(_gather(b_stats, idx)),
+        a_jack=pooled_statistics(_gather(a_stats, jack_idx)) if n_prompts >= 2 else {},
+        b_jack=pooled_statistics(_gather(b_stats, jack_idx)) if n_prompts >= 2 else {},
+        indices=idx,
+    )
+
+
+def summarise_replicates(rep: PairedReplicates) -> list[dict[str, float | str]]:
+    """One tidy row per metric: A, B, their SEs and CIs, the change with SE and CIs."""
+    rows: list[dict[str, float | str]] = []
+    for metric in (*RATIO_METRICS, *CORRELATION_METRICS):
+        if metric not in rep.a:
+            continue
+        a, b = float(rep.a[metric]), float(rep.b[metric])
+        ar, br = rep.a_reps[metric], rep.b_reps[metric]
+        diff = br - ar
+        a_lo, a_hi = _percentile(ar)
+        b_lo, b_hi = _percentile(br)
+        d_lo, d_hi = _percentile(diff)
+        row: dict[str, float | str] = {
+            "metric": metric,
+            "kind": "ratio" if metric in RATIO_METRICS else "correlation",
+            "a": a,
+            "b": b,
+            "a_se": _sd(ar),
+            "b_se": _sd(br),
+            "a_lo": a_lo,
+            "a_hi": a_hi,
+            "b_lo": b_lo,
+            "b_hi": b_hi,
+            "diff": b - a,
+            "diff_se": _sd(diff),
+            "diff_lo": d_lo,
+            "diff_hi": d_hi,
+        }
+        nan = float("nan")
+        row.update(pct=nan, pct_se=nan, pct_lo=nan, pct_hi=nan, ratio_lo=nan, ratio_hi=nan)
+        if metric in RATIO_METRICS:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                pct_reps = 100.0 * diff / np.abs(ar)
+                ratio_reps = br / ar
+                pct = 100.0 * (b - a) / abs(a) if a != 0 else nan
+                ratio_hat = b / a if a != 0 else nan
+                ratio_jack = (
+                    rep.b_jack[metric] / rep.a_jack[metric] if rep.a_jack else np.zeros(0)
+                )
+            p_lo, p_hi = _percentile(pct_reps)
+            r_lo, r_hi = _bca_interval(ratio_hat, ratio_reps, ratio_jack)
+            row.update(
+                pct=pct,
+                pct_se=_sd(pct_reps),
+                pct_lo=p_lo,
+                pct_hi=p_hi,
+                ratio_lo=100.0 * (r_lo - 1.0) if a > 0 else nan,
+                ratio_hi=100.0 * (r_hi - 1.0) if a > 0 else nan,
+            )
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# per-rollout and per-prompt statistics from a run folder
+# --------------------------------------------------------------------------------------------
+def rollout_frame(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """One row per rollout: keys, length N, total entropy H and rate r = H / N (vectorised)."""
+    store = RunStore(run_dir)
+    cols = [*PROMPT_KEYS, "rollout_index", "length", "finish_reason", "entropy"]
+    table = store.read_rollouts(columns=cols)
+    ent = table.column("entropy").combine_chunks()
+    flat = pc.list_flatten(ent).to_numpy(zero_copy_only=False).astype(np.float64)
+    parents = pc.list_parent_indices(ent).to_numpy()
+    h = np.bincount(parents, weights=flat, minlength=len(table))
+    frame = table.drop_columns(["entropy"]).to_pandas()
+    frame["H"] = h
+    n = frame["length"].to_numpy(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frame["r"] = np.where(n > 0, h / n, np.nan)
+    return frame
+
+
+def _group_ids(frame: pd.DataFrame, cols: Sequence[str]) -> np.ndarray:
+    return frame.groupby(list(cols), sort=True, observed=True).ngroup().to_numpy()
+
+
+def grouped_pearson(g: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pearson correlation of x and y within each group id; NaN where a side is constant."""
+    k = int(g.max()) + 1 if len(g) else 0
+    n = np.bincount(g, minlength=k).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mx = np.bincount(g, weights=x, minlength=k) / n
+        my = np.bincount(g, weights=y, minlength=k) / n
+        xc, yc = x - mx[g], y - my[g]
+        sxy = np.bincount(g, weights=xc * yc, minlength=k)
+        sxx = np.bincount(g, weights=xc * xc, minlength=k)
+        syy = np.bincount(g, weights=yc * yc, minlength=k)
+        den = np.sqrt(sxx * syy)
+        # a side is constant when its spread is at rounding level of its magnitude
+        tiny_x = sxx <= (1e-12 * np.bincount(g, weights=x * x, minlength=k))
+        tiny_y = syy <= (1e-12 * np.bincount(g, weights=y * y, minlength=k))
+        rho = np.where((den > 0) & ~tiny_x & ~tiny_y, sxy / den, np.nan)
+    return np.clip(rho, -1.0, 1.0), n
+
+
+def grouped_midranks(g: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of x within each group, ties given their mid-rank."""
+    order = np.lexsort((x, g))
+    gs, xs = g[order], x[order]
+    m = len(x)
+    if m == 0:
+        return np.zeros(0)
+    new_group = np.r_[True, gs[1:] != gs[:-1]]
+    new_run = new_group | np.r_[True, xs[1:] != xs[:-1]]
+    pos = np.arange(m, dtype=np.float64)
+    group_start = np.maximum.accumulate(np.where(new_group, pos, 0.0))
+    run_id = np.cumsum(new_run) - 1
+    run_first = pos[new_run]
+    run_last = np.r_[run_first[1:] - 1, m - 1]
+    mid = (run_first + run_last) / 2.0
+    ranks_sorted = mid[run_id] - group_start + 1.0
+    ranks = np.empty(m)
+    ranks[order] = ranks_sorted
+    return ranks
+
+
+def prompt_statistics_from_rollouts(frame: pd.DataFrame, run_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """Per-prompt CE*, Nbar, Rbar, H(N), correlations and n (SPEC sections 2-4) from rollouts.
+
+    Used when ``canopy_entropy.metrics`` is not available. H(N) uses the unbiased length law
+    ``p(n) = (1/M) sum_i 1{N_i >= n} lambda_in`` when ``eos_prob`` is recorded, else the
+    histogram plug-in.
+    """
+    frame = frame.sort_values([*PROMPT_KEYS, "rollout_index"]).reset_index(drop=True)
+    g = _group_ids(frame, PROMPT_KEYS)
+    n_len = frame["length"].to_numpy(np.float64)
+    r = frame["r"].to_numpy(np.float64)
+    grouped = frame.assign(_g=g).groupby("_g", sort=True)
+    out = grouped[list(PROMPT_KEYS)].first().reset_index(drop=True)
+    out["ce_star"] = grouped["H"].mean().to_numpy()
+    out["mean_length"] = grouped["length"].mean().to_numpy(np.float64)
+    out["entropy_rate"] = grouped["r"].mean().to_numpy()
+    out["n_rollouts"] = grouped.size().to_numpy()
+    pearson, _ = grouped_pearson(g, n_len, r)
+    spearman, _ = grouped_pearson(g, grouped_midranks(g, n_len), grouped_midranks(g, r))
+    out["pearson"] = pearson
+    out["spearman"] = spearman
+    with np.errstate(invalid="ignore", divide="ignore"):
+        k = len(out)
+        cnt = out["n_rollouts"].to_numpy(np.float64)
+        mx = np.bincount(g, weights=n_len, minlength=k) / cnt
+        my = np.bincount(g, weights=r, minlength=k) / cnt
+        sxy = np.bincount(g, weights=(n_len - mx[g]) * (r - my[g]), minlength=k)
+        out["covariance"] = np.where(cnt > 1, sxy / (cnt - 1), np.nan)
+    bounds = np.flatnonzero(np.diff(g)) + 1
+    kendall = []
+    for xs, ys in zip(np.split(n_len, bounds), np.split(r, bounds), strict=True):
+        if len(xs) < 2 or np.ptp(xs) == 0 or np.ptp(ys) == 0:
+            kendall.append(np.nan)
+        else:
+            kendall.append(sps.kendalltau(xs, ys).statistic)
+    out["kendall"] = kendall
+    out["length_entropy"] = _length_entropy(run_dir, frame, g, len(out))
+    return out
+
+
+def _length_entropy(run_dir, frame: pd.DataFrame, g: np.ndarray, k: int) -> np.ndarray:
+    """H(N) per prompt from the stop probabilities (SPEC section 4), histogram if none."""
+    store = RunStore(run_dir)
+    table = store.read_rollouts(columns=[*PROMPT_KEYS, "rollout_index", "eos_prob"])
+    keyed = table.drop_columns(["eos_prob"]).to_pandas()
+    keyed["_row"] = np.arange(len(keyed))
+    pos = frame[[*PROMPT_KEYS, "rollout_index"]].merge(keyed, on=[*PROMPT_KEYS, "rollout_index"])
+    eos = table.column("eos_prob").combine_chunks().take(pa.array(pos["_row"].to_numpy()))
+    m = np.bincount(g, minlength=k).astype(np.float64)
+    if eos.null_count == 0 and len(eos):
+        lam = pc.list_flatten(eos).to_numpy(zero_copy_only=False).astype(np.float64)
+        parent = pc.list_parent_indices(eos).to_numpy()
+        offsets = eos.offsets.to_numpy()
+        step = np.arange(len(lam)) - offsets[parent] - offsets[0]
+        cell_g, cell_n, weights = g[parent], step, lam
+    else:
+        n_len = frame["length"].to_numpy(np.int64)
+        cell_g, cell_n, weights = g, n_len - 1, np.ones(len(g))
+    width = int(cell_n.max()) + 1 if len(cell_n) else 1
+    p = np.bincount(cell_g * width + cell_n, weights=weights, minlength=k * width).reshape(k, width)
+    p = p / m[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, -p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+    return terms.sum(axis=1)
+
+
+def prompt_statistics(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """Per-prompt sufficient statistics of a run, with diversity merged in when embedded."""
+    from canopy_entropy.semantic.embed import read_prompt_diversity
+
+    try:
+        from canopy_entropy.metrics import compute_metrics  # type: ignore[attr-defined]
+    except ImportError:
+        compute_metrics = None
+    if compute_metrics is not None:
+        prompts = compute_metrics(run_dir).prompts.copy()
+    else:
+        prompts = prompt_statistics_from_rollouts(rollout_frame(run_dir), run_dir)
+    div = read_prompt_diversity(run_dir)
+    if div is not None:
+        prompts = prompts.drop(columns=[c for c in ("diversity", "vendi") if c in prompts])
+        prompts = prompts.merge(
+            div[[*PROMPT_KEYS, "diversity", "vendi"]], on=list(PROMPT_KEYS), how="left"
+        )
+    return prompts
+
+
+# --------------------------------------------------------------------------------------------
+# the comparison
+# --------------------------------------------------------------------------------------------
+@dataclass
+class CompareResult:
+    """Tidy comparison table, length-matched table, notes and written paths."""
+
+    table: pd.DataFrame
+    length_matched: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+    paths: dict[str, Path] = field(default_factory=dict)
+
+
+def _validate_sides(prompts: pd.DataFrame, a: str, b: str, a_key: str) -> None:
+    if a_key not in ("variant", "model"):
+        raise ConfigError(f"--on must be 'variant' or 'model', got '{a_key}'")
+    present = sorted(prompts[a_key].astype(str).unique())
+    for side, value in (("--a", a), ("--b", b)):
+        if value not in present:
+            raise ConfigError(
+                f"{side} '{value}' matches no {a_key} in this run; choose from {present}"
+                + ("" if a_key == "model" else " (or compare model names with --on model)")
+            )
+    if a == b:
+        raise ConfigError(f"--a and --b are both '{a}'; pick two different {a_key}s")
+
+
+def compare_prompts(
+    prompts: pd.DataFrame,
+    a: str = "base",
+    b: str = "instruct",
+    by: Sequence[str] = ("family", "task"),
+    n_boot: int = 2000,
+    seed: int = 0,
+    a_key: str = "variant",
+) -> tuple[pd.DataFrame, list[str]]:
+    """Paired bootstrap comparison from a per-prompt table (one row per side and prompt)."""
+    by = list(by)
+    bad = [c for c in by if c not in prompts.columns or c == a_key]
+    if bad:
+        raise ConfigError(
+            f"cannot group by {bad}; use columns of the run other than '{a_key}', e.g. family,task"
+        )
+    if n_boot < 2:
+        raise ConfigError(f"--bootstrap must be at least 2 replicates, got {n_boot}")
+    _validate_sides(prompts, a, b, a_key)
+    notes: list[str] = []
+    metric_cols = [
+        c
+        for c in (*MEAN_COLUMNS, "pearson", "spearman", "kendall", "covariance", "n_rollouts")
+        if c in prompts.columns
+    ]
+    rows: list[dict] = []
+    side_a = prompts[prompts[a_key].astype(str) == a]
+    side_b = prompts[prompts[a_key].astype(str) == b]
+    groups = sorted(set(map(tuple, side_a[by].astype(str).to_numpy())) | set(map(tuple, side_b[by].astype(str).to_numpy())))
+    for key in groups:
+        sel_a = side_a[(side_a[by].astype(str) == list(key)).all(axis=1)]
+        sel_b = side_b[(side_b[by].astype(str) == list(key)).all(axis=1)]
+        label = "/".join(key) if key else "all"
+        for side, sel in (("A", sel_a), ("B", sel_b)):
+            if sel["prompt_id"].duplicated().any():
+                raise CanopyError(
+                    f"group {label} has several {side} rows per prompt_id (more than one model "
+                    f"or variant); narrow the sides with --on model or add a column to --by"
+                )
+        pairs = sel_a[["prompt_id", *metric_cols]].merge(
+            sel_b[["prompt_id", *metric_cols]], on="prompt_id", suffixes=("_a", "_b")
+        )
+        pairs = pairs.sort_values("prompt_id", kind="stable").reset_index(drop=True)
+        dropped = len(sel_a) + len(sel_b) - 2 * len(pairs)
+        if dropped:
+            notes.append(
+                f"{label}: {dropped} prompts present on only one side were dropped "
+                f"({len(pairs)} paired)"
+            )
+        if len(pairs) < 2:
+            notes.append(f"{label}: fewer than two paired prompts; no comparison")
+            continue
+        a_stats = {c: pairs[f"{c}_a"].to_numpy(np.float64) for c in metric_cols}
+        b_stats = {c: pairs[f"{c}_b"].to_numpy(np.float64) for c in metric_cols}
+        rep = paired_bootstrap(a_stats, b_stats, n_boot=n_boot, seed=seed, group_key=key)
+        for row in summarise_replicates(rep):
+            rows.append(
+                {
+                    **dict(zip(by, key, strict=True)),
+                    **row,
+                    "n_prompts": len(pairs),
+                    "a_label": a,
+                    "b_label": b,
+                }
+            )
+    return pd.DataFrame(rows), notes
+
+
+# --------------------------------------------------------------------------------------------
+# length-matched analysis
+# --------------------------------------------------------------------------------------------
+def length_bins(lengths: np.ndarray, bins_per_octave: int = 2) -> np.ndarray:
+    """Log-spaced length bin of each length: ``floor(bins_per_octave * log2(N))``."""
+    n = np.maximum(np.asarray(lengths, dtype=np.float64), 1.0)
+    return np.floor(bins_per_octave * np.log2(n) + 1e-9).astype(np.int64)
+
+
+def match_lengths(
+    frame: pd.DataFrame, side_col: str, cell_cols: Sequence[str], seed: int = 0, bins_per_octave: int = 2
+) -> np.ndarray:
+    """Boolean mask of rollouts kept so both sides have equal counts in every length bin.
+
+    Within each cell (e.g. by-group and prompt) and log-length bin, both sides are subsampled
+    (seeded, uniformly at random) to the smaller of the two counts.
+    """
+    work = frame[[*cell_cols, side_col]].copy()
+    work["_bin"] = length_bins(frame["length"].to_numpy(), bins_per_octave)
+    cell = _group_ids(work, [*cell_cols, "_bin"])
+    side = (work[side_col].to_numpy() == work[side_col].iloc[0]).astype(np.int64) if len(work) else np.zeros(0, np.int64)
+    k = int(cell.max()) + 1 if len(cell) else 0
+    counts = np.stack([np.bincount(cell[side == s], minlength=k) for s in (0, 1)])
+    keep_n = counts.min(axis=0)
+    rng = np.random.default_rng([int(seed), 0x6C656E])
+    priority = rng.random(len(frame))
+    order = np.lexsort((priority, side, cell))
+    cs, ss = cell[order], side[order]
+    start = np.r_[True, (cs[1:] != cs[:-1]) | (ss[1:] != ss[:-1])]
+    pos = np.arange(len(order))
+    rank = pos - np.maximum.accumulate(np.where(start, pos, 0))
+    keep = np.zeros(len(frame), dtype=bool)
+    keep[order] = rank < keep_n[cs]
+    return keep
+
+
+def _relation_stats(frame: pd.DataFrame, has_d: bool) -> dict[str, float]:
+    """Pooled within-prompt rho(N, r) and, with diversity, the rate-diversity relation."""
+    if len(frame) == 0:
+        return {}
+    g = _group_ids(frame, PROMPT_KEYS)
+    n_len = frame["length"].to_numpy(np.float64)
+    r = frame["r"].to_numpy(np.float64)
+    n = np.bincount(g).astype(np.float64)
+    pearson, _ = grouped_pearson(g, n_len, r)
+    spearman, _ = grouped_pearson(g, grouped_midranks(g, n_len), grouped_midranks(g, r))
+    out = {
+        "rho_pearson_N_r": float(pool_fisher(pearson, n)),
+        "rho_spearman_N_r": float(pool_fisher(spearman, n)),
+    }
+    if has_d:
+        d = frame["d"].to_numpy(np.float64)
+        ok = np.isfinite(d)
+        g2, r2, d2, logn = g[ok], r[ok], d[ok], np.log(n_len[ok])
+        if len(g2):
+            k = int(g.max()) + 1
+            n2 = np.bincount(g2, minlength=k).astype(np.float64)
+            rho_rd, _ = grouped_pearson(g2, r2, d2)
+            rho_rn, _ = grouped_pearson(g2, r2, logn)
+            rho_dn, _ = grouped_pearson(g2, d2, logn)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                partial = (rho_rd - rho_rn * rho_dn) / np.sqrt((1 - rho_rn**2) * (1 - rho_dn**2))
+                mr = np.bincount(g2, weights=r2, minlength=k) / n2
+                md = np.bincount(g2, weights=d2, minlength=k) / n2
+                rc, dc = r2 - mr[g2], d2 - md[g2]
+                slope = float((rc * dc).sum() / (rc * rc).sum())
+            out["corr_r_d"] = float(pool_fisher(rho_rd, n2))
+            # one controlled variable: Fisher weights n - 4 (pool_fisher subtracts 3)
+            out["partial_corr_r_d_logN"] = float(pool_fisher(partial, n2 - 1.0))
+            out["slope_d_on_r"] = slope
+    return out
+
+
+def length_matched_analysis(
+    rollouts: pd.DataFrame,
+    a: str,
+    b: str,
+    by: Sequence[str],
+    a_key: str = "variant",
+    seed: int = 0,
+    bins_per_octave: int = 2,
+) -> pd.DataFrame:
+    """rho(N, r) and the rate-diversity relation per side, before and after length matching.
+
+    ``rollouts`` has keys, rollout_index, length, r and optionally d (per-rollout diversity).
+    Only prompts present on both sides take part.
+    """
+    by = list(by)
+    has_d = "d" in rollouts.columns and rollouts["d"].notna().any()
+    frame = rollouts[rollouts[a_key].astype(str).isin([a, b])].copy()
+    frame["_side"] = np.where(frame[a_key].astype(str) == a, "a", "b")
+    frame = frame.sort_values(["_side", *PROMPT_KEYS, "rollout_index"]).reset_index(drop=True)
+    both = frame.groupby([*by, "prompt_id"], observed=True)["_side"].transform("nunique") == 2
+    frame = frame[both.to_numpy()].reset_index(drop=True)
+    keep = match_lengths(frame, "_side", [*by, "prompt_id"], seed=seed, bins_per_octave=bins_per_octave)
+    frame["_keep"] = keep
+    rows = []
+    for key, grp in frame.groupby(by, sort=True, observed=True) if by else [((), frame)]:
+        key = key if isinstance(key, tuple) else (key,)
+        for side, label in (("a", a), ("b", b)):
+            sub = grp[grp["_side"] == side]
+            un = _relation_stats(sub, has_d)
+            ma = _relation_stats(sub[sub["_keep"]], has_d)
+            for stat in un:
+                rows.append(
+                    {
+                        **dict(zip(by, map(str, key), strict=True)),
+                        "side": side,
+                        "label": label,
+                        "statistic": stat,
+                        "unmatched": un[stat],
+                        "matched": ma.get(stat, np.nan),
+                        "n_rollouts_unmatched": len(sub),
+                        "n_rollouts_matched": int(sub["_keep"].sum()),
+                        "n_prompts": int(sub["prompt_id"].nunique()),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# human tables
+# --------------------------------------------------------------------------------------------
+def _fmt(value: float, se: float, pct: bool = False) -> str:
+    if not np.isfinite(value):
+        return "–"
+    unit = "%" if pct else ""
+    digits = 1 if pct else 4 if abs(value) < 10 else 2
+    body = f"{value:+.{digits}f}{unit}" if pct else f"{value:.{digits}f}"
+    return f"{body} ± {se:.{digits}f}{unit}" if np.isfinite(se) else body
+
+
+def comparison_tables(table: pd.DataFrame, by: Sequence[str]) -> dict[str, pd.DataFrame]:
+    """Wide tables per metric set: rows (metric, task), columns (family, A/B/change)."""
+    out: dict[str, pd.DataFrame] = {}
+    if table.empty:
+        return out
+    by = list(by)
+    row_cols = ["task"] if "task" in by else []
+    row_cols += [c for c in by if c not in ("task", "family")]
+    col_key = "family" if "family" in by else None
+    a_label, b_label = table["a_label"].iloc[0], table["b_label"].iloc[0]
+    for name, metrics in METRIC_SETS.items():
+        sub = table[table["metric"].isin(metrics)]
+        if sub.empty:
+            continue
+        records = []
+        for _, r in sub.iterrows():
+            ratio = r["kind"] == "ratio"
+            change = _fmt(r["pct"], r["pct_se"], pct=True) if ratio else _fmt(r["diff"], r["diff_se"])
+            rec = {"metric": r["metric"], **{c: r[c] for c in row_cols}}
+            fam = r[col_key] if col_key else "all"
+            rec.update(
+                {
+                    (fam, a_label): _fmt(r["a"], r["a_se"]),
+                    (fam, b_label): _fmt(r["b"], r["b_se"]),
+                    (fam, "change"): change,
+                }
+            )
+            records.append(rec)
+        wide = pd.DataFrame(records)
+        index_cols = ["metric", *row_cols]
+        wide = wide.groupby(index_cols, sort=False).first()
+        wide.columns = pd.MultiIndex.from_tuples(wide.columns)
+        order = [m for m in metrics if m in wide.index.get_level_values(0)]
+        wide = wide.reindex(order, level=0)
+        out[name] = wide
+    return out
+
+
+def _markdown(wide: pd.DataFrame) -> str:
+    heads = [*wide.index.names, *[f"{f} {s}" for f, s in wide.columns]]
+    lines = ["| " + " | ".join(map(str, heads)) + " |", "|" + "---|" * len(heads)]
+    for idx, row in wide.iterrows():
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        cells = [*map(str, idx), *[("" if pd.isna(v) else str(v)) for v in row]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _latex(wide: pd.DataFrame) -> str:
+    def esc(s: str) -> str:
+        return str(s).replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%").replace("&", r"\&").replace("±", r"$\pm$").replace("–", "--")
+
+    n_idx = len(wide.index.names)
+    fams = list(dict.fromkeys(f for f, _ in wide.columns))
+    spec = "l" * n_idx + "".join("|" + "r" * sum(1 for f2, _ in wide.columns if f2 == f) for f in fams)
+    lines = [rf"\begin{{tabular}}{{{spec}}}", r"\hline"]
+    top = [""] * n_idx + [
+        rf"\multicolumn{{{sum(1 for f2, _ in wide.columns if f2 == f)}}}{{c}}{{{esc(f)}}}" for f in fams
+    ]
+    lines.append(" & ".join(top) + r" \\")
+    lines.append(" & ".join([*map(esc, wide.index.names), *[esc(s) for _, s in wide.columns]]) + r" \\")
+    lines.append(r"\hline")
+    for idx, row in wide.iterrows():
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        cells = [*map(esc, idx), *[("" if pd.isna(v) else esc(v)) for v in row]]
+        lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\hline", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(run_dir: Path, tables: dict[str, pd.DataFrame]) -> list[Path]:
+    """Write each wide table as CSV, Markdown and LaTeX under RUN/tables/."""
+    paths = []
+    for name, wide in tables.items():
+        base = run_dir / "tables" / f"compare_{name}"
+        flat = wide.copy()
+        flat.columns = [f"{f} {s}" for f, s in wide.columns]
+        atomic_write_text(base.with_suffix(".csv"), flat.reset_index().to_csv(index=False))
+        atomic_write_text(base.with_suffix(".md"), _markdown(wide))
+        atomic_write_text(base.with_suffix(".tex"), _latex(wide))
+        paths += [base.with_suffix(s) for s in (".csv", ".md", ".tex")]
+    return paths
+
+
+def compare_run(
+    run_dir: str | os.PathLike[str],
+    a: str = "base",
+    b: str = "instruct",
+    by: Sequence[str] = ("family", "task"),
+    n_boot: int = 2000,
+    seed: int = 0,
+    a_key: str = "variant",
+) -> CompareResult:
+    """Compare side ``a`` with side ``b`` (values of ``a_key``) per by-group and write outputs."""
+    run = Path(run_dir)
+    prompts = prompt_statistics(run)
+    table, notes = compare_prompts(prompts, a=a, b=b, by=by, n_boot=n_boot, seed=seed, a_key=a_key)
+    if table.empty:
+        raise CanopyError(
+            f"no by-group has at least two prompts on both '{a}' and '{b}'; check --by and the run"
+        )
+    out_dir = run / "compare"
+    paths: dict[str, Path] = {}
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    atomic_write_table(out_dir / "comparison.parquet", arrow, COMPARISON_SCHEMA_VERSION)
+    atomic_write_text(out_dir / "comparison.csv", table.to_csv(index=False))
+    paths["comparison"] = out_dir / "comparison.parquet"
+
+    rollouts = rollout_frame(run)
+    div_path = run / "semantic" / "rollout_diversity.parquet"
+    if div_path.exists():
+        div = pq.read_table(div_path, columns=[*PROMPT_KEYS, "rollout_index", "d"]).to_pandas()
+        rollouts = rollouts.merge(div, on=[*PROMPT_KEYS, "rollout_index"], how="left")
+    matched = length_matched_analysis(rollouts, a, b, by, a_key=a_key, seed=seed)
+    atomic_write_table(
+        out_dir / "length_matched.parquet",
+        pa.Table.from_pandas(matched, preserve_index=False),
+        LENGTH_MATCHED_SCHEMA_VERSION,
+    )
+    paths["length_matched"] = out_dir / "length_matched.parquet"
+    for p in write_tables(run, comparison_tables(table, by)):
+        paths[p.name] = p
+    if "diversity" not in prompts.columns:
+        notes.append("no semantic diversity in this run; run 'canopy embed' to compare D and Vendi")
+    return CompareResult(table=table, length_matched=matched, notes=notes, paths=paths)
