@@ -33,7 +33,7 @@ else:  # pragma: no cover - Python 3.10
 
 VARIANTS = ("base", "instruct")
 ENGINES = ("hf", "vllm", "openai")
-STAGES = ("generate", "metrics", "embed", "tables", "compare", "regress", "plots", "report")
+STAGES = ("generate", "embed", "metrics", "tables", "compare", "regress", "plots", "report")
 OFFLINE_ALIASES = ("gemma3-270m", "smollm2-135m-instruct")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -312,9 +312,7 @@ def _parse_prompts(ctx: _Ctx, data: dict, t: str, base: PromptsConfig, base_dir:
         if key in data and value:
             setattr(p, key, str((base_dir / Path(value).expanduser()).resolve()))
     if p.source not in SOURCES:
-        ctx.fail(
-            f"unknown prompt source '{p.source}'; use one of {list(SOURCES)}", t, "source"
-        )
+        ctx.fail(f"unknown prompt source '{p.source}'; use one of {list(SOURCES)}", t, "source")
     if p.sample not in SAMPLING:
         ctx.fail(f"{t}.sample = {p.sample!r}; use one of {list(SAMPLING)}", t, "sample")
     _check(ctx, p.fewshot >= 0, t, "fewshot", p.fewshot, "must be >= 0 (0 = zero-shot)")
@@ -351,7 +349,9 @@ def _parse_model(ctx: _Ctx, data: Any, index: int, base_dir: Path) -> ModelSpec:
     label = _get(ctx, data, "label", str, "", t, index) or Path(model.rstrip("/")).name
     family = _get(ctx, data, "family", str, "", t, index) or label
     options = _get(ctx, data, "engine_options", dict, {}, t, index)
-    return ModelSpec(model=model, variant=variant, family=family, label=label, engine_options=options)
+    return ModelSpec(
+        model=model, variant=variant, family=family, label=label, engine_options=options
+    )
 
 
 def _aliases() -> tuple[str, ...]:
@@ -509,7 +509,9 @@ def parse_config(
         batch_size=_get(ctx, emb, "batch_size", int, 64, "embed"),
         options=_get(ctx, emb, "options", dict, {}, "embed"),
     )
-    _check(ctx, cfg.embed.batch_size >= 1, "embed", "batch_size", cfg.embed.batch_size, "must be >= 1")
+    _check(
+        ctx, cfg.embed.batch_size >= 1, "embed", "batch_size", cfg.embed.batch_size, "must be >= 1"
+    )
 
     cmp_ = data.get("compare", {})
     _check_keys(ctx, cmp_, [f.name for f in dataclasses.fields(CompareConfig)], "compare")
@@ -527,7 +529,14 @@ def parse_config(
     by_ok = ("model", "variant", "family", "task")
     for col in cfg.compare.by:
         _check(ctx, col in by_ok, "compare", "by", col, f"is not one of {list(by_ok)}")
-    _check(ctx, cfg.compare.bootstrap >= 1, "compare", "bootstrap", cfg.compare.bootstrap, "must be >= 1")
+    _check(
+        ctx,
+        cfg.compare.bootstrap >= 1,
+        "compare",
+        "bootstrap",
+        cfg.compare.bootstrap,
+        "must be >= 1",
+    )
 
     reg = data.get("regress", {})
     _check_keys(ctx, reg, [f.name for f in dataclasses.fields(RegressConfig)], "regress")

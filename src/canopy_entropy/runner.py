@@ -1,6 +1,6 @@
 """``canopy run``: every stage of a study from one config, resumable, into one results folder.
 
-Stages run in order: generate -> metrics -> embed -> tables -> compare -> regress -> plots ->
+Stages run in order: generate -> embed -> metrics -> tables -> compare -> regress -> plots ->
 report. They are defined in ONE table, ``STAGE_TABLE``; each names the function it calls as
 ``"module:function"``, looked up only when the stage runs, so a capability that is not part of
 this installation (or not built yet) is reported as "not available" instead of crashing.
@@ -88,14 +88,6 @@ STAGE_TABLE: tuple[Stage, ...] = (
         what="sample rollouts with per-step entropies",
     ),
     Stage(
-        "metrics",
-        "canopy_entropy.metrics:write_metrics",
-        inputs=("rollouts",),
-        outputs=("metrics/prompts.parquet", "metrics/pooled.parquet", "metrics/metrics.json"),
-        needs=("generate",),
-        what="CE*, GenPPL, BF, correlations, decompositions, error bounds",
-    ),
-    Stage(
         "embed",
         "canopy_entropy.semantic:embed_run",
         inputs=("rollouts",),
@@ -104,6 +96,14 @@ STAGE_TABLE: tuple[Stage, ...] = (
         kwargs=_embed_kwargs,
         config_key="embed",
         what="semantic diversity and Vendi score",
+    ),
+    Stage(
+        "metrics",
+        "canopy_entropy.metrics:write_metrics",
+        inputs=("rollouts", "semantic/prompt_diversity.parquet"),
+        outputs=("metrics/prompts.parquet", "metrics/pooled.parquet", "metrics/metrics.json"),
+        needs=("generate",),
+        what="CE*, GenPPL, BF, correlations, decompositions, error bounds",
     ),
     Stage(
         "tables",
@@ -178,7 +178,7 @@ def stage_function(stage: Stage) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        raise StageUnavailable(f"module {exc.name} is not installed") from exc
+        raise StageUnavailable(f"{exc.name} is not part of this installation") from exc
     except ImportError as exc:
         raise StageUnavailable(str(exc)) from exc
     fn = getattr(module, func_name, None)
@@ -375,7 +375,9 @@ def _store_counts(run_dir: Path) -> dict[tuple[str, str, str], int]:
     cols = counts.to_pydict()
     return {
         (m, t, p): int(c)
-        for m, t, p, c in zip(cols["model"], cols["task"], cols["prompt_id"], cols["prompt_id_count"])
+        for m, t, p, c in zip(
+            cols["model"], cols["task"], cols["prompt_id"], cols["prompt_id_count"], strict=True
+        )
     }
 
 
@@ -482,18 +484,19 @@ def run_generate(run_dir: Path, cfg: ExperimentConfig, display: RunDisplay, forc
         base_done = {t: display.done[(m.label, t)] for t in todo}
         t0 = time.monotonic()
 
-        def progress(event: dict[str, Any], m=m, flat=flat, pending=pending, base=base_done) -> None:
-            done = int(event.get("prompts_done", 0))
-            total = int(event.get("prompts_total", len(pending)))
-            order = flat if total == len(flat) and len(flat) != len(pending) else pending
-            per_task = dict(base) if order is pending else dict.fromkeys(base, 0)
-            for p in order[:done]:
+        def progress(
+            event: dict[str, Any], m=m, flat=flat, pending=pending, base=base_done, t0_=t0
+        ) -> None:
+            # prompts_done counts the prompts already in the store first, then the new ones
+            k = int(event.get("prompts_done", 0)) - (len(flat) - len(pending))
+            per_task = dict(base)
+            for p in pending[: max(k, 0)]:
                 per_task[p.task] += 1
             before = sum(display.done[(m.label, t)] for t in per_task)
             for t, d in per_task.items():
                 display.done[(m.label, t)] = min(d, display.totals[(m.label, t)])
             display.session_prompts += sum(display.done[(m.label, t)] for t in per_task) - before
-            elapsed = float(event.get("elapsed_s", time.monotonic() - t0)) or 1e-9
+            elapsed = float(event.get("elapsed_s", time.monotonic() - t0_)) or 1e-9
             display.tokens_per_s = float(event.get("tokens", 0)) / elapsed
             display.refresh()
 
@@ -508,8 +511,8 @@ def run_generate(run_dir: Path, cfg: ExperimentConfig, display: RunDisplay, forc
             family=m.family,
             model_label=m.label,
             engine=cfg.engine.name,
-            device=None if cfg.engine.device == "auto" else cfg.engine.device,
-            dtype=None if cfg.engine.dtype == "auto" else cfg.engine.dtype,
+            device=cfg.engine.device,
+            dtype=cfg.engine.dtype,
             seed=cfg.generation.seed,
             common_random_numbers=cfg.generation.common_random_numbers,
             batch_size=cfg.generation.batch_size or None,
@@ -575,9 +578,11 @@ def headline_frame(run_dir: Path) -> Any:
         div = pd.read_parquet(div_path)
         cols = [c for c in ("diversity", "vendi") if c in div.columns]
         dkeys = [k for k in keys if k in div.columns]
+        cols = [c for c in cols if c not in pooled.columns]  # metrics merges them when present
         if cols and dkeys:
-            pooled = pooled.drop(columns=[c for c in cols if c in pooled.columns])
-            pooled = pooled.merge(div.groupby(dkeys)[cols].mean().reset_index(), on=dkeys, how="left")
+            pooled = pooled.merge(
+                div.groupby(dkeys)[cols].mean().reset_index(), on=dkeys, how="left"
+            )
     return pooled.sort_values(keys).reset_index(drop=True)
 
 
@@ -590,7 +595,7 @@ def _fmt(value: Any) -> str:
         return "–"
     if abs(v) >= 1000:
         return f"{v:,.0f}"
-    return f"{v:.4g}" if abs(v) < 1 else f"{v:.4g}"
+    return f"{v:.4g}"
 
 
 def write_tables(run_dir: Path) -> None:
@@ -700,9 +705,13 @@ def run_experiment(
 ) -> list[StageResult]:
     """Run the study ``cfg`` into the folder ``out``; returns one result per stage."""
     console = console or Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 160)  # logs and pipes: keep the tables on one line
     run_dir = Path(out)
     selected = _parse_stage_list(stages, "--stages") or list(cfg.stages)
     forced = set(_parse_stage_list(force, "--force"))
+    if "generate" in selected:
+        load_prompts(cfg)  # bad prompt files fail here, before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
     display = RunDisplay(cfg, console)
     results: dict[str, StageResult] = {}
@@ -768,9 +777,7 @@ def _run_stage(
         msg = str(exc).splitlines()[0] if str(exc) else ""
         if isinstance(exc, CanopyError):
             return StageResult(name, "failed", msg)
-        return StageResult(
-            name, "failed", f"{type(exc).__name__}: {msg} (traceback in {log})"
-        )
+        return StageResult(name, "failed", f"{type(exc).__name__}: {msg} (traceback in {log})")
     if not _outputs_exist(run_dir, stage):
         missing = [o for o in stage.outputs if not (run_dir / o).exists()]
         return StageResult(name, "failed", f"finished without writing {', '.join(missing)}")

@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 
 def command(
     config: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Argument(help="Experiment config (TOML). Default: the packaged offline demo."),
     ] = None,
     out: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--out", "-o", help="Run folder. Default: ./canopy-runs/<config name>."),
     ] = None,
     stages: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--stages",
             help="Comma-separated stages to run (generate,metrics,embed,tables,compare,"
@@ -26,11 +26,11 @@ def command(
         ),
     ] = None,
     force: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--force", help="Redo this stage even if it is up to date (repeatable)."),
     ] = None,
     prompts_dir: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             "--prompts-dir", help="Folder of <task>.jsonl prompt files replacing the config's."
         ),

@@ -28,7 +28,11 @@ def _datasets() -> Any:
 
 def latest_version_split(splits: list[str]) -> str:
     """The newest ``vX.Y.Z`` split name (BigCodeBench publishes one split per release)."""
-    versioned = [(tuple(int(p) for p in m.group(1).split(".")), s) for s in splits if (m := _VERSION.match(s))]
+    versioned = [
+        (tuple(int(p) for p in m.group(1).split(".")), s)
+        for s in splits
+        if (m := _VERSION.match(s))
+    ]
     if not versioned:
         raise CanopyError(f"no version-named split among {splits}; set prompts.split explicitly")
     return max(versioned)[1]

@@ -48,7 +48,7 @@ def read_jsonl_records(path: Path) -> list[tuple[int, dict]]:
             )
         records.append((lineno, obj))
     if not records:
-        raise PromptFileError(f"{path} holds no prompts; add lines like {{\"prompt\": \"...\"}}")
+        raise PromptFileError(f'{path} holds no prompts; add lines like {{"prompt": "..."}}')
     return records
 
 

@@ -104,7 +104,9 @@ def load_task_prompts(
         what = str(file)
     elif source == "paper":
         if path is None:
-            raise CanopyError("prompt source 'paper' needs a folder (prompts.path or --prompts-dir)")
+            raise CanopyError(
+                "prompt source 'paper' needs a folder (prompts.path or --prompts-dir)"
+            )
         items = _paper_prompts(task, Path(path), fewshot)
         what = f"{Path(path) / task}.jsonl"
     else:
