@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 import pytest
+from rich.console import Console
 
 from canopy_entropy import runner
 from canopy_entropy.config import load_config, parse_config
@@ -206,7 +208,14 @@ def test_sigkill_mid_generation_then_resume_is_identical(reference_run, tiny_con
     assert not (out / "metrics").exists()
 
     cfg = load_config(tiny_config)
-    results = {r.name: r for r in runner.run_experiment(cfg, out, stages=["generate", "metrics"])}
+    screen = io.StringIO()  # a terminal console: the live grid is drawn while resuming
+    console = Console(file=screen, force_terminal=True, width=120)
+    results = {
+        r.name: r
+        for r in runner.run_experiment(cfg, out, stages=["generate", "metrics"], console=console)
+    }
+    drawn = screen.getvalue()
+    assert "tokens/s" in drawn and f"{N_PROMPTS}/{N_PROMPTS}" in drawn and "tiny-instruct" in drawn
     assert results["generate"].status == "done" and results["metrics"].status == "done"
     assert f"{total - done} prompts sampled" in results["generate"].detail
     assert _sorted_table(out, "rollouts").equals(_sorted_table(ref, "rollouts"))
