@@ -328,9 +328,7 @@ def _check_no_overlap(store: RunStore, groups: dict, digest: str) -> None:
     existing = ds.dataset([str(p) for p in files], format="parquet").to_table(
         columns=["model", "variant", "family", "task", "prompt_id", "rollout_index"]
     )
-    have = set(
-        zip(*(existing.column(c).to_pylist() for c in existing.column_names), strict=True)
-    )
+    have = set(zip(*(existing.column(c).to_pylist() for c in existing.column_names), strict=True))
     for key, recs in groups.items():
         for rec in recs:
             if (*key, rec["prompt_id"], rec["rollout_index"]) in have:

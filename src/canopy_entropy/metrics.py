@@ -13,8 +13,9 @@ Conventions (see docs/metrics.md):
 * pooled values are unweighted means over prompts (SPEC section 2), correlations pooled by the
   SPEC section-3 rules, the rate/length split pooled as
   ``CE*_pool = Nbar_pool * Rbar_pool + between_cov_term + within_cov_term`` exactly;
-* ``length_entropy`` is H(N) from the EOS-hazard law; the mass beyond the cap T (rollouts that
-  did not stop by EOS) is one extra outcome, and the law is renormalised to total mass 1;
+* ``length_entropy`` is H(N) from the EOS-hazard law, renormalised to mass 1; the mass beyond
+  the cap T (rollouts that did not stop by EOS) is one extra outcome; without cut rollouts the
+  unseen tail beyond the longest rollout is extended geometrically;
 * ``content_entropy = ce_star - length_entropy`` (the histogram H(N) when no ``eos_prob``).
 """
 
@@ -305,14 +306,15 @@ def _accumulate_hazard(
     # local prompt index (dense within this batch)
     uniq, local = np.unique(code[rows], return_inverse=True)
     width = int(lens.max())
-    mat = np.bincount(
-        np.repeat(local, lens) * width + pos, weights=lam[flat_idx], minlength=len(uniq) * width
-    ).reshape(len(uniq), width)
+    cell = np.repeat(local, lens) * width + pos
+    values = lam[flat_idx]
+    size = len(uniq) * width
+    sums = np.bincount(cell, weights=values, minlength=size).reshape(len(uniq), width)
     for j, g in enumerate(uniq):  # loop over prompts only
         acc = hazard[g]
         if acc.size < width:
             acc = np.concatenate([acc, np.zeros(width - acc.size)])
-        acc[:width] += mat[j]
+        acc[:width] += sums[j]
         hazard[g] = acc
 
 
@@ -361,27 +363,41 @@ def _pearson_by_code(x: np.ndarray, y: np.ndarray, code: np.ndarray, P: int, m: 
 
 
 def _hazard_entropy(
-    hazard: list[np.ndarray], m: np.ndarray, all_eos: np.ndarray, ended_by_eos_all: np.ndarray
+    hazard: list[np.ndarray],
+    m: np.ndarray,
+    all_eos: np.ndarray,
+    ended_by_eos_all: np.ndarray,
+    tail_fit: TailFit,
 ) -> np.ndarray:
     """H(N) per prompt from p_hat(n) = (1/M) sum_i 1{N_i>=n} lambda_in (SPEC section 4).
 
-    Mass not accounted for by EOS up to the cap (1 - sum p_hat, clipped at 0) is one extra
-    outcome ("did not stop by EOS") when some rollout was truncated or stopped by a stop string;
-    the law is then renormalised to total mass 1.
+    The law is renormalised to total mass 1. When some rollout did not end by EOS (cut at the
+    cap T, or a stop string), the mass 1 - sum p_hat (clipped at 0) is one extra outcome "did
+    not stop by EOS". When every rollout ended by EOS, p_hat is 0 beyond the longest rollout
+    while the true law is not; that unseen tail is extended geometrically with the hazard of
+    ``tail_fit`` (mass A = P(N > n_max)), using the grouping rule
+    H = (1 - A) H(body) + h(A) + A H(geometric) with H(geometric) = h(hazard) / hazard.
     """
     P = len(hazard)
     out = np.full(P, np.nan)
     width = max((h.size for h in hazard), default=0)
     if width == 0:
         return out
-    mat = np.zeros((P, width + 1))
+    law = np.zeros((P, width + 1))
     for g, h in enumerate(hazard):  # loop over prompts only
-        mat[g, : h.size] = h
-    mat[:, :width] /= m[:, None]
-    np.clip(mat, 0.0, None, out=mat)
-    rest = np.clip(1.0 - mat[:, :width].sum(axis=1), 0.0, None)
-    mat[:, width] = np.where(ended_by_eos_all, 0.0, rest)
-    ent = _entropy_of_rows(mat)
+        law[g, : h.size] = h
+    law[:, :width] /= m[:, None]
+    np.clip(law, 0.0, None, out=law)
+    rest = np.clip(1.0 - law[:, :width].sum(axis=1), 0.0, None)
+    law[:, width] = np.where(ended_by_eos_all, 0.0, rest)
+    body = _entropy_of_rows(law)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        h = tail_fit.hazard
+        tail_mass = tail_fit.surv_u * np.power(1.0 - h, tail_fit.n_max - tail_fit.u)
+        ok = ended_by_eos_all & (tail_fit.exposure > 0) & (h > 0) & (h < 1)
+        tail_mass = np.where(ok, tail_mass, 0.0)
+        geometric = np.where(ok, binary_entropy(h) / np.where(ok, h, 1.0), 0.0)
+    ent = (1.0 - tail_mass) * body + binary_entropy(tail_mass) + tail_mass * geometric
     return np.where(all_eos, ent, np.nan)
 
 
@@ -395,33 +411,61 @@ def _histogram_entropy(length: np.ndarray, cut: np.ndarray, code: np.ndarray, m:
     return np.bincount(owner, entr(p), P)
 
 
-def _tail_sum(
+@dataclass
+class TailFit:
+    """Per-prompt geometric fit of the upper length law (above threshold ``u``)."""
+
+    u: np.ndarray
+    hazard: np.ndarray  # per-step stopping probability above u
+    surv_u: np.ndarray  # empirical P(N > u)
+    exposure: np.ndarray  # steps at risk above u
+    events: np.ndarray  # stops (not cuts) above u
+    n_max: np.ndarray  # longest rollout
+
+
+def _fit_tail(
     length: np.ndarray,
     truncated: np.ndarray,
     code: np.ndarray,
     m: np.ndarray,
     cap: np.ndarray,
     sorted_len: np.ndarray,
-) -> np.ndarray:
-    """Estimate sum_{t >= T} P(N > t) per prompt from a geometric (discrete exponential) fit.
+) -> TailFit:
+    """Geometric (discrete exponential) fit to the upper survival curve of N, per prompt.
 
-    Threshold u = the 75th-percentile length (kept below T); above u the per-step stopping
-    hazard is fitted by censored maximum likelihood (events / steps at risk), so
-    P(N > t) = P(N > u) (1 - h)^(t - u) and the tail sum is P(N > u) (1 - h)^(T - u) / h.
+    Threshold u = the 75th-percentile length, kept below the cap T and below the longest
+    rollout that stopped (so at least one stop lies above it); above u the per-step
+    stopping hazard is fitted by censored maximum likelihood (stops / steps at risk, cut
+    rollouts censored), so P(N > t) = P(N > u) (1 - hazard)^(t - u) for t >= u.
     """
     P = len(m)
-    qidx = np.floor(0.75 * (m - 1)).astype(np.int64)
-    u = sorted_len[np.arange(P), qidx]
+    idx = np.arange(P)
+    u = sorted_len[idx, np.floor(0.75 * (m - 1)).astype(np.int64)]
+    longest_stop = np.full(P, -np.inf)  # u stays below the longest rollout that stopped
+    np.maximum.at(longest_stop, code[~truncated], length[~truncated])
     u = np.minimum(u, cap - 1)
+    u = np.where(np.isfinite(longest_stop), np.minimum(u, longest_stop - 1), u)
     above = length > u[code]
     events = np.bincount(code, above & ~truncated, P)
     exposure = np.bincount(code, np.where(above, length - u[code], 0), P)
-    surv_u = np.bincount(code, above, P) / m
+    with np.errstate(invalid="ignore", divide="ignore"):
+        hazard = events / exposure
+    return TailFit(
+        u=u,
+        hazard=hazard,
+        surv_u=np.bincount(code, above, P) / m,
+        exposure=exposure,
+        events=events,
+        n_max=sorted_len[idx, m.astype(np.int64) - 1],
+    )
+
+
+def _tail_sum(fit: TailFit, cap: np.ndarray) -> np.ndarray:
+    """sum_{t >= T} P(N > t) = P(N > u) (1 - h)^(T - u) / h under the geometric fit."""
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        h = events / exposure
-        tail = surv_u * np.power(1.0 - h, cap - u) / h
-    tail = np.where(exposure > 0, tail, 0.0)
-    return np.where((exposure > 0) & (events == 0), np.inf, tail)
+        tail = fit.surv_u * np.power(1.0 - fit.hazard, cap - fit.u) / fit.hazard
+    tail = np.where(fit.exposure > 0, tail, 0.0)
+    return np.where((fit.exposure > 0) & (fit.events == 0), np.inf, tail)
 
 
 # ----------------------------------------------------------------------------------------
@@ -453,9 +497,7 @@ class MetricsResult:
             groups.append(
                 {
                     "key": {c: row[c] for c in by},
-                    "pooled": {
-                        c: _json_value(row[c]) for c in self.pooled.columns if c not in by
-                    },
+                    "pooled": {c: _json_value(row[c]) for c in self.pooled.columns if c not in by},
                     "prompts": [
                         {c: _json_value(v) for c, v in zip(pcols, rec, strict=True)}
                         for rec in prows[pcols].itertuples(index=False, name=None)
@@ -491,6 +533,34 @@ def per_rollout_frame(source: Any) -> pd.DataFrame:
     return frame.sort_values([*PROMPT_KEYS, "rollout_index"], kind="stable").reset_index(drop=True)
 
 
+def _caps_and_hmax(
+    models: np.ndarray,
+    code: np.ndarray,
+    N: np.ndarray,
+    truncated: np.ndarray,
+    manifest: dict,
+    h_max: float | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per prompt: the length cap T (manifest policy, else the cut length, else the longest
+    rollout) and H_max (--h-max, else log top_k / log vocab_size from the manifest, else NaN)."""
+    P = len(models)
+    cap = np.empty(P, dtype=np.float64)
+    hmax = np.empty(P, dtype=np.float64)
+    model_of_rollout = models[code]
+    for model in np.unique(models):  # loop over models only
+        sel = models == model
+        mask = model_of_rollout == model
+        configured = _manifest_lookup(manifest, str(model), "policy", "max_new_tokens")
+        if configured:
+            cap[sel] = float(configured)
+        elif np.any(truncated & mask):
+            cap[sel] = float(N[truncated & mask].max())
+        else:
+            cap[sel] = float(N[mask].max())
+        hmax[sel] = _h_max_for(manifest, str(model), h_max)
+    return cap, hmax
+
+
 def _manifest_lookup(manifest: dict, model: str, *path: str) -> Any:
     for root in ((manifest.get("models") or {}).get(model) or {}, manifest):
         node: Any = root
@@ -517,6 +587,7 @@ def compute_metrics(
     h_max: float | None = None,
     *,
     warn: bool = True,
+    batch_size: int = 1024,
 ) -> MetricsResult:
     """All SPEC section 2-5 metrics per prompt and pooled per ``by`` group.
 
@@ -533,7 +604,7 @@ def compute_metrics(
         raise CanopyError(f"--h-max must be positive (got {h_max}); e.g. log(top_k)")
     store = _as_store(source)
     manifest = store.read_manifest() if store is not None else {}
-    red = _reduce(store if store is not None else source)
+    red = _reduce(store if store is not None else source, batch_size=batch_size)
     return _assemble(red, by, delta, h_max, manifest, warn)
 
 
@@ -598,7 +669,10 @@ def _assemble(
     # length law: EOS-hazard and histogram plug-in
     all_eos = np.bincount(code, has_eos, P) == m
     ended_by_eos_all = np.bincount(code, not_eos, P) == 0
-    h_hazard = _hazard_entropy(hazard, m, all_eos, ended_by_eos_all)
+    cap, hmax = _caps_and_hmax(key_frame["model"].to_numpy(), code, N, truncated, manifest, h_max)
+    sorted_len = np.sort(_padded(N, code, pos, (P, mmax), np.inf), axis=1)
+    tail_fit = _fit_tail(N, truncated, code, m, cap, sorted_len)
+    h_hazard = _hazard_entropy(hazard, m, all_eos, ended_by_eos_all, tail_fit)
     h_hist = _histogram_entropy(red.length[order], not_eos, code, m)
     h_for_content = np.where(np.isfinite(h_hazard), h_hazard, h_hist)
 
@@ -608,26 +682,7 @@ def _assemble(
         s2_within = np.where(m > 1, np.bincount(code, dH * dH, P) / (m - 1), np.nan)
     var_within_p = s2_within / m
 
-    # truncation bias: cap T and H_max per model
-    models = key_frame["model"].to_numpy()
-    cap = np.empty(P, dtype=np.float64)
-    hmax = np.empty(P, dtype=np.float64)
-    model_of_rollout = models[code]
-    for model in np.unique(models):  # loop over models only
-        sel = models == model
-        t_cfg = _manifest_lookup(manifest, str(model), "policy", "max_new_tokens")
-        mask_r = model_of_rollout == model
-        if t_cfg:
-            t_cap = float(t_cfg)
-        elif np.any(truncated & mask_r):
-            t_cap = float(N[truncated & mask_r].max())
-        else:
-            t_cap = float(N[mask_r].max())
-        cap[sel] = t_cap
-        hmax[sel] = _h_max_for(manifest, str(model), h_max)
-    sorted_len = np.sort(_padded(N, code, pos, (P, mmax), np.inf), axis=1)
-    tail = _tail_sum(N, truncated, code, m, cap, sorted_len)
-    bias_bound = hmax * tail
+    bias_bound = hmax * _tail_sum(tail_fit, cap)
 
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         per_prompt = pd.DataFrame(
@@ -696,7 +751,9 @@ def _pool(
 
 
 def _extra_columns(prompts: pd.DataFrame) -> list[str]:
-    return [c for c in DIVERSITY_COLUMNS if c in prompts.columns]
+    """Merged per-prompt columns (e.g. diversity) pooled beside the metrics."""
+    known = {*PROMPT_KEYS, *METRIC_COLUMNS}
+    return [c for c in prompts.columns if c not in known]
 
 
 def pool_group(g: pd.DataFrame, delta: float = 0.05) -> tuple[dict[str, float], list[str]]:
@@ -845,7 +902,8 @@ def _merge_diversity(result: MetricsResult, path: Path, delta: float) -> Metrics
     numeric = [
         c
         for c in div.columns
-        if c not in PROMPT_KEYS and pd.api.types.is_numeric_dtype(div[c])
+        if c not in PROMPT_KEYS
+        and pd.api.types.is_numeric_dtype(div[c])
         and c not in result.prompts.columns
     ]
     if div.duplicated(list(PROMPT_KEYS)).any():
@@ -853,25 +911,14 @@ def _merge_diversity(result: MetricsResult, path: Path, delta: float) -> Metrics
     prompts = result.prompts.merge(
         div[[*PROMPT_KEYS, *numeric]], on=list(PROMPT_KEYS), how="left", validate="one_to_one"
     )
+    by = list(result.by)
+    grouped = prompts.groupby(by, sort=True) if by else [((), prompts)]
     rows = []
-    grouped = prompts.groupby(list(result.by), sort=True) if result.by else [((), prompts)]
-    pooled = result.pooled.set_index(list(result.by)) if result.by else result.pooled
     for key, g in grouped:
-        n = g["n_rollouts"].to_numpy(dtype=np.float64)
-        extra = {}
-        for col in numeric:
-            values = g[col].to_numpy(dtype=np.float64)
-            if col == "corr_length_d":
-                extra[col] = float(pool_fisher(values, n))
-            else:
-                finite = values[np.isfinite(values)]
-                extra[col] = float(finite.mean()) if finite.size else float("nan")
-        rows.append(extra)
-    extra_frame = pd.DataFrame(rows, columns=numeric)
-    new_pooled = pd.concat(
-        [pooled.reset_index() if result.by else pooled, extra_frame], axis=1
-    )
-    return MetricsResult(prompts=prompts, pooled=new_pooled, by=result.by, notes=result.notes)
+        key = key if isinstance(key, tuple) else (key,)
+        rows.append({**dict(zip(by, key, strict=True)), **pool_group(g, delta)[0]})
+    pooled = pd.DataFrame(rows, columns=[*by, *METRIC_COLUMNS, *_extra_columns(prompts)])
+    return MetricsResult(prompts=prompts, pooled=pooled, by=result.by, notes=result.notes)
 
 
 def load_metrics_json(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -32,7 +32,9 @@ TABLE_COLUMNS = (
 
 
 def _fmt(value: object) -> str:
-    if isinstance(value, (int,)) or (isinstance(value, float) and value.is_integer() and value > 99):
+    if isinstance(value, (int,)) or (
+        isinstance(value, float) and value.is_integer() and value > 99
+    ):
         return f"{int(value)}"
     if isinstance(value, float):
         return "—" if not math.isfinite(value) else f"{value:.4g}"
