@@ -98,7 +98,11 @@ def _kept_distribution(logits: torch.Tensor, policy: DecodingPolicy) -> _Kept:
     index: torch.Tensor | None = None
     keep: torch.Tensor | None = None
     if top_k is not None:
-        vals, index = torch.topk(z, top_k, dim=-1, sorted=True)
+        vals, index = torch.topk(z, top_k, dim=-1, sorted=False)
+        # Canonical order (value descending, ties by id), as a stable full sort would give.
+        index, perm = torch.sort(index, dim=-1)
+        vals, perm = torch.sort(vals.gather(1, perm), dim=-1, descending=True, stable=True)
+        index = index.gather(1, perm)
         kth = vals[:, -1:]
         if bool(((z >= kth).sum(dim=-1) > top_k).any()):
             # Ties with the k-th value: all of them are kept (as transformers does).
