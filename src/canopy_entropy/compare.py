@@ -27,13 +27,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from scipy import stats as sps
+from scipy.special import ndtr, ndtri
 
 from canopy_entropy.errors import CanopyError, ConfigError
 from canopy_entropy.stats.pooling import (
-    pool_covariance,
+    FISHER_CLIP,
     pool_fisher,
-    pool_kendall,
-    weighted_mean_with_fallback,
 )
 from canopy_entropy.store import KEY_COLUMNS, RunStore, atomic_write_table, atomic_write_text
 
@@ -60,42 +59,124 @@ METRIC_SETS = {
 }
 PROMPT_KEYS = (*KEY_COLUMNS, "prompt_id")
 CI_LEVEL = 0.95
+TIDY_COLUMNS = (
+    "metric",
+    "kind",
+    "a",
+    "b",
+    "a_se",
+    "b_se",
+    "diff",
+    "diff_se",
+    "diff_lo",
+    "diff_hi",
+    "pct",
+    "pct_se",
+    "pct_lo",
+    "pct_hi",
+    "ratio_lo",
+    "ratio_hi",
+    "n_prompts",
+    "a_label",
+    "b_label",
+    "a_lo",
+    "a_hi",
+    "b_lo",
+    "b_hi",
+)
 
 
 # --------------------------------------------------------------------------------------------
 # pooled statistics from per-prompt sufficient statistics, vectorised over replicates
 # --------------------------------------------------------------------------------------------
-def pooled_statistics(prompt_stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Pool per-prompt statistics along the last axis (shape ``[..., P]`` -> ``[...]``).
+def resample_counts(indices: np.ndarray, n_prompts: int) -> np.ndarray:
+    """``[R, P]`` how often each prompt occurs in each row of an ``[R, P']`` index matrix."""
+    indices = np.asarray(indices, dtype=np.int64)
+    n_rows = indices.shape[0]
+    flat = (np.arange(n_rows, dtype=np.int64)[:, None] * n_prompts + indices).ravel()
+    counts = np.bincount(flat, minlength=n_rows * n_prompts)
+    return counts.reshape(n_rows, n_prompts).astype(np.float64)
 
+
+def _pool_rows(counts: np.ndarray, values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """SPEC section-3 weighted means of ``values`` ([K, P], weights [K, P]) per count row.
+
+    Same rule as ``stats.pooling.weighted_mean_with_fallback`` on gathered ``[R, P']`` arrays
+    (non-finite dropped, unweighted mean when all weights are 0, NaN when nothing is finite),
+    written as one matrix product ``counts [R, P] @ [P, 4K]`` for all replicates. Returns [K, R].
+    """
+    finite = np.isfinite(values)
+    v = np.where(finite, values, 0.0)
+    w = np.where(finite, weights, 0.0)
+    k = values.shape[0]
+    sums = counts @ np.concatenate([w * v, w, v, finite.astype(np.float64)]).T
+    num, den, unum, uden = (sums[:, i * k : (i + 1) * k] for i in range(4))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(den > 0, num / den, unum / uden)
+    return np.where(uden > 0, out, np.nan).T
+
+
+def pooled_statistics(
+    prompt_stats: dict[str, np.ndarray],
+    indices: np.ndarray | None = None,
+    counts: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Pool per-prompt statistics over prompts (SPEC sections 2, 3).
+
+    ``prompt_stats[k]`` holds one value per prompt (``[P]``). With ``indices`` (an ``[R, P']``
+    matrix of prompt indices, e.g. ``[B, P]`` bootstrap draws) or the equivalent ``counts``
+    (``[R, P]``: how often each prompt is drawn in each row) every row is pooled at once and
+    each result has shape ``[R]``; without either, the full sample is pooled (scalars).
     Means over prompts for CE*, mean length, entropy rate, H(N), D and Vendi (non-finite values
     dropped); GenPPL = exp(mean CE* / mean Nbar); BF = exp(mean Rbar); Pearson/Spearman Fisher
-    pooled, Kendall tau-weighted, covariance (n-1)-weighted (SPEC sections 2, 3).
+    pooled with weights max(n-3, 0), Kendall with n(n-1)/2, covariance with n-1.
     """
-    out: dict[str, np.ndarray] = {}
-    ones = np.ones(1)
+    n_prompts = len(next(iter(prompt_stats.values())))
+    scalar = indices is None and counts is None
+    if counts is None:
+        counts = np.ones((1, n_prompts)) if indices is None else resample_counts(indices, n_prompts)
+
+    names: list[str] = []
+    values: list[np.ndarray] = []
+    weights: list[np.ndarray] = []
+    ones = np.ones(n_prompts)
     for col in MEAN_COLUMNS:
         if col in prompt_stats:
-            out[col] = weighted_mean_with_fallback(prompt_stats[col], ones)
+            names.append(col)
+            values.append(np.asarray(prompt_stats[col], dtype=np.float64))
+            weights.append(ones)
+    if "n_rollouts" in prompt_stats:
+        n = np.asarray(prompt_stats["n_rollouts"], dtype=np.float64)
+        for col in ("pearson", "spearman"):
+            if col in prompt_stats:
+                rho = np.asarray(prompt_stats[col], dtype=np.float64)
+                names.append(col)
+                values.append(np.arctanh(np.clip(rho, -FISHER_CLIP, FISHER_CLIP)))
+                weights.append(np.maximum(n - 3.0, 0.0))
+        for col, w in (("kendall", n * (n - 1.0) / 2.0), ("covariance", n - 1.0)):
+            if col in prompt_stats:
+                names.append(col)
+                values.append(np.asarray(prompt_stats[col], dtype=np.float64))
+                weights.append(w)
+    if not names:
+        return {}
+    pooled = _pool_rows(counts, np.stack(values), np.stack(weights))
+    out: dict[str, np.ndarray] = {}
+    for k, col in enumerate(names):
+        value = pooled[k, 0] if scalar else pooled[k]
+        out[col] = np.tanh(value) if col in ("pearson", "spearman") else value
     if "ce_star" in out and "mean_length" in out:
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             out["genppl"] = np.exp(out["ce_star"] / out["mean_length"])
     if "entropy_rate" in out:
-        out["bf"] = np.exp(out["entropy_rate"])
-    n = prompt_stats.get("n_rollouts")
-    if n is not None:
-        if "pearson" in prompt_stats:
-            out["pearson"] = pool_fisher(prompt_stats["pearson"], n)
-        if "spearman" in prompt_stats:
-            out["spearman"] = pool_fisher(prompt_stats["spearman"], n)
-        if "kendall" in prompt_stats:
-            out["kendall"] = pool_kendall(prompt_stats["kendall"], n)
-        if "covariance" in prompt_stats:
-            out["covariance"] = pool_covariance(prompt_stats["covariance"], n)
+        with np.errstate(over="ignore"):
+            out["bf"] = np.exp(out["entropy_rate"])
     return out
 
 
-def bootstrap_indices(n_prompts: int, n_boot: int, seed: int, group_key: Sequence[str] = ()) -> np.ndarray:
+def bootstrap_indices(
+    n_prompts: int, n_boot: int, seed: int, group_key: Sequence[str] = ()
+) -> np.ndarray:
     """``[n_boot, n_prompts]`` prompt indices drawn with replacement.
 
     The stream depends only on ``seed`` and the group's key, so adding or removing other groups
@@ -106,32 +187,32 @@ def bootstrap_indices(n_prompts: int, n_boot: int, seed: int, group_key: Sequenc
     return rng.integers(0, n_prompts, size=(n_boot, n_prompts))
 
 
-def _gather(prompt_stats: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
-    return {k: v[idx] for k, v in prompt_stats.items()}
-
-
 def _bca_interval(
     theta_hat: float, replicates: np.ndarray, jackknife: np.ndarray, level: float = CI_LEVEL
 ) -> tuple[float, float]:
-    """BCa interval of a statistic; falls back to the percentile interval when degenerate."""
+    """BCa interval (Efron 1987) of a statistic from its bootstrap and jackknife values.
+
+    Bias correction ``z0 = Phi^-1(share of replicates < estimate)``, acceleration from the
+    jackknife skewness. Falls back to the percentile interval when degenerate (all replicates
+    on one side of the estimate, or fewer than three jackknife values).
+    """
     reps = replicates[np.isfinite(replicates)]
     alpha = (1.0 - level) / 2.0
     if reps.size < 2 or not np.isfinite(theta_hat):
         return (np.nan, np.nan)
-    pct = (float(np.quantile(reps, alpha)), float(np.quantile(reps, 1.0 - alpha)))
-    share = float(np.mean(reps < theta_hat))
+    share = float(np.count_nonzero(reps < theta_hat)) / reps.size
     jack = jackknife[np.isfinite(jackknife)]
-    if not (0.0 < share < 1.0) or jack.size < 3:
-        return pct
-    z0 = sps.norm.ppf(share)
-    dev = jack.mean() - jack
-    den = 6.0 * (dev**2).sum() ** 1.5
-    acc = (dev**3).sum() / den if den > 0 else 0.0
-    z = sps.norm.ppf([alpha, 1.0 - alpha])
-    adj = sps.norm.cdf(z0 + (z0 + z) / (1.0 - acc * (z0 + z)))
-    if not np.all(np.isfinite(adj)):
-        return pct
-    lo, hi = np.quantile(reps, adj)
+    probs = np.array([alpha, 1.0 - alpha])
+    if 0.0 < share < 1.0 and jack.size >= 3:
+        z0 = ndtri(share)
+        dev = jack.mean() - jack
+        den = 6.0 * float((dev**2).sum()) ** 1.5
+        acc = float((dev**3).sum()) / den if den > 0 else 0.0
+        z = ndtri(probs)
+        adjusted = ndtr(z0 + (z0 + z) / (1.0 - acc * (z0 + z)))
+        if np.all(np.isfinite(adjusted)):
+            probs = adjusted
+    lo, hi = np.quantile(reps, probs)
     return float(lo), float(hi)
 
 
@@ -176,67 +257,81 @@ def paired_bootstrap(
     """
     n_prompts = len(next(iter(a_stats.values())))
     idx = bootstrap_indices(n_prompts, n_boot, seed, group_key)
-    if n_prompts >= 2:
-        jack_idx = np.array([np.delete(np.arange(n_prompts), i) for i in range(n_prompts)])
-    else:
-        jack_idx = np.zeros((0, 0), dtype=np.int64)
+    counts = resample_counts(idx, n_prompts)
+    jack = 1.0 - np.eye(n_prompts)  # leave-one-prompt-out designs as counts
     return PairedReplicates(
         a=pooled_statistics(a_stats),
         b=pooled_statistics(b_stats),
-        a_reps=pooled_statistics(_gather(a_stats, idx)),
-        b_reps=pooled_statistics(_gather(b_stats, idx)),
-        a_jack=pooled_statistics(_gather(a_stats, jack_idx)) if n_prompts >= 2 else {},
-        b_jack=pooled_statistics(_gather(b_stats, jack_idx)) if n_prompts >= 2 else {},
+        a_reps=pooled_statistics(a_stats, counts=counts),
+        b_reps=pooled_statistics(b_stats, counts=counts),
+        a_jack=pooled_statistics(a_stats, counts=jack) if n_prompts >= 2 else {},
+        b_jack=pooled_statistics(b_stats, counts=jack) if n_prompts >= 2 else {},
         indices=idx,
     )
 
 
+def _spread(series: np.ndarray, level: float = CI_LEVEL) -> tuple[np.ndarray, ...]:
+    """SD (ddof 1) and percentile interval of each row of ``[S, B]`` replicates, batched.
+
+    Non-finite replicates (e.g. a ratio whose denominator resampled to 0) are dropped per row.
+    """
+    alpha = (1.0 - level) / 2.0
+    n_rows = series.shape[0]
+    sd, lo, hi = (np.full(n_rows, np.nan) for _ in range(3))
+    clean = np.isfinite(series).all(axis=1)
+    if clean.any() and series.shape[1] >= 2:
+        sub = series[clean]
+        sd[clean] = sub.std(axis=1, ddof=1)
+        lo[clean], hi[clean] = np.quantile(sub, [alpha, 1.0 - alpha], axis=1)
+    for row in np.flatnonzero(~clean):
+        sd[row] = _sd(series[row])
+        lo[row], hi[row] = _percentile(series[row], level)
+    return sd, lo, hi
+
+
 def summarise_replicates(rep: PairedReplicates) -> list[dict[str, float | str]]:
     """One tidy row per metric: A, B, their SEs and CIs, the change with SE and CIs."""
+    metrics = [m for m in (*RATIO_METRICS, *CORRELATION_METRICS) if m in rep.a]
+    nan = float("nan")
+    series, names = [], []
+    for m in metrics:
+        ar, br = rep.a_reps[m], rep.b_reps[m]
+        series += [ar, br, br - ar]
+        names += [(m, "a"), (m, "b"), (m, "diff")]
+        if m in RATIO_METRICS:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                series.append(100.0 * (br - ar) / np.abs(ar))
+            names.append((m, "pct"))
+    if not metrics:
+        return []
+    sd, lo, hi = _spread(np.stack(series))
+    spread = {name: (sd[k], lo[k], hi[k]) for k, name in enumerate(names)}
     rows: list[dict[str, float | str]] = []
-    for metric in (*RATIO_METRICS, *CORRELATION_METRICS):
-        if metric not in rep.a:
-            continue
-        a, b = float(rep.a[metric]), float(rep.b[metric])
-        ar, br = rep.a_reps[metric], rep.b_reps[metric]
-        diff = br - ar
-        a_lo, a_hi = _percentile(ar)
-        b_lo, b_hi = _percentile(br)
-        d_lo, d_hi = _percentile(diff)
+    for m in metrics:
+        a, b = float(rep.a[m]), float(rep.b[m])
         row: dict[str, float | str] = {
-            "metric": metric,
-            "kind": "ratio" if metric in RATIO_METRICS else "correlation",
+            "metric": m,
+            "kind": "ratio" if m in RATIO_METRICS else "correlation",
             "a": a,
             "b": b,
-            "a_se": _sd(ar),
-            "b_se": _sd(br),
-            "a_lo": a_lo,
-            "a_hi": a_hi,
-            "b_lo": b_lo,
-            "b_hi": b_hi,
-            "diff": b - a,
-            "diff_se": _sd(diff),
-            "diff_lo": d_lo,
-            "diff_hi": d_hi,
         }
-        nan = float("nan")
+        for part, prefix in (("a", "a"), ("b", "b"), ("diff", "diff")):
+            row[f"{prefix}_se"], row[f"{prefix}_lo"], row[f"{prefix}_hi"] = map(
+                float, spread[(m, part)]
+            )
+        row["diff"] = b - a
         row.update(pct=nan, pct_se=nan, pct_lo=nan, pct_hi=nan, ratio_lo=nan, ratio_hi=nan)
-        if metric in RATIO_METRICS:
+        if m in RATIO_METRICS:
+            pct_se, pct_lo, pct_hi = map(float, spread[(m, "pct")])
             with np.errstate(divide="ignore", invalid="ignore"):
-                pct_reps = 100.0 * diff / np.abs(ar)
-                ratio_reps = br / ar
-                pct = 100.0 * (b - a) / abs(a) if a != 0 else nan
-                ratio_hat = b / a if a != 0 else nan
-                ratio_jack = (
-                    rep.b_jack[metric] / rep.a_jack[metric] if rep.a_jack else np.zeros(0)
-                )
-            p_lo, p_hi = _percentile(pct_reps)
-            r_lo, r_hi = _bca_interval(ratio_hat, ratio_reps, ratio_jack)
+                ratio_reps = rep.b_reps[m] / rep.a_reps[m]
+                ratio_jack = rep.b_jack[m] / rep.a_jack[m] if rep.a_jack else np.zeros(0)
+            r_lo, r_hi = _bca_interval(b / a if a != 0 else nan, ratio_reps, ratio_jack)
             row.update(
-                pct=pct,
-                pct_se=_sd(pct_reps),
-                pct_lo=p_lo,
-                pct_hi=p_hi,
+                pct=100.0 * (b - a) / abs(a) if a != 0 else nan,
+                pct_se=pct_se,
+                pct_lo=pct_lo,
+                pct_hi=pct_hi,
                 ratio_lo=100.0 * (r_lo - 1.0) if a > 0 else nan,
                 ratio_hi=100.0 * (r_hi - 1.0) if a > 0 else nan,
             )
@@ -308,7 +403,9 @@ def grouped_midranks(g: np.ndarray, x: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def prompt_statistics_from_rollouts(frame: pd.DataFrame, run_dir: str | os.PathLike[str]) -> pd.DataFrame:
+def prompt_statistics_from_rollouts(
+    frame: pd.DataFrame, run_dir: str | os.PathLike[str]
+) -> pd.DataFrame:
     """Per-prompt CE*, Nbar, Rbar, H(N), correlations and n (SPEC sections 2-4) from rollouts.
 
     Used when ``canopy_entropy.metrics`` is not available. H(N) uses the unbiased length law
@@ -448,15 +545,18 @@ def compare_prompts(
         if c in prompts.columns
     ]
     rows: list[dict] = []
-    side_a = prompts[prompts[a_key].astype(str) == a]
-    side_b = prompts[prompts[a_key].astype(str) == b]
-    groups = sorted(set(map(tuple, side_a[by].astype(str).to_numpy())) | set(map(tuple, side_b[by].astype(str).to_numpy())))
-    for key in groups:
-        sel_a = side_a[(side_a[by].astype(str) == list(key)).all(axis=1)]
-        sel_b = side_b[(side_b[by].astype(str) == list(key)).all(axis=1)]
+    frame = prompts.copy()
+    for col in by:
+        frame[col] = frame[col].astype(str)
+    frame = frame[frame[a_key].astype(str).isin([a, b])]
+    grouped = frame.groupby(by, sort=True, observed=True) if by else [((), frame)]
+    for key, sel in grouped:
+        key = tuple(key) if isinstance(key, tuple) else (key,)
         label = "/".join(key) if key else "all"
-        for side, sel in (("A", sel_a), ("B", sel_b)):
-            if sel["prompt_id"].duplicated().any():
+        sel_a = sel[sel[a_key].astype(str) == a]
+        sel_b = sel[sel[a_key].astype(str) == b]
+        for side, part in (("A", sel_a), ("B", sel_b)):
+            if part["prompt_id"].duplicated().any():
                 raise CanopyError(
                     f"group {label} has several {side} rows per prompt_id (more than one model "
                     f"or variant); narrow the sides with --on model or add a column to --by"
@@ -487,7 +587,10 @@ def compare_prompts(
                     "b_label": b,
                 }
             )
-    return pd.DataFrame(rows), notes
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        table = table[[*by, *TIDY_COLUMNS]]
+    return table, notes
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,7 +603,11 @@ def length_bins(lengths: np.ndarray, bins_per_octave: int = 2) -> np.ndarray:
 
 
 def match_lengths(
-    frame: pd.DataFrame, side_col: str, cell_cols: Sequence[str], seed: int = 0, bins_per_octave: int = 2
+    frame: pd.DataFrame,
+    side_col: str,
+    cell_cols: Sequence[str],
+    seed: int = 0,
+    bins_per_octave: int = 2,
 ) -> np.ndarray:
     """Boolean mask of rollouts kept so both sides have equal counts in every length bin.
 
@@ -510,7 +617,11 @@ def match_lengths(
     work = frame[[*cell_cols, side_col]].copy()
     work["_bin"] = length_bins(frame["length"].to_numpy(), bins_per_octave)
     cell = _group_ids(work, [*cell_cols, "_bin"])
-    side = (work[side_col].to_numpy() == work[side_col].iloc[0]).astype(np.int64) if len(work) else np.zeros(0, np.int64)
+    side = (
+        (work[side_col].to_numpy() == work[side_col].iloc[0]).astype(np.int64)
+        if len(work)
+        else np.zeros(0, np.int64)
+    )
     k = int(cell.max()) + 1 if len(cell) else 0
     counts = np.stack([np.bincount(cell[side == s], minlength=k) for s in (0, 1)])
     keep_n = counts.min(axis=0)
@@ -584,7 +695,9 @@ def length_matched_analysis(
     frame = frame.sort_values(["_side", *PROMPT_KEYS, "rollout_index"]).reset_index(drop=True)
     both = frame.groupby([*by, "prompt_id"], observed=True)["_side"].transform("nunique") == 2
     frame = frame[both.to_numpy()].reset_index(drop=True)
-    keep = match_lengths(frame, "_side", [*by, "prompt_id"], seed=seed, bins_per_octave=bins_per_octave)
+    keep = match_lengths(
+        frame, "_side", [*by, "prompt_id"], seed=seed, bins_per_octave=bins_per_octave
+    )
     frame["_keep"] = keep
     rows = []
     for key, grp in frame.groupby(by, sort=True, observed=True) if by else [((), frame)]:
@@ -639,7 +752,9 @@ def comparison_tables(table: pd.DataFrame, by: Sequence[str]) -> dict[str, pd.Da
         records = []
         for _, r in sub.iterrows():
             ratio = r["kind"] == "ratio"
-            change = _fmt(r["pct"], r["pct_se"], pct=True) if ratio else _fmt(r["diff"], r["diff_se"])
+            change = (
+                _fmt(r["pct"], r["pct_se"], pct=True) if ratio else _fmt(r["diff"], r["diff_se"])
+            )
             rec = {"metric": r["metric"], **{c: r[c] for c in row_cols}}
             fam = r[col_key] if col_key else "all"
             rec.update(
@@ -672,17 +787,30 @@ def _markdown(wide: pd.DataFrame) -> str:
 
 def _latex(wide: pd.DataFrame) -> str:
     def esc(s: str) -> str:
-        return str(s).replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%").replace("&", r"\&").replace("±", r"$\pm$").replace("–", "--")
+        return (
+            str(s)
+            .replace("\\", r"\textbackslash{}")
+            .replace("_", r"\_")
+            .replace("%", r"\%")
+            .replace("&", r"\&")
+            .replace("±", r"$\pm$")
+            .replace("–", "--")
+        )
 
     n_idx = len(wide.index.names)
     fams = list(dict.fromkeys(f for f, _ in wide.columns))
-    spec = "l" * n_idx + "".join("|" + "r" * sum(1 for f2, _ in wide.columns if f2 == f) for f in fams)
+    spec = "l" * n_idx + "".join(
+        "|" + "r" * sum(1 for f2, _ in wide.columns if f2 == f) for f in fams
+    )
     lines = [rf"\begin{{tabular}}{{{spec}}}", r"\hline"]
     top = [""] * n_idx + [
-        rf"\multicolumn{{{sum(1 for f2, _ in wide.columns if f2 == f)}}}{{c}}{{{esc(f)}}}" for f in fams
+        rf"\multicolumn{{{sum(1 for f2, _ in wide.columns if f2 == f)}}}{{c}}{{{esc(f)}}}"
+        for f in fams
     ]
     lines.append(" & ".join(top) + r" \\")
-    lines.append(" & ".join([*map(esc, wide.index.names), *[esc(s) for _, s in wide.columns]]) + r" \\")
+    lines.append(
+        " & ".join([*map(esc, wide.index.names), *[esc(s) for _, s in wide.columns]]) + r" \\"
+    )
     lines.append(r"\hline")
     for idx, row in wide.iterrows():
         idx = idx if isinstance(idx, tuple) else (idx,)

@@ -23,7 +23,9 @@ def command(
     ] = None,
     prefix: Annotated[
         str | None,
-        typer.Option(help="Text prepended to every rollout (default: the encoder's document prefix)."),
+        typer.Option(
+            help="Text prepended to every rollout (default: the encoder's document prefix)."
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Texts per encoder batch.")] = 64,
     device: Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1, mps.")] = "cpu",
@@ -48,7 +50,9 @@ def command(
     )
     pd_ = result.prompt_diversity
     if pd_ is not None and len(pd_):
-        summary = pd_.groupby(["model", "variant", "task"], observed=True)[["diversity", "vendi"]].mean()
+        summary = pd_.groupby(["model", "variant", "task"], observed=True)[
+            ["diversity", "vendi"]
+        ].mean()
         for (model, variant, task), row in summary.iterrows():
             out.print(
                 f"  {model} [{variant}] {task}: D = {row['diversity']:.4f}, Vendi = {row['vendi']:.3f}",

@@ -293,7 +293,9 @@ def embed_run(
             frame["n_tokens"] = 0
             todo = np.arange(len(frame))
             if cache is not None:
-                cached = cache.select(["prompt_id", "rollout_index", "text_sha1", "n_tokens"]).to_pandas()
+                cached = cache.select(
+                    ["prompt_id", "rollout_index", "text_sha1", "n_tokens"]
+                ).to_pandas()
                 cached["_row"] = np.arange(len(cached))
                 merged = frame[["prompt_id", "rollout_index", "text_sha1"]].merge(
                     cached, on=["prompt_id", "rollout_index", "text_sha1"], how="left"

@@ -1,0 +1,68 @@
+"""``canopy compare``: paired bootstrap comparison of two models on the same prompts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from canopy_entropy.errors import CanopyError, ConfigError
+
+
+def command(
+    run: Annotated[Path, typer.Argument(help="Run folder holding both models' rollouts.")],
+    a: Annotated[str, typer.Option("--a", help="Side A (the reference), e.g. base.")] = "base",
+    b: Annotated[str, typer.Option("--b", help="Side B, e.g. instruct.")] = "instruct",
+    by: Annotated[
+        str, typer.Option(help="Comma-separated grouping columns; '' for one pooled group.")
+    ] = "family,task",
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap replicates (B).")] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed of the prompt resampling.")] = 0,
+    on: Annotated[
+        str, typer.Option(help="Column --a/--b refer to: 'variant' or 'model'.")
+    ] = "variant",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the tidy table as JSON.")] = False,
+) -> None:
+    """Compare two models (paired prompt bootstrap): CE*, GenPPL, BF, rho, D with SEs and CIs."""
+    from canopy_entropy.compare import compare_run
+
+    if not run.is_dir():
+        raise CanopyError(f"run folder {run} does not exist; pass the folder 'canopy run' wrote")
+    if on not in ("variant", "model"):
+        raise ConfigError(f"--on must be 'variant' or 'model', got '{on}'")
+    by_cols = tuple(c.strip() for c in by.split(",") if c.strip())
+    result = compare_run(run, a=a, b=b, by=by_cols, n_boot=bootstrap, seed=seed, a_key=on)
+    err = Console(stderr=True)
+    for note in result.notes:
+        err.print(f"[yellow]note:[/] {note}", highlight=False)
+    if as_json:
+        records = json.loads(result.table.to_json(orient="records"))
+        print(json.dumps({"comparison": records, "notes": result.notes}, indent=2))
+        return
+    out = Console()
+    view = Table(title=f"{b} vs {a} (paired bootstrap, B={bootstrap}, 95% CI)")
+    for col in [*by_cols, "metric", a, b, "change", "95% CI"]:
+        view.add_column(col, justify="left" if col in (*by_cols, "metric") else "right")
+    for _, r in result.table.iterrows():
+        if r["kind"] == "ratio":
+            change = f"{r['pct']:+.1f}%"
+            ci = f"[{r['ratio_lo']:+.1f}%, {r['ratio_hi']:+.1f}%]"
+        else:
+            change = f"{r['diff']:+.4f}"
+            ci = f"[{r['diff_lo']:+.4f}, {r['diff_hi']:+.4f}]"
+        view.add_row(
+            *[str(r[c]) for c in by_cols],
+            r["metric"],
+            f"{r['a']:.4g} ± {r['a_se']:.2g}",
+            f"{r['b']:.4g} ± {r['b_se']:.2g}",
+            change,
+            ci,
+        )
+    out.print(view)
+    for name, path in result.paths.items():
+        if name in ("comparison", "length_matched") or name.endswith(".md"):
+            out.print(f"wrote {path}", highlight=False)
