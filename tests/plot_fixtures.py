@@ -316,3 +316,23 @@ def _write_regression(root, df, keys, rng) -> None:
 
 def as_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+_RENDERED: dict[str, Path] = {}
+
+
+def rendered_run() -> Path:
+    """A full fixture run with figures and report built once per test session (shared)."""
+    if "run" not in _RENDERED:
+        import atexit
+        import shutil
+        import tempfile
+
+        from canopy_entropy.report import build_report
+
+        tmp = Path(tempfile.mkdtemp(prefix="canopy-plots-"))
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        run = build_run(tmp / "run")
+        build_report(run)
+        _RENDERED["run"] = run
+    return _RENDERED["run"]

@@ -83,93 +83,107 @@ def _flat(entropy: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return lengths.astype(np.int64), flat
 
 
-def _segment_sums(flat: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Sum of each consecutive segment of ``flat`` (segments may be empty)."""
-    ends = np.cumsum(lengths)
-    cs = np.concatenate([[0.0], np.cumsum(flat)])
-    return cs[ends] - cs[ends - lengths]
+class _RunningRate:
+    """Accumulates, per group, the sum of prefix rates and the active count per position."""
+
+    def __init__(self) -> None:
+        self.sums: dict[tuple[str, ...], np.ndarray] = {}
+        self.counts: dict[tuple[str, ...], np.ndarray] = {}
+
+    def add(self, key: tuple[str, ...], s: np.ndarray, c: np.ndarray) -> None:
+        old_s = self.sums.get(key, np.zeros(0))
+        old_c = self.counts.get(key, np.zeros(0, dtype=np.int64))
+        n = max(old_s.size, s.size)
+        new_s, new_c = np.zeros(n), np.zeros(n, dtype=np.int64)
+        new_s[: old_s.size] += old_s
+        new_c[: old_c.size] += old_c
+        new_s[: s.size] += s
+        new_c[: c.size] += c
+        self.sums[key], self.counts[key] = new_s, new_c
+
+    def frame(self) -> pd.DataFrame:
+        frames = []
+        for key in sorted(self.sums):
+            s, c = self.sums[key], self.counts[key]
+            keep = c > 0
+            frame = pd.DataFrame(
+                {
+                    "position": np.nonzero(keep)[0] + 1,
+                    "mean_rate": s[keep] / c[keep],
+                    "n_active": c[keep],
+                }
+            )
+            for name, value in zip(GROUP_KEYS, key, strict=True):
+                frame[name] = value
+            frames.append(frame)
+        if not frames:
+            raise MissingInput("every rollout in rollouts/ is empty (zero steps)")
+        return pd.concat(frames, ignore_index=True)[
+            [*GROUP_KEYS, "position", "mean_rate", "n_active"]
+        ]
 
 
-def rollout_frame(run: Path, batch_size: int = 1024) -> pd.DataFrame:
-    """One row per rollout: keys, prompt_id, length, finish_reason, H (sum of H_t), rate H/N."""
+def scan_rollouts(run: Path, batch_size: int = 1024) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One streaming pass over the rollouts: (per-rollout frame, running-rate frame).
+
+    Per-rollout frame: keys, prompt_id, length N, finish_reason, H = sum_t H_t, rate = H / N.
+    Running rate: at position t (1-based) every rollout with N >= t contributes its prefix rate
+    ``sum_{s<=t} H_s / t``; one row per (model, variant, family, task, position) with
+    ``mean_rate`` over those rollouts and ``n_active`` (how many have N >= t). Vectorised: one
+    cumsum and one bincount per record batch, never a loop over steps or rollouts.
+    """
     store = RunStore(run)
     if not store.shard_files():
         raise MissingInput("no rollouts in rollouts/: run 'canopy generate' or 'canopy import'")
     cols = [*GROUP_KEYS, "prompt_id", "finish_reason", "entropy"]
     frames = []
+    acc = _RunningRate()
     for batch in store.iter_batches(columns=cols, batch_size=batch_size):
         lengths, flat = _flat(batch.column("entropy"))
-        total = _segment_sums(flat, lengths)
         df = batch.select([*GROUP_KEYS, "prompt_id", "finish_reason"]).to_pandas()
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        cs = np.concatenate([[0.0], np.cumsum(flat)])  # cs[k] = sum of the first k steps
         df["length"] = lengths
-        df["H"] = total
+        df["H"] = cs[ends] - cs[starts]
         with np.errstate(invalid="ignore", divide="ignore"):
-            df["rate"] = total / lengths
+            df["rate"] = df["H"].to_numpy() / lengths
         frames.append(df)
-    return pd.concat(frames, ignore_index=True)
-
-
-def running_rate(run: Path, batch_size: int = 1024) -> pd.DataFrame:
-    """Mean running entropy rate of still-active rollouts per position, per model and task.
-
-    At position t (1-based) every rollout with N >= t contributes its prefix rate
-    ``sum_{s<=t} H_s / t``; returns one row per (model, variant, family, task, position) with
-    ``mean_rate`` and ``n_active`` (the number of rollouts with N >= t). Vectorised: one cumsum
-    and one bincount per record batch.
-    """
-    store = RunStore(run)
-    if not store.shard_files():
-        raise MissingInput("no rollouts in rollouts/: run 'canopy generate' or 'canopy import'")
-    sums: dict[tuple[str, ...], np.ndarray] = {}
-    counts: dict[tuple[str, ...], np.ndarray] = {}
-    for batch in store.iter_batches(columns=[*GROUP_KEYS, "entropy"], batch_size=batch_size):
-        lengths, flat = _flat(batch.column("entropy"))
         if flat.size == 0:
             continue
-        keys = batch.select(GROUP_KEYS).to_pandas()
-        grouped = keys.groupby(GROUP_KEYS, sort=False)
+        grouped = df.groupby(GROUP_KEYS, sort=False)
         local = grouped.ngroup().to_numpy()
         local_keys = list(grouped.size().index)
-        starts = np.cumsum(lengths) - lengths
         step_row = np.repeat(np.arange(lengths.size), lengths)
         pos = np.arange(flat.size) - starts[step_row]  # 0-based position within its rollout
-        cs = np.cumsum(flat)
-        before = np.where(starts > 0, cs[np.maximum(starts - 1, 0)], 0.0)
-        prefix_rate = (cs - before[step_row]) / (pos + 1)
+        prefix_rate = (cs[1:] - cs[starts][step_row]) / (pos + 1)
         width = int(lengths.max())
         index = local[step_row] * width + pos
         size = len(local_keys) * width
         s = np.bincount(index, weights=prefix_rate, minlength=size).reshape(-1, width)
         c = np.bincount(index, minlength=size).reshape(-1, width)
         for k, key in enumerate(local_keys):
-            key = tuple(str(v) for v in key)
-            old_s = sums.get(key, np.zeros(0))
-            old_c = counts.get(key, np.zeros(0, dtype=np.int64))
-            n = max(old_s.size, width)
-            new_s = np.zeros(n)
-            new_c = np.zeros(n, dtype=np.int64)
-            new_s[: old_s.size] += old_s
-            new_c[: old_c.size] += old_c
-            new_s[:width] += s[k]
-            new_c[:width] += c[k]
-            sums[key], counts[key] = new_s, new_c
-    frames = []
-    for key in sorted(sums):
-        s, c = sums[key], counts[key]
-        keep = c > 0
-        frame = pd.DataFrame(
-            {
-                "position": np.nonzero(keep)[0] + 1,
-                "mean_rate": s[keep] / c[keep],
-                "n_active": c[keep],
-            }
-        )
-        for name, value in zip(GROUP_KEYS, key, strict=True):
-            frame[name] = value
-        frames.append(frame)
-    if not frames:
-        raise MissingInput("every rollout in rollouts/ is empty (zero steps)")
-    return pd.concat(frames, ignore_index=True)[[*GROUP_KEYS, "position", "mean_rate", "n_active"]]
+            acc.add(tuple(str(v) for v in key), s[k], c[k])
+    return pd.concat(frames, ignore_index=True), acc.frame()
+
+
+def rollout_frame(run: Path, batch_size: int = 1024) -> pd.DataFrame:
+    """One row per rollout: keys, prompt_id, length, finish_reason, H (sum of H_t), rate H/N."""
+    return scan_rollouts(run, batch_size)[0]
+
+
+def running_rate(run: Path, batch_size: int = 1024) -> pd.DataFrame:
+    """Mean running entropy rate of still-active rollouts per position (see scan_rollouts)."""
+    return scan_rollouts(run, batch_size)[1]
+
+
+def rollout_counts(run: Path) -> pd.DataFrame:
+    """Per rollout keys, prompt_id, length and finish_reason only (no per-step columns read)."""
+    store = RunStore(run)
+    if not store.shard_files():
+        raise MissingInput("no rollouts in rollouts/: run 'canopy generate' or 'canopy import'")
+    cols = [*GROUP_KEYS, "prompt_id", "length", "finish_reason"]
+    return store.read_rollouts(columns=cols).to_pandas()
 
 
 def metrics_pooled(run: Path) -> pd.DataFrame:

@@ -564,8 +564,11 @@ class _Inputs:
             raise value
         return value
 
+    def scan(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        return self.get("scan", lambda: data.scan_rollouts(self.run))
+
     def rollouts(self) -> pd.DataFrame:
-        return self.get("rollouts", lambda: data.rollout_frame(self.run))
+        return self.scan()[0]
 
     def palette(self) -> Palette:
         families: set[str] = set()
@@ -609,8 +612,7 @@ def build_figure(name: str, inputs: _Inputs, palette: Palette) -> Figure:
     """Build one named figure from the run's inputs (raises MissingInput with a note)."""
     run = inputs.run
     if name == "fig1_running_rate":
-        rr = inputs.get("running_rate", lambda: data.running_rate(run))
-        return fig_running_rate(rr, palette, inputs.min_active)
+        return fig_running_rate(inputs.scan()[1], palette, inputs.min_active)
     if name == "fig2_length_distribution":
         return fig_length_distribution(inputs.rollouts(), palette)
     if name == "fig3_within_prompt_variance":
