@@ -1,0 +1,177 @@
+"""vLLM engine on the tiny model (vllm-cpu): every step's entropy, EOS mass and log-prob equal
+a teacher-forced transformers recomputation on vLLM's own tokens; seeds fix rollouts.
+
+Runs only where vllm imports (its own CI step and venv: .ci/vllm-tests.sh)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("vllm")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+from _teacher_forcing import teacher_forced_fields
+from canopy_entropy.engines.base import DecodingPolicy, rollout_seed
+from canopy_entropy.errors import ConfigError
+
+pytestmark = pytest.mark.vllm
+EOS = (2, 4)
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    from canopy_entropy.testing import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_path, dtype="float32").eval()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_path):
+    from canopy_entropy.engines.registry import get_engine
+
+    eng = get_engine(
+        "vllm",
+        tiny_path,
+        dtype="float32",
+        gpu_memory_utilization=0.05,
+        max_model_len=256,
+        enforce_eager=True,
+    )
+    yield eng
+    eng.close()
+
+
+def _prompts(engine):
+    from canopy_entropy.prompting import render_prompt
+
+    a = render_prompt(engine.tokenizer, "The quick brown fox", "base")[1]
+    b = render_prompt(engine.tokenizer, "Write a story about a robot.", "instruct")[1]
+    return a, b
+
+
+def _seeds(prompt_id: str, m: int) -> np.ndarray:
+    return np.array([rollout_seed(7, prompt_id, i, "tiny") for i in range(m)], dtype=np.int64)
+
+
+POLICIES = {
+    "topk_temp": DecodingPolicy(temperature=0.7, top_k=20, max_new_tokens=48, eos_token_ids=EOS),
+    "topp_fullvocab": DecodingPolicy(
+        temperature=1.3, top_p=0.9, max_new_tokens=32, eos_token_ids=EOS
+    ),
+    "topk_topp": DecodingPolicy(
+        temperature=1.0, top_k=50, top_p=0.8, max_new_tokens=32, eos_token_ids=EOS
+    ),
+    "minp": DecodingPolicy(temperature=1.0, min_p=0.05, max_new_tokens=32, eos_token_ids=EOS),
+}
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_steps_match_teacher_forcing(engine, hf_model, name):
+    policy = POLICIES[name]
+    prompt_a, prompt_b = _prompts(engine)
+    reqs = [(prompt_a, _seeds("a", 6), np.arange(6)), (prompt_b, _seeds("b", 6), np.arange(6))]
+    batches = engine.sample_many(reqs, policy)
+    n_steps = 0
+    for (prompt, seeds, _), batch in zip(reqs, batches, strict=True):
+        assert batch.seed.tolist() == seeds.tolist()
+        assert batch.entropy.dtype == np.float32 and batch.kept_mass is None
+        for i in range(len(seeds)):
+            sl = slice(batch.offsets[i], batch.offsets[i + 1])
+            toks = batch.token_ids[sl].tolist()
+            ref = teacher_forced_fields(hf_model, prompt, toks, policy, EOS)
+            np.testing.assert_allclose(batch.entropy[sl], ref["entropy"], atol=1e-4, rtol=0)
+            np.testing.assert_allclose(batch.eos_prob[sl], ref["eos_prob"], atol=1e-4, rtol=0)
+            np.testing.assert_allclose(batch.logprob[sl], ref["logprob"], atol=1e-4, rtol=0)
+            if batch.finish_reason[i] == "eos":
+                assert toks[-1] in EOS and not set(toks[:-1]) & set(EOS)
+            else:
+                assert batch.finish_reason[i] == "length" and len(toks) == policy.max_new_tokens
+            n_steps += len(toks)
+    assert n_steps > 100
+    assert all(b.text is not None for b in batches)
+
+
+def test_greedy_zero_entropy_and_argmax(engine, hf_model):
+    policy = DecodingPolicy(temperature=0.0, max_new_tokens=24, eos_token_ids=EOS)
+    prompt, _ = _prompts(engine)
+    batch = engine.sample(prompt, _seeds("g", 2), np.arange(2), policy)
+    toks = batch.token_ids[: batch.offsets[1]].tolist()
+    ref = teacher_forced_fields(
+        hf_model, prompt, toks, DecodingPolicy(temperature=1.0, eos_token_ids=EOS), EOS
+    )
+    assert toks == ref["argmax"].tolist()
+    assert np.all(batch.entropy == 0)
+    assert (
+        batch.token_ids[: batch.offsets[1]].tolist() == batch.token_ids[batch.offsets[1] :].tolist()
+    )
+
+
+def test_seeds_fix_rollouts_independent_of_batching(engine):
+    policy = POLICIES["topk_temp"]
+    prompt_a, prompt_b = _prompts(engine)
+    seeds = _seeds("a", 4)
+    alone = engine.sample(prompt_a, seeds, np.arange(4), policy)
+    mixed = engine.sample_many(
+        [
+            (prompt_b, _seeds("b", 5), np.arange(5)),
+            (prompt_a, seeds[::-1].copy(), np.arange(4)[::-1]),
+        ],
+        policy,
+    )[1]
+    for i in range(4):
+        j = 3 - i
+        a = alone.token_ids[alone.offsets[i] : alone.offsets[i + 1]].tolist()
+        b = mixed.token_ids[mixed.offsets[j] : mixed.offsets[j + 1]].tolist()
+        assert a == b
+    other = engine.sample(prompt_a, seeds + 1, np.arange(4), policy)
+    assert other.token_ids.tolist() != alone.token_ids.tolist()
+
+
+def test_both_eos_ids_stop_rollouts(engine):
+    policy = DecodingPolicy(temperature=1.0, top_k=100, max_new_tokens=64, eos_token_ids=EOS)
+    prompt, _ = _prompts(engine)
+    batch = engine.sample(prompt, _seeds("eos", 48), np.arange(48), policy)
+    finals = {
+        int(batch.token_ids[batch.offsets[i + 1] - 1])
+        for i in range(48)
+        if batch.finish_reason[i] == "eos"
+    }
+    assert finals == set(EOS)
+
+
+def test_exactly_top_k_entries_and_normalised(engine):
+    """The raw vLLM answer: per step the sampled token + exactly top_k processed log-probs."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from canopy_entropy.engines.vllm import sampling_params_kwargs
+
+    policy = POLICIES["topk_temp"]
+    prompt, _ = _prompts(engine)
+    kw = sampling_params_kwargs(policy, 123, EOS, engine.vocab_size)
+    out = engine._local.llm.generate(
+        [TokensPrompt(prompt_token_ids=prompt)], [SamplingParams(**kw)], use_tqdm=False
+    )[0].outputs[0]
+    lp = out.logprobs
+    counts = np.asarray(lp.end_indices) - np.asarray(lp.start_indices)
+    assert np.all(counts == policy.top_k + 1)
+    vals = np.asarray(lp.logprobs)
+    for s, e in zip(lp.start_indices, lp.end_indices, strict=True):
+        assert abs(np.logaddexp.reduce(vals[s + 1 : e])) < 1e-5
+
+
+def test_too_long_prompt_is_refused(engine):
+    policy = DecodingPolicy(temperature=1.0, top_k=5, max_new_tokens=200, eos_token_ids=EOS)
+    with pytest.raises(ConfigError, match="exceeds the context length"):
+        engine.sample(list(range(5, 105)), _seeds("x", 1), np.arange(1), policy)
