@@ -61,19 +61,19 @@ class Stage:
     outputs: tuple[str, ...]  # paths that exist when the stage is done
     needs: tuple[str, ...] = ()  # stages whose outputs must exist first
     needs_pair: bool = False  # only meaningful with both compared variants present
-    kwargs: Callable[[ExperimentConfig], dict[str, Any]] = lambda cfg: {}
+    kwargs: Callable[[ExperimentConfig, Path], dict[str, Any]] = lambda cfg, run_dir: {}
     config_key: str = ""  # config section that changes the results (part of the fingerprint)
     what: str = ""
 
 
-def _embed_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
+def _embed_kwargs(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     kw: dict[str, Any] = {"encoder": cfg.embed.encoder or None, "batch_size": cfg.embed.batch_size}
     if cfg.embed.prefix is not None:
         kw["prefix"] = cfg.embed.prefix
     return {**kw, **cfg.embed.options}
 
 
-def _compare_kwargs(cfg: ExperimentConfig) -> dict[str, Any]:
+def _compare_kwargs(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     c = cfg.compare
     kw = {"a": c.a, "b": c.b, "by": tuple(c.by), "n_boot": c.bootstrap, "seed": c.seed}
     return {**kw, **c.options}
@@ -131,7 +131,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
         outputs=("regression/result.json",),
         needs=("metrics", "embed"),
         needs_pair=True,
-        kwargs=lambda cfg: {"diagnostics": cfg.regress.diagnostics, **cfg.regress.options},
+        kwargs=lambda cfg, run_dir: {"diagnostics": cfg.regress.diagnostics, **cfg.regress.options},
         config_key="regress",
         what="Beta mixed-effects regression of diversity on entropy rate",
     ),
@@ -149,10 +149,18 @@ STAGE_TABLE: tuple[Stage, ...] = (
         inputs=("metrics", "semantic", "compare", "regression", "figures", "tables"),
         outputs=("report.html",),
         needs=("metrics",),
+        # embed the figures of the plots stage as they are; render them only when there are none
+        kwargs=lambda cfg, run_dir: {"figures": not _outputs_exist(run_dir, stage_named("plots"))},
         what="self-contained HTML report",
     ),
 )
 assert tuple(s.name for s in STAGE_TABLE) == STAGES
+
+
+def stage_named(name: str) -> Stage:
+    """The STAGE_TABLE entry called ``name``."""
+    return next(s for s in STAGE_TABLE if s.name == name)
+
 
 HEADLINE = [
     ("ce_star", "CE*"),
@@ -459,6 +467,14 @@ def _policy(cfg: ExperimentConfig) -> Any:
     )
 
 
+def _engine_options(cfg: ExperimentConfig, model: Any) -> dict[str, Any]:
+    """[engine].options with the model's overrides; vLLM takes its dtype as an option."""
+    options = {**cfg.engine.options, **model.engine_options}
+    if cfg.engine.name == "vllm" and cfg.engine.dtype != "auto":
+        options.setdefault("dtype", cfg.engine.dtype)
+    return options
+
+
 def run_generate(run_dir: Path, cfg: ExperimentConfig, display: RunDisplay, force: bool) -> str:
     """Generate every missing rollout, model by model (one model in memory at a time)."""
     fn = stage_function(STAGE_TABLE[0])
@@ -499,6 +515,14 @@ def run_generate(run_dir: Path, cfg: ExperimentConfig, display: RunDisplay, forc
             elapsed = float(event.get("elapsed_s", time.monotonic() - t0_)) or 1e-9
             display.tokens_per_s = float(event.get("tokens", 0)) / elapsed
             display.refresh()
+            if display.live is None:  # logs: one line per prompt
+                task = pending[k - 1].task if 0 < k <= len(pending) else ""
+                d, t = display.done.get((m.label, task), 0), display.totals.get((m.label, task), 0)
+                display.console.print(
+                    f"    {m.label} · {task} {d}/{t} prompts · "
+                    f"{display.tokens_per_s:,.0f} tokens/s · ETA {display.eta()}",
+                    highlight=False,
+                )
 
         _call(
             fn,
@@ -516,7 +540,7 @@ def run_generate(run_dir: Path, cfg: ExperimentConfig, display: RunDisplay, forc
             seed=cfg.generation.seed,
             common_random_numbers=cfg.generation.common_random_numbers,
             batch_size=cfg.generation.batch_size or None,
-            engine_options={**cfg.engine.options, **m.engine_options},
+            engine_options=_engine_options(cfg, m),
             progress=progress,
             run_name=cfg.name,
         )
@@ -745,7 +769,7 @@ def _run_stage(
         return StageResult(name, "not run", "not selected")
     for need in stage.needs:
         prior = results.get(need)
-        need_stage = next(s for s in STAGE_TABLE if s.name == need)
+        need_stage = stage_named(need)
         if (prior is None or prior.status not in ("done", "skipped")) and not _outputs_exist(
             run_dir, need_stage
         ):
@@ -770,7 +794,7 @@ def _run_stage(
         return StageResult(name, "skipped", "up to date")
     _marker(run_dir, name).unlink(missing_ok=True)
     try:
-        _call(fn, run_dir, **stage.kwargs(cfg))
+        _call(fn, run_dir, **stage.kwargs(cfg, run_dir))
     except Exception as exc:
         log = run_dir / "logs" / f"{name}.log"
         atomic_write_text(log, traceback.format_exc())
