@@ -253,3 +253,18 @@ def test_family_note_only_when_families_differ(tiny_config):
     assert "gemma3-270m" in runner._family_note(demo) and "smollm2-135m" in runner._family_note(
         demo
     )
+
+
+def test_prompts_dir_override(tmp_path, capsys, monkeypatch):
+    paper = load_config(REPO / "configs" / "paper.toml", check_models=False)
+    (tmp_path / "math.jsonl").write_text('{"prompt": "2+2?"}\n')
+    moved = runner.with_prompts_dir(paper, tmp_path)
+    assert moved.prompts.source == "paper" and moved.prompts.path == str(tmp_path.resolve())
+    demo = load_config(REPO / "configs" / "demo.toml", check_models=False)
+    plain = runner.with_prompts_dir(demo, tmp_path)
+    assert plain.prompts.source == "jsonl"
+    assert (
+        runner.load_task_prompts("math", source="jsonl", path=plain.prompts.path)[0].text == "2+2?"
+    )
+    code, _, err = run_cli(["run", "--prompts-dir", str(tmp_path / "nope")], capsys, monkeypatch)
+    assert code == 2 and "is not a folder" in err
