@@ -223,3 +223,27 @@ def test_every_config_key_is_documented():
     for cls in (GenerationConfig, PromptsConfig, EmbedConfig, ModelSpec):
         for f in dataclasses.fields(cls):
             assert f"`{f.name}`" in doc, f"{cls.__name__}.{f.name} missing from docs/running.md"
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (['{"prompt": "a"}', '{"prompt": "b"'], "bad.jsonl line 2: not valid JSON"),
+        (['{"prompt": "a"}', '{"question": "b"}'], "bad.jsonl line 2: no 'prompt' field"),
+        (
+            ['{"prompt": "a", "id": 1}', '{"prompt": "b", "id": 1}'],
+            "line 2: duplicate id (same as line 1)",
+        ),
+    ],
+)
+def test_hostile_prompt_file_via_cli(tmp_path, model_dir, capsys, monkeypatch, lines, message):
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    text = (
+        GOOD.replace("{model}", str(model_dir))
+        + '[prompts]\nsource = "jsonl"\npath = "bad.jsonl"\n'
+    )
+    path = _write(tmp_path, text)
+    code, _, err = run_cli(["run", str(path), "--out", str(tmp_path / "run")], capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in err
+    assert message in " ".join(err.split())
+    assert not (tmp_path / "run").exists()  # refused before anything was written
