@@ -20,7 +20,7 @@ from canopy_entropy.metrics import (
     write_metrics,
 )
 from canopy_entropy.store import RunStore, atomic_write_table
-from conftest import make_rollouts
+from metrics_helpers import make_rollouts
 
 PROMPT_A = [[1.0, 0.5], [0.5, 0.5, 0.5, 0.5], [2.0], [1.0, 1.0, 0.25]]
 EOS_A = [[0.25, 0.5], [0.0, 0.25, 0.25, 0.5], [0.5], [0.25, 0.25, 0.5]]
@@ -277,3 +277,47 @@ def test_json_document_and_write_metrics(tmp_path):
     saved = pd.read_parquet(tmp_path / "metrics" / "pooled.parquet")
     pd.testing.assert_frame_equal(saved, result.pooled)
     assert len(pd.read_parquet(tmp_path / "metrics" / "prompts.parquet")) == 4
+
+
+def test_prompt_split_across_shards_matches_one_table(tmp_path):
+    """Shards are reduced in parallel and merged: a prompt spread over shards is one prompt."""
+    rng = np.random.default_rng(9)
+    ents = [rng.random(rng.integers(1, 30)).round(3).tolist() for _ in range(40)]
+    eos = [rng.random(len(e)).round(3).tolist() for e in ents]
+    whole = make_rollouts({"a": ents, "b": ents[::-1]}, eos={"a": eos, "b": eos[::-1]})
+    store = RunStore(tmp_path)
+    for k, (lo, hi) in enumerate([(0, 25), (25, 60), (60, 80)]):
+        store.write_rollouts(f"part{k}", whole.slice(lo, hi - lo))
+    expected = compute_metrics(whole, warn=False).prompts
+    got = compute_metrics(tmp_path, warn=False, batch_size=8).prompts
+    pd.testing.assert_frame_equal(got, expected, rtol=1e-13)
+
+
+def test_rows_without_eos_prob_do_not_disturb_other_prompts():
+    """A batch mixing rollouts with and without eos_prob (gather path of the hazard sums)."""
+    y = rollouts_table_mixed()
+    x_alone = make_rollouts({"x": PROMPT_A}, eos={"x": EOS_A})
+    mixed = pa.concat_tables([y.slice(0, 2), x_alone, y.slice(2)])
+    got = compute_metrics(mixed, warn=False).prompts.set_index("prompt_id")
+    alone = compute_metrics(x_alone, warn=False).prompts.iloc[0]
+    assert got.loc["x", "length_entropy"] == alone["length_entropy"]
+    assert got.loc["x", "stop_entropy"] == alone["stop_entropy"]
+    assert math.isnan(got.loc["y", "length_entropy"])  # one of its rollouts has no eos_prob
+
+
+def rollouts_table_mixed() -> pa.Table:
+    from canopy_entropy.store import rollouts_table
+
+    return rollouts_table(
+        run="r",
+        model="m",
+        variant="base",
+        family="f",
+        task="t",
+        prompt_id="y",
+        rollout_index=[0, 1, 2],
+        seed=[0, 0, 0],
+        finish_reason=["eos"] * 3,
+        entropy=[np.ones(3, np.float32), np.ones(2, np.float32), np.ones(4, np.float32)],
+        eos_prob=[np.full(3, 0.2), None, np.full(4, 0.1)],
+    )

@@ -17,7 +17,7 @@ import pytest
 
 from canopy_entropy.errors import StoreError
 from canopy_entropy.store import ROLLOUT_SCHEMA, RunStore, rollouts_table
-from conftest import make_rollouts
+from metrics_helpers import make_rollouts
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 

@@ -25,6 +25,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from scipy.special import entr
 from scipy.stats import rankdata
 
@@ -79,6 +82,7 @@ DIVERSITY_COLUMNS = (
     "corr_length_d",
 )
 TRUNCATION_WARN_RATE = 0.05
+_KEY_SEPARATOR = "\x1f"
 METRICS_SCHEMA_VERSION = "canopy-metrics/1"
 
 _READ_COLUMNS = [
@@ -96,17 +100,19 @@ _READ_COLUMNS = [
 # ----------------------------------------------------------------------------------------
 # Flat-array helpers
 # ----------------------------------------------------------------------------------------
-def segment_sums(values: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Float64 sums of ``values[starts[i]:ends[i]]`` (empty segments give 0), one reduceat."""
-    n = len(starts)
-    if n == 0:
+def segment_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Float64 sums of ``values[offsets[i]:offsets[i+1]]`` for contiguous segments (empty
+    segments give 0): one ``np.add.reduceat`` accumulating in float64, no copy of ``values``."""
+    n = len(offsets) - 1
+    if n <= 0:
         return np.zeros(0)
-    padded = np.append(np.asarray(values, dtype=np.float64), 0.0)
-    idx = np.empty(2 * n, dtype=np.int64)
-    idx[0::2] = starts
-    idx[1::2] = ends
-    sums = np.add.reduceat(padded, idx)[0::2]
-    return np.where(ends > starts, sums, 0.0)
+    lo, hi = int(offsets[0]), int(offsets[-1])
+    if hi == lo:
+        return np.zeros(n)
+    window = values[lo:hi]
+    starts = np.minimum(offsets[:-1] - lo, hi - lo - 1)
+    sums = np.add.reduceat(window, starts, dtype=np.float64)
+    return np.where(np.diff(offsets) > 0, sums, 0.0)
 
 
 def _list_parts(column: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -129,8 +135,11 @@ def _list_parts(column: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def binary_entropy(p: np.ndarray) -> np.ndarray:
     """h(p) = -p log p - (1-p) log(1-p) in nats, float64, with h(0) = h(1) = 0."""
-    p = np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0)
-    return entr(p) + entr(1.0 - p)
+    p = np.array(p, dtype=np.float64)  # a float64 copy of the float32 values
+    np.clip(p, 0.0, 1.0, out=p)
+    out = entr(p)
+    out += entr(np.subtract(1.0, p, out=p))
+    return out
 
 
 def _entropy_of_rows(prob: np.ndarray) -> np.ndarray:
@@ -187,28 +196,102 @@ def _as_store(source: Any) -> RunStore | None:
 
 
 def _reduce(source: Any, batch_size: int = 1024) -> _Reduced:
+    """Stream the rollouts (a RunStore or a Table) into per-rollout scalars + hazard sums.
+
+    Shards are reduced in parallel threads (numpy and Parquet decoding release the GIL), one
+    partial result per shard, merged in shard order so results do not depend on threading.
+    """
+    if isinstance(source, RunStore):
+        source.dataset()  # validates every shard (names a corrupt or foreign file)
+        files = source.shard_files()
+        workers = max(1, min(len(files), _n_threads()))
+
+        def one(path: Path) -> _Reduced | None:
+            reader = pq.ParquetFile(path)
+            return _reduce_stream(
+                reader.iter_batches(batch_size=batch_size, columns=_READ_COLUMNS, use_threads=False)
+            )
+
+        if workers == 1:
+            partials = [one(p) for p in files]
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                partials = list(pool.map(one, files))
+    else:
+        partials = [_reduce_stream(_iter_source_batches(source, batch_size))]
+    partials = [p for p in partials if p is not None]
+    if not partials:
+        raise CanopyError("no rollouts found; generate some with 'canopy generate' or import them")
+    return partials[0] if len(partials) == 1 else _merge_partials(partials)
+
+
+def _n_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS / Windows
+        return os.cpu_count() or 1
+
+
+def _merge_partials(partials: list[_Reduced]) -> _Reduced:
+    """Combine per-shard reductions: remap prompt codes, concatenate, add hazard sums."""
+    key_to_code: dict[tuple[str, ...], int] = {}
+    hazard: list[np.ndarray] = []
+    codes = []
+    for part in partials:
+        mapping = np.empty(len(part.prompt_keys), dtype=np.int64)
+        for j, key in enumerate(part.prompt_keys):  # loop over prompts only
+            g = key_to_code.get(key)
+            if g is None:
+                g = key_to_code[key] = len(key_to_code)
+                hazard.append(part.hazard[j])
+            else:
+                a, b = hazard[g], part.hazard[j]
+                if a.size < b.size:
+                    a, b = b, a
+                merged = a.copy()
+                merged[: b.size] += b
+                hazard[g] = merged
+            mapping[j] = g
+        codes.append(mapping[part.code])
+
+    def cat(name: str) -> np.ndarray:
+        return np.concatenate([getattr(p, name) for p in partials])
+
+    return _Reduced(
+        prompt_keys=list(key_to_code),
+        code=np.concatenate(codes),
+        rollout_index=cat("rollout_index"),
+        length=cat("length"),
+        finish=cat("finish"),
+        H=cat("H"),
+        surprisal=cat("surprisal"),
+        stop_entropy=cat("stop_entropy"),
+        has_eos_prob=cat("has_eos_prob"),
+        approximate=any(p.approximate for p in partials),
+        hazard=hazard,
+    )
+
+
+def _reduce_stream(batches) -> _Reduced | None:
+    """Reduce one stream of record batches (per-step lists never leave their batch)."""
     key_to_code: dict[tuple[str, ...], int] = {}
     hazard: list[np.ndarray] = []
     parts: dict[str, list[np.ndarray]] = {
-        k: []
-        for k in (
-            "code",
-            "rollout_index",
-            "length",
-            "finish",
-            "H",
-            "surprisal",
-            "stop",
-            "has_eos",
-        )
+        k: [] for k in ("code", "rollout_index", "length", "finish", "H", "surprisal", "stop")
     }
+    parts["has_eos"] = []
     approximate = False
-    for batch in _iter_source_batches(source, batch_size):
+    for batch in batches:
         n = batch.num_rows
         if n == 0:
             continue
-        keys = [batch.column(k).to_numpy(zero_copy_only=False) for k in PROMPT_KEYS]
-        local, uniques = pd.factorize(pd.MultiIndex.from_arrays(keys))
+        joined = pc.binary_join_element_wise(
+            *[batch.column(k) for k in PROMPT_KEYS], _KEY_SEPARATOR
+        ).dictionary_encode()
+        local = joined.indices.to_numpy(zero_copy_only=False)
+        uniques = [tuple(k.split(_KEY_SEPARATOR)) for k in joined.dictionary.to_pylist()]
+        if any(len(k) != len(PROMPT_KEYS) for k in uniques):
+            raise CanopyError("a model/variant/family/task/prompt_id contains the byte 0x1f")
         mapping = np.empty(len(uniques), dtype=np.int64)
         for j, key in enumerate(uniques):  # loop over the batch's prompts only
             code = key_to_code.get(key)
@@ -225,19 +308,19 @@ def _reduce(source: Any, batch_size: int = 1024) -> _Reduced:
         if np.any(steps != length):
             i = int(np.flatnonzero(steps != length)[0])
             raise CanopyError(
-                f"rollout {keys[4][i]!r} #{batch.column('rollout_index')[i]} has length "
+                f"rollout {uniques[local[i]][4]!r} #{batch.column('rollout_index')[i]} has length "
                 f"{length[i]} but {steps[i]} entropy values; the store is inconsistent, re-import it"
             )
         if np.any(length <= 0):
             i = int(np.flatnonzero(length <= 0)[0])
             raise CanopyError(
-                f"rollout of prompt {keys[4][i]!r} has no steps; every rollout needs at least "
+                f"rollout of prompt {uniques[local[i]][4]!r} has no steps; every rollout needs at least "
                 "one step (the EOS step counts)"
             )
-        H = segment_sums(ent, starts, ends)
+        H = segment_sums(ent, off)
 
         lp, lp_off, lp_valid = _list_parts(batch.column("logprob"))
-        surprisal = -segment_sums(lp, lp_off[:-1], lp_off[1:])
+        surprisal = -segment_sums(lp, lp_off)
         lp_ok = lp_valid & (np.diff(lp_off) == length)
         surprisal[~lp_ok] = np.nan
 
@@ -246,10 +329,8 @@ def _reduce(source: Any, batch_size: int = 1024) -> _Reduced:
         stop = np.full(n, np.nan)
         if lam_ok.any():
             lo, hi = int(lam_off[0]), int(lam_off[-1])
-            lam_slice = np.asarray(lam[lo:hi], dtype=np.float64)
-            stop[lam_ok] = segment_sums(
-                binary_entropy(lam_slice), lam_off[:-1] - lo, lam_off[1:] - lo
-            )[lam_ok]
+            lam_slice = lam[lo:hi]
+            stop[lam_ok] = segment_sums(binary_entropy(lam_slice), lam_off - lo)[lam_ok]
             _accumulate_hazard(hazard, code, lam_slice, lam_off - lo, lam_ok, length, mapping)
 
         up = batch.column("entropy_upper")
@@ -266,7 +347,7 @@ def _reduce(source: Any, batch_size: int = 1024) -> _Reduced:
         parts["has_eos"].append(lam_ok)
 
     if not key_to_code:
-        raise CanopyError("no rollouts found; generate some with 'canopy generate' or import them")
+        return None
     cat = {k: np.concatenate(v) for k, v in parts.items()}
     return _Reduced(
         prompt_keys=list(key_to_code),
@@ -299,15 +380,16 @@ def _accumulate_hazard(
     lens = length[rows]
     starts = offsets[rows]
     total = int(lens.sum())
-    # step position within its rollout and the flat index of the value, no Python loop
-    row_start_in_steps = np.repeat(np.cumsum(lens) - lens, lens)
-    pos = np.arange(total, dtype=np.int64) - row_start_in_steps
-    flat_idx = np.repeat(starts, lens) + pos
-    # local prompt index (dense within this batch)
+    first_step = np.cumsum(lens) - lens  # where each rollout's steps begin in the flat order
+    if rows.size == len(ok) and starts[0] == 0 and offsets[-1] == total:
+        values = lam[:total]  # every row valid and contiguous: no gather needed
+    else:
+        values = lam[np.repeat(starts - first_step, lens) + np.arange(total)]
+    # cell = local prompt * width + step position, built with one repeat and one add
     uniq, local = np.unique(code[rows], return_inverse=True)
     width = int(lens.max())
-    cell = np.repeat(local, lens) * width + pos
-    values = lam[flat_idx]
+    cell = np.repeat(local * width - first_step, lens)
+    cell += np.arange(total, dtype=np.int64)
     size = len(uniq) * width
     sums = np.bincount(cell, weights=values, minlength=size).reshape(len(uniq), width)
     for j, g in enumerate(uniq):  # loop over prompts only
@@ -541,23 +623,29 @@ def _caps_and_hmax(
     manifest: dict,
     h_max: float | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per prompt: the length cap T (manifest policy, else the cut length, else the longest
-    rollout) and H_max (--h-max, else log top_k / log vocab_size from the manifest, else NaN)."""
+    """Per prompt: the length cap T and H_max.
+
+    T: the length of the prompt's cut rollouts (the data is authoritative), else the
+    manifest's max_new_tokens for the model, else the model's cut length, else the prompt's
+    longest rollout. H_max: --h-max, else log top_k / log vocab_size from the manifest, else NaN.
+    """
     P = len(models)
-    cap = np.empty(P, dtype=np.float64)
+    cut_len = np.full(P, -np.inf)
+    np.maximum.at(cut_len, code[truncated], N[truncated])
+    longest = np.full(P, -np.inf)
+    np.maximum.at(longest, code, N)
+    cap = np.where(np.isfinite(cut_len), cut_len, np.nan)
     hmax = np.empty(P, dtype=np.float64)
-    model_of_rollout = models[code]
     for model in np.unique(models):  # loop over models only
         sel = models == model
-        mask = model_of_rollout == model
         configured = _manifest_lookup(manifest, str(model), "policy", "max_new_tokens")
-        if configured:
-            cap[sel] = float(configured)
-        elif np.any(truncated & mask):
-            cap[sel] = float(N[truncated & mask].max())
-        else:
-            cap[sel] = float(N[mask].max())
+        model_cut = cut_len[sel].max()
+        fallback = (
+            float(configured) if configured else (model_cut if np.isfinite(model_cut) else np.nan)
+        )
+        cap[sel] = np.where(np.isnan(cap[sel]), fallback, cap[sel])
         hmax[sel] = _h_max_for(manifest, str(model), h_max)
+    cap = np.where(np.isnan(cap), longest, cap)
     return cap, hmax
 
 
@@ -605,6 +693,7 @@ def compute_metrics(
     store = _as_store(source)
     manifest = store.read_manifest() if store is not None else {}
     red = _reduce(store if store is not None else source, batch_size=batch_size)
+    red.approximate = red.approximate or bool(manifest.get("approximate"))
     return _assemble(red, by, delta, h_max, manifest, warn)
 
 

@@ -282,7 +282,7 @@ class FiniteStateLM:
         draw = self.sample(initials, m, seed, max_new_tokens)
         store = RunStore(run_dir)
         run_name = run or Path(run_dir).name
-        table = _table_from_flat(
+        table = rollouts_table_from_flat(
             draw,
             run=run_name,
             keys={"model": model, "variant": variant, "family": family, "task": task},
@@ -304,7 +304,7 @@ class FiniteStateLM:
         return initials
 
 
-def _table_from_flat(
+def rollouts_table_from_flat(
     draw: dict[str, Any],
     *,
     run: str,

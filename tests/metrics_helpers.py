@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pyarrow as pa
 
 from canopy_entropy.store import rollouts_table
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def make_rollouts(
