@@ -10,7 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def reference_logq(logits: np.ndarray, temperature: float, top_k=None, top_p=1.0, min_p=0.0) -> np.ndarray:
+def reference_logq(
+    logits: np.ndarray, temperature: float, top_k=None, top_p=1.0, min_p=0.0
+) -> np.ndarray:
     """Renormalised log q over the vocabulary for one row (-inf outside the kept set)."""
     z = np.asarray(logits, dtype=np.float64) / temperature
     vocab = z.shape[0]
@@ -35,7 +37,9 @@ def reference_logq(logits: np.ndarray, temperature: float, top_k=None, top_p=1.0
     return out
 
 
-def reference_step(logits: np.ndarray, eos_ids, temperature: float, top_k=None, top_p=1.0, min_p=0.0):
+def reference_step(
+    logits: np.ndarray, eos_ids, temperature: float, top_k=None, top_p=1.0, min_p=0.0
+):
     """(entropy, eos mass, kept mass, logq) of one step, in float64."""
     logq = reference_logq(logits, temperature, top_k, top_p, min_p)
     q = np.exp(logq)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tests.policy_reference import reference_step
 
 from canopy_entropy.engines.base import DecodingPolicy
 from canopy_entropy.engines.hf import HFEngine
 from canopy_entropy.prompting import render_prompt
 from canopy_entropy.testing import build_tiny_model
-from tests.policy_reference import reference_step
 
 EOS_IDS = (2, 4)  # <|eos|> and <|im_end|> of the tiny model
 
@@ -121,10 +121,10 @@ def test_stop_string_ends_rollout_at_first_occurrence(engine):
     toks = ref.token_ids.tolist()
     assert len(toks) >= 8
     stop = engine.tokenizer.decode(toks[5:7])
-    expected = next(
-        j for j in range(len(toks)) if stop in engine.tokenizer.decode(toks[: j + 1])
+    expected = next(j for j in range(len(toks)) if stop in engine.tokenizer.decode(toks[: j + 1]))
+    policy = DecodingPolicy(
+        top_k=50, max_new_tokens=40, eos_token_ids=EOS_IDS, stop_strings=(stop,)
     )
-    policy = DecodingPolicy(top_k=50, max_new_tokens=40, eos_token_ids=EOS_IDS, stop_strings=(stop,))
     got = engine.sample(prompt, _seeds(1), np.arange(1), policy)
     assert got.finish_reason == ["stop"]
     np.testing.assert_array_equal(got.token_ids, toks[: expected + 1])
@@ -160,14 +160,18 @@ def test_other_errors_are_not_swallowed(engine, monkeypatch):
 
     monkeypatch.setattr(HFEngine, "_sample_batch", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        engine.sample(_prompt(engine), _seeds(2), np.arange(2), DecodingPolicy(eos_token_ids=EOS_IDS))
+        engine.sample(
+            _prompt(engine), _seeds(2), np.arange(2), DecodingPolicy(eos_token_ids=EOS_IDS)
+        )
 
 
 def test_length_cap_and_eos_finish_reasons(engine):
     policy = DecodingPolicy(top_k=50, max_new_tokens=5, eos_token_ids=EOS_IDS)
     batch = engine.sample(_prompt(engine), _seeds(16), np.arange(16), policy)
     lengths = np.diff(batch.offsets)
-    for n, reason, toks in zip(lengths, batch.finish_reason, batch.split(batch.token_ids)):
+    for n, reason, toks in zip(
+        lengths, batch.finish_reason, batch.split(batch.token_ids), strict=True
+    ):
         assert n <= 5
         assert reason == ("eos" if toks[-1] in EOS_IDS else "length")
         assert reason == "eos" or n == 5

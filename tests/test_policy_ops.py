@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from tests.policy_reference import reference_step
 
 from canopy_entropy.engines.base import DecodingPolicy
 from canopy_entropy.engines.policy_ops import (
@@ -17,7 +18,6 @@ from canopy_entropy.engines.policy_ops import (
     step_uniforms_numpy,
 )
 from canopy_entropy.errors import ConfigError
-from tests.policy_reference import reference_step
 
 POLICIES = [
     dict(temperature=1.0),
@@ -96,7 +96,9 @@ def test_uniform_logits_entropy_is_log_k():
     logits = torch.zeros(2, 1000)
     logits[:, :10] = 5.0
     policy = DecodingPolicy(top_k=10, eos_token_ids=(0, 1))
-    st = step_stats(logits, policy, torch.tensor([0, 1]), torch.tensor([0.0, 0.999], dtype=torch.float64))
+    st = step_stats(
+        logits, policy, torch.tensor([0, 1]), torch.tensor([0.0, 0.999], dtype=torch.float64)
+    )
     np.testing.assert_allclose(st.entropy.numpy(), math.log(10), rtol=1e-6)
     np.testing.assert_allclose(st.eos_prob.numpy(), 0.2, rtol=1e-6)
     z = 10 * math.exp(5) / (10 * math.exp(5) + 990)

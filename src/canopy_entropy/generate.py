@@ -76,10 +76,14 @@ def default_model_label(model: str) -> str:
     return path.name if path.exists() else model
 
 
-def _check_continuation(manifest: dict, policy_rec: dict, seed_rec: dict, label: str, rollouts: int) -> None:
+def _check_continuation(
+    manifest: dict, policy_rec: dict, seed_rec: dict, label: str, rollouts: int
+) -> None:
     stored = manifest.get("policy")
     if stored is not None and stored != policy_rec:
-        diff = sorted(k for k in set(stored) | set(policy_rec) if stored.get(k) != policy_rec.get(k))
+        diff = sorted(
+            k for k in set(stored) | set(policy_rec) if stored.get(k) != policy_rec.get(k)
+        )
         raise ConfigError(
             f"the run folder was generated with another decoding policy (differs in {', '.join(diff)}); "
             "use the same options or a new --run folder"
@@ -134,13 +138,19 @@ def generate_run(
     ids = [(p.task, p.id) for p in prompts]
     if len(set(ids)) != len(ids):
         dup = next(x for x in ids if ids.count(x) > 1)
-        raise ConfigError(f"prompt id '{dup[1]}' appears twice in task '{dup[0]}'; prompt ids must be unique")
+        raise ConfigError(
+            f"prompt id '{dup[1]}' appears twice in task '{dup[0]}'; prompt ids must be unique"
+        )
     label = model_label or default_model_label(model)
     family = family or label
     store = RunStore(run_dir)
     run = run_name or Path(run_dir).resolve().name
     requested_rec = policy_record(policy)
-    seed_rec = {"run_seed": int(seed), "common_random_numbers": bool(common_random_numbers), "scheme": SEED_SCHEME}
+    seed_rec = {
+        "run_seed": int(seed),
+        "common_random_numbers": bool(common_random_numbers),
+        "scheme": SEED_SCHEME,
+    }
     _check_continuation(store.read_manifest(), requested_rec, seed_rec, label, rollouts)
     shard_names = [slug(label, p.task, p.id) for p in prompts]
     todo = [i for i, name in enumerate(shard_names) if not store.has_shard(name)]
@@ -162,7 +172,9 @@ def generate_run(
         if not policy.eos_token_ids:
             resolved = dataclasses.replace(policy, eos_token_ids=tuple(eng.eos_token_ids))
         resolved.validate()
-        _write_manifest(store, label, model, variant, family, rollouts, eng, requested_rec, resolved, seed_rec)
+        _write_manifest(
+            store, label, model, variant, family, rollouts, eng, requested_rec, resolved, seed_rec
+        )
         rendered = {i: render_prompt(eng.tokenizer, prompts[i].text, variant) for i in todo}
         _check_context(prompts, rendered, resolved, eng.context_length)
         tokens_done = 0
@@ -173,11 +185,15 @@ def generate_run(
             prompt = prompts[i]
             text, token_ids = rendered[i]
             seeds = np.array(
-                [rollout_seed(seed, prompt.id, r, stream=stream) for r in range(rollouts)], dtype=np.int64
+                [rollout_seed(seed, prompt.id, r, stream=stream) for r in range(rollouts)],
+                dtype=np.int64,
             )
             batch = eng.sample(token_ids, seeds, np.arange(rollouts, dtype=np.int32), resolved)
             table = _batch_table(batch, run, label, variant, family, prompt)
-            store.write_prompts(shard_names[i], _prompt_table(run, label, variant, family, prompt, text, len(token_ids)))
+            store.write_prompts(
+                shard_names[i],
+                _prompt_table(run, label, variant, family, prompt, text, len(token_ids)),
+            )
             store.write_rollouts(shard_names[i], table)
             tokens_done += int(batch.offsets[-1])
             truncated += sum(r == "length" for r in batch.finish_reason)
@@ -219,7 +235,9 @@ def _check_context(prompts, rendered, policy: DecodingPolicy, context_length: in
             )
 
 
-def _write_manifest(store, label, model, variant, family, rollouts, eng, requested_rec, resolved, seed_rec):
+def _write_manifest(
+    store, label, model, variant, family, rollouts, eng, requested_rec, resolved, seed_rec
+):
     manifest = store.read_manifest()
     manifest.setdefault("schema", "canopy-manifest/1")
     manifest["policy"] = requested_rec
@@ -263,7 +281,9 @@ def _batch_table(batch, run, label, variant, family, prompt: Prompt) -> pa.Table
     )
 
 
-def _prompt_table(run, label, variant, family, prompt: Prompt, rendered: str, count: int) -> pa.Table:
+def _prompt_table(
+    run, label, variant, family, prompt: Prompt, rendered: str, count: int
+) -> pa.Table:
     row = {
         "run": [run],
         "model": [label],
@@ -289,7 +309,9 @@ def load_prompts(source: str, n: int | None = None) -> list[Prompt]:
     path = Path(source)
     if path.suffix in (".jsonl", ".json") or path.exists():
         if not path.is_file():
-            raise ConfigError(f"prompt file {path} does not exist; give a JSONL file or a task name")
+            raise ConfigError(
+                f"prompt file {path} does not exist; give a JSONL file or a task name"
+            )
         out = []
         for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if not line.strip():
@@ -297,10 +319,20 @@ def load_prompts(source: str, n: int | None = None) -> list[Prompt]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}:{lineno} is not valid JSON ({exc.msg}); fix that line") from exc
+                raise ConfigError(
+                    f"{path}:{lineno} is not valid JSON ({exc.msg}); fix that line"
+                ) from exc
             if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                raise ConfigError(f"{path}:{lineno} has no string field 'prompt'; each line needs one")
-            out.append(Prompt(id=str(rec.get("id", lineno)), text=rec["prompt"], task=str(rec.get("task", path.stem))))
+                raise ConfigError(
+                    f"{path}:{lineno} has no string field 'prompt'; each line needs one"
+                )
+            out.append(
+                Prompt(
+                    id=str(rec.get("id", lineno)),
+                    text=rec["prompt"],
+                    task=str(rec.get("task", path.stem)),
+                )
+            )
             if n is not None and len(out) >= n:
                 break
         return out

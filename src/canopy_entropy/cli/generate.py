@@ -12,33 +12,69 @@ from canopy_entropy.errors import ConfigError
 
 def command(
     model: Annotated[str, typer.Option("--model", help="Offline alias, local folder or HF id.")],
-    prompts: Annotated[str, typer.Option("--prompts", help="JSONL file ('prompt', optional 'id', 'task') or a task name.")],
+    prompts: Annotated[
+        str,
+        typer.Option(
+            "--prompts", help="JSONL file ('prompt', optional 'id', 'task') or a task name."
+        ),
+    ],
     run: Annotated[Path, typer.Option("--run", help="Run folder (created or continued).")],
     rollouts: Annotated[int, typer.Option("--rollouts", help="Rollouts per prompt (M).")] = 100,
-    variant: Annotated[str, typer.Option("--variant", help="base (raw text) or instruct (chat template).")] = "",
-    family: Annotated[str | None, typer.Option("--family", help="Model family label (default: the model label).")] = None,
-    label: Annotated[str | None, typer.Option("--label", help="Model label in the store (default: the model name).")] = None,
-    n_prompts: Annotated[int | None, typer.Option("--n-prompts", help="Use only the first N prompts.")] = None,
+    variant: Annotated[
+        str, typer.Option("--variant", help="base (raw text) or instruct (chat template).")
+    ] = "",
+    family: Annotated[
+        str | None, typer.Option("--family", help="Model family label (default: the model label).")
+    ] = None,
+    label: Annotated[
+        str | None,
+        typer.Option("--label", help="Model label in the store (default: the model name)."),
+    ] = None,
+    n_prompts: Annotated[
+        int | None, typer.Option("--n-prompts", help="Use only the first N prompts.")
+    ] = None,
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy.")] = 1.0,
-    top_k: Annotated[int | None, typer.Option("--top-k", help="Keep the k most likely tokens.")] = None,
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", help="Keep the k most likely tokens.")
+    ] = None,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus mass (1 = off).")] = 1.0,
-    min_p: Annotated[float, typer.Option("--min-p", help="Keep p >= min_p * p_max (0 = off).")] = 0.0,
+    min_p: Annotated[
+        float, typer.Option("--min-p", help="Keep p >= min_p * p_max (0 = off).")
+    ] = 0.0,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Length cap T.")] = 512,
-    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable).")] = None,
-    eos_id: Annotated[list[int] | None, typer.Option("--eos-id", help="EOS id (repeatable; default: the model's).")] = None,
+    stop: Annotated[
+        list[str] | None, typer.Option("--stop", help="Stop string (repeatable).")
+    ] = None,
+    eos_id: Annotated[
+        list[int] | None,
+        typer.Option("--eos-id", help="EOS id (repeatable; default: the model's)."),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Run seed.")] = 0,
-    common_random_numbers: Annotated[bool, typer.Option("--common-random-numbers", help="Same random streams for every model.")] = False,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Rollouts stepped together (halves on OOM).")] = None,
+    common_random_numbers: Annotated[
+        bool, typer.Option("--common-random-numbers", help="Same random streams for every model.")
+    ] = False,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Rollouts stepped together (halves on OOM).")
+    ] = None,
     engine: Annotated[str, typer.Option("--engine", help="hf, vllm or openai.")] = "hf",
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")] = "auto",
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")
+    ] = "auto",
 ) -> None:
     """Sample M rollouts per prompt, recording each step's exact entropy (resumable)."""
     import dataclasses
     import time
 
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from canopy_entropy.engines.base import DecodingPolicy
     from canopy_entropy.generate import generate_run, load_prompts
@@ -76,7 +112,12 @@ def command(
 
         def on_progress(event: dict) -> None:
             rate = event["tokens"] / max(event["elapsed_s"], 1e-9)
-            bar.update(task_id, completed=event["prompts_done"], rollouts=event["rollouts_done"], rate=f"{rate:,.0f}")
+            bar.update(
+                task_id,
+                completed=event["prompts_done"],
+                rollouts=event["rollouts_done"],
+                rate=f"{rate:,.0f}",
+            )
 
         summary = generate_run(
             run,

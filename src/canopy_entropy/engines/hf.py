@@ -12,7 +12,6 @@ randomness is a function of the rollout seed and step only).
 from __future__ import annotations
 
 import hashlib
-import time
 from typing import Any
 
 import numpy as np
@@ -78,7 +77,9 @@ class HFEngine(Engine):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+            raise ConfigError(
+                "--device cuda was asked for but no CUDA GPU is visible; use --device cpu"
+            )
         if dtype == "auto":
             dtype = "bfloat16" if device.startswith("cuda") else "float32"
         if dtype not in _DTYPES:
@@ -109,11 +110,30 @@ class HFEngine(Engine):
                 f"cannot load model '{model}': {str(exc).splitlines()[0]}; give a local folder, "
                 "an offline alias (smollm2-135m-instruct, gemma3-270m) or a hub id with network"
             ) from exc
+        self._finish_setup()
+
+    @classmethod
+    def from_model(
+        cls, model: Any, tokenizer: Any, name: str = "in-memory", batch_size: int | None = None
+    ) -> HFEngine:
+        """Wrap an already loaded model and tokenizer (benchmarks, notebooks); no loading."""
+        engine = cls.__new__(cls)
+        engine.model_name = name
+        engine.model_path = name
+        engine.model = model
+        engine.tokenizer = tokenizer
+        engine.device = next(model.parameters()).device
+        engine.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        engine.batch_size = batch_size
+        engine._finish_setup()
+        return engine
+
+    def _finish_setup(self) -> None:
         self.model.to(self.device).eval()
         self.eos_token_ids = model_eos_ids(self.model, self.tokenizer)
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)
-        self.stats = {"forward_s": 0.0, "steps": 0, "tokens": 0}
+        self.stats = {"steps": 0, "tokens": 0}
 
     def describe(self) -> dict:
         """Manifest facts: model path, dtype, device, tokenizer and chat-template hashes."""
@@ -199,8 +219,9 @@ class HFEngine(Engine):
         cache.batch_repeat_interleave(size)
         logits = prefix_logits.expand(size, -1)
         rows = torch.arange(size, device=dev)  # buffer row of each active batch row
-        stop = _StopChecker(self.tokenizer, policy.stop_strings, size) if policy.stop_strings else None
-        t_forward = 0.0
+        stop = (
+            _StopChecker(self.tokenizer, policy.stop_strings, size) if policy.stop_strings else None
+        )
         for step in range(cap):
             stats = step_stats(logits, policy, eos, step_uniforms(seed_t[rows], step))
             buf_tok[rows, step] = stats.token
@@ -226,14 +247,10 @@ class HFEngine(Engine):
                 tokens = stats.token[keep]
             else:
                 tokens = stats.token
-            t0 = time.perf_counter()
-            out = self.model(
-                input_ids=tokens.unsqueeze(-1), past_key_values=cache, use_cache=True
-            )
-            t_forward += time.perf_counter() - t0
+            out = self.model(input_ids=tokens.unsqueeze(-1), past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             logits = out.logits[:, -1, :]
-        self.stats["forward_s"] += t_forward
+        self.stats["steps"] += step + 1
         length_np = length.cpu().numpy()
         mask = np.arange(cap)[None, :] < length_np[:, None]
         floats = buf.cpu().numpy()
@@ -288,7 +305,7 @@ class _StopChecker:
 
     def update(self, rows: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         hit = np.zeros(len(rows), dtype=bool)
-        for j, (row, tok) in enumerate(zip(rows.tolist(), tokens.tolist())):
+        for j, (row, tok) in enumerate(zip(rows.tolist(), tokens.tolist(), strict=True)):
             hist = self.history[row]
             hist.append(tok)
             tail = self.tokenizer.decode(hist[-self.window :], skip_special_tokens=False)

@@ -1,0 +1,241 @@
+"""generate_run and `canopy generate`: store contents, manifest, resume after a real kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from canopy_entropy.engines.base import DecodingPolicy, rollout_seed
+from canopy_entropy.engines.hf import HFEngine
+from canopy_entropy.errors import CanopyError, ConfigError
+from canopy_entropy.generate import generate_run, load_prompts
+from canopy_entropy.prompting import render_prompt
+from canopy_entropy.store import RunStore, slug
+from canopy_entropy.tasks.base import Prompt
+from canopy_entropy.testing import build_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [
+    Prompt("p1", "Write a story about a robot.", "stories"),
+    Prompt("p2", "What is 12 times 7?", "math"),
+    Prompt("p3", "Once upon a time", "stories"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    eng = HFEngine(str(tiny), device="cpu")
+    yield eng
+    eng.close()
+
+
+def _policy(**kw):
+    return DecodingPolicy(top_k=40, max_new_tokens=24, **kw)
+
+
+def test_generate_run_writes_store_manifest_and_prompts(tmp_path, engine, tiny):
+    events = []
+    summary = generate_run(
+        tmp_path / "run", model=str(tiny), prompts=PROMPTS, rollouts=4, policy=_policy(),
+        variant="instruct", family="tiny-fam", model_label="tiny-it", engine_instance=engine,
+        seed=7, progress=events.append,
+    )  # fmt: skip
+    store = RunStore(tmp_path / "run")
+    table = store.read_rollouts()
+    assert table.num_rows == 12 and summary.prompts_generated == 3
+    assert summary.tokens == int(pc.sum(table["length"]).as_py())
+    assert [e["prompts_done"] for e in events] == [1, 2, 3]
+    assert set(events[-1]) == {
+        "prompts_done",
+        "prompts_total",
+        "rollouts_done",
+        "tokens",
+        "elapsed_s",
+    }
+    assert sorted(p.stem for p in store.shard_files()) == sorted(
+        slug("tiny-it", p.task, p.id) for p in PROMPTS
+    )
+    rows = table.to_pylist()
+    for row in rows:
+        assert (
+            row["model"] == "tiny-it"
+            and row["family"] == "tiny-fam"
+            and row["variant"] == "instruct"
+        )
+        assert row["seed"] == rollout_seed(
+            7, row["prompt_id"], row["rollout_index"], stream="tiny-it"
+        )
+        assert row["length"] == len(row["token_ids"]) == len(row["entropy"]) == len(row["logprob"])
+        assert row["text"] == engine.tokenizer.decode(row["token_ids"], skip_special_tokens=True)
+    assert {r["task"] for r in rows} == {"stories", "math"}
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    entry = manifest["models"]["tiny-it"]
+    assert entry["eos_token_ids"] == [2, 4] and entry["vocab_size"] == engine.vocab_size
+    assert entry["engine"]["engine"] == "hf" and manifest["approximate"] is False
+    assert manifest["policy"]["top_k"] == 40 and manifest["seed_scheme"]["run_seed"] == 7
+    prompts = store.read_prompts().to_pylist()
+    for row in prompts:
+        rendered, ids = render_prompt(engine.tokenizer, row["text"], "instruct")
+        assert row["rendered"] == rendered and row["token_count"] == len(ids)
+
+
+def test_rerun_skips_done_shards_and_refuses_other_settings(tmp_path, engine, tiny):
+    kw = dict(
+        model=str(tiny), prompts=PROMPTS[:2], rollouts=3, engine_instance=engine, model_label="m"
+    )
+    generate_run(tmp_path, policy=_policy(), **kw)
+    before = {p: p.stat().st_mtime_ns for p in RunStore(tmp_path).shard_files()}
+    again = generate_run(tmp_path, policy=_policy(), **kw)
+    assert again.prompts_skipped == 2 and again.prompts_generated == 0
+    assert {p: p.stat().st_mtime_ns for p in RunStore(tmp_path).shard_files()} == before
+    with pytest.raises(ConfigError, match=r"another decoding policy .*temperature"):
+        generate_run(tmp_path, policy=_policy(temperature=0.5), **kw)
+    with pytest.raises(ConfigError, match="seed 0"):
+        generate_run(tmp_path, policy=_policy(), seed=1, **kw)
+    with pytest.raises(ConfigError, match="3 rollouts per prompt"):
+        generate_run(tmp_path, policy=_policy(), **{**kw, "rollouts": 5})
+
+
+def test_common_random_numbers_share_streams_across_models(tmp_path, engine, tiny):
+    kw = dict(prompts=PROMPTS[:1], rollouts=3, policy=_policy(), engine_instance=engine)
+    generate_run(tmp_path / "a", model=str(tiny), model_label="A", common_random_numbers=True, **kw)
+    generate_run(tmp_path / "a", model=str(tiny), model_label="B", common_random_numbers=True, **kw)
+    generate_run(tmp_path / "b", model=str(tiny), model_label="C", **kw)
+    a = RunStore(tmp_path / "a").read_rollouts().to_pandas()
+    b = RunStore(tmp_path / "b").read_rollouts().to_pandas()
+    seeds_a = a[a.model == "A"].sort_values("rollout_index").seed.tolist()
+    assert seeds_a == a[a.model == "B"].sort_values("rollout_index").seed.tolist()
+    assert set(seeds_a).isdisjoint(b.seed.tolist())
+
+
+def test_prompt_longer_than_context_is_rejected_by_name(tmp_path, engine, tiny):
+    long_prompt = Prompt(
+        "too-long", "The quick brown fox jumps over the lazy dog. " * 60, "stories"
+    )
+    with pytest.raises(ConfigError, match=r"prompt 'too-long'.*lower --max-new-tokens or drop"):
+        generate_run(
+            tmp_path, model=str(tiny), prompts=[PROMPTS[0], long_prompt], rollouts=2,
+            policy=_policy(), engine_instance=engine,
+        )  # fmt: skip
+    assert not RunStore(tmp_path).shard_files()
+
+
+def test_no_double_bos_on_tiny_model(engine):
+    tok = engine.tokenizer
+    _, base_ids = render_prompt(tok, "Once upon a time", "base")
+    rendered, chat_ids = render_prompt(tok, "Once upon a time", "instruct")
+    assert base_ids[0] == tok.bos_token_id and base_ids.count(tok.bos_token_id) == 1
+    assert rendered.startswith("<|bos|><|im_start|>user\n")
+    assert chat_ids[0] == tok.bos_token_id and chat_ids.count(tok.bos_token_id) == 1
+
+
+def test_load_prompts_jsonl_ids_and_errors(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"prompt": "a"}\n\n{"prompt": "b", "id": "x"}\n{"prompt": "c", "task": "t"}\n')
+    got = load_prompts(str(path))
+    assert got == [Prompt("1", "a", "qa"), Prompt("x", "b", "qa"), Prompt("4", "c", "t")]
+    assert load_prompts(str(path), 2) == got[:2]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl:2 has no string field 'prompt'"):
+        load_prompts(str(bad))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_prompts(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(CanopyError):
+        load_prompts("no-such-task-name")
+
+
+def _cli(args, env=None, **popen):
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "src"),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        **(env or {}),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "canopy_entropy", "generate", *args], env=env, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen,
+    )  # fmt: skip
+
+
+def test_cli_error_is_one_line(tmp_path, tiny):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    proc = _cli(
+        [
+            "--model",
+            str(tiny),
+            "--prompts",
+            str(bad),
+            "--run",
+            str(tmp_path / "r"),
+            "--rollouts",
+            "2",
+        ]
+    )
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert err.strip().startswith("error:") and "bad.jsonl:1 is not valid JSON" in err
+    assert "Traceback" not in err
+
+
+def test_kill_and_resume_gives_identical_store(tmp_path, tiny, engine):
+    prompts = [Prompt(str(i), t, "demo") for i, t in enumerate(
+        ["Write a story about a robot.", "What is 12 times 7?", "Once upon a time",
+         "How many apples are left?", "def add(a, b):", "She opened the door", "A man is sitting"], start=1)]  # fmt: skip
+    jsonl = tmp_path / "demo.jsonl"
+    jsonl.write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in prompts))
+    run = tmp_path / "killed" / "run"
+    args = ["--model", str(tiny), "--prompts", str(jsonl), "--run", str(run), "--rollouts", "6",
+            "--top-k", "40", "--top-p", "0.95", "--max-new-tokens", "40", "--seed", "3", "--variant", "instruct"]  # fmt: skip
+    proc = _cli(args)
+    shards = run / "rollouts"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (shards.is_dir() and any(shards.glob("*.parquet"))):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    n_first = len(list(shards.glob("*.parquet")))
+    assert 1 <= n_first < len(prompts), "the kill came too late to test resuming"
+    proc = _cli(args)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    assert f"{len(prompts) - n_first} prompts generated, {n_first} already done" in " ".join(
+        err.split()
+    )
+    # reference: one uninterrupted run, same settings, in a folder with the same run name
+    policy = DecodingPolicy(top_k=40, top_p=0.95, max_new_tokens=40)
+    generate_run(tmp_path / "clean" / "run", model=str(tiny), prompts=prompts, rollouts=6, policy=policy,
+                 variant="instruct", seed=3, engine_instance=engine)  # fmt: skip
+    key = ["prompt_id", "rollout_index"]
+    got = RunStore(run).read_rollouts().to_pandas().sort_values(key).reset_index(drop=True)
+    ref = (
+        RunStore(tmp_path / "clean" / "run")
+        .read_rollouts()
+        .to_pandas()
+        .sort_values(key)
+        .reset_index(drop=True)
+    )
+    assert len(got) == len(ref) == 6 * len(prompts)
+    for col in ref.columns:
+        for a, b in zip(got[col], ref[col], strict=True):
+            if isinstance(b, np.ndarray):
+                np.testing.assert_array_equal(a, b, err_msg=col)
+            else:
+                assert a == b or (a is None and b is None), col
+    assert RunStore(run).read_prompts().num_rows == len(prompts)

