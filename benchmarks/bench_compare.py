@@ -52,15 +52,17 @@ def synthetic_prompts(
 def main() -> None:
     prompts = synthetic_prompts()
     compare_prompts(prompts.head(400), n_boot=50)  # warm-up (imports, caches)
-    times = []
+    times, cpu = [], []
     for _ in range(3):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         table, _ = compare_prompts(prompts, n_boot=2000, seed=0)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     groups = table.groupby(["family", "task"]).ngroups
     print(
         f"paired bootstrap: {groups} groups x 100 prompts x {table['metric'].nunique()} metrics, "
-        f"B=2000: best {min(times):.2f} s, median {sorted(times)[1]:.2f} s (target < 5 s)"
+        f"B=2000: wall best {min(times):.2f} s, median {sorted(times)[1]:.2f} s; "
+        f"CPU {min(cpu):.2f} s (target < 5 s on 2 cores)"
     )
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats as sps
 
 from canopy_entropy.compare import (
@@ -22,10 +22,17 @@ from canopy_entropy.compare import (
     length_bins,
     match_lengths,
     paired_bootstrap,
-    prompt_statistics_from_rollouts,
-    rollout_frame,
+    pooled_statistics,
+    prompt_statistics,
 )
 from canopy_entropy.errors import ConfigError
+from canopy_entropy.metrics import compute_metrics
+from canopy_entropy.stats.pooling import (
+    pool_covariance,
+    pool_fisher,
+    pool_kendall,
+    weighted_mean_with_fallback,
+)
 from canopy_entropy.store import RunStore
 from semantic_fixtures import make_run
 
@@ -178,7 +185,7 @@ def test_full_sample_values_match_independent_computation(tmp_path) -> None:
     result = compare_run(run, n_boot=100)
     table = RunStore(run).read_rollouts().to_pandas()
     sub = table[(table.variant == "instruct") & (table.task == "story")]
-    ce, nbar, rbar, pear, kend, cov, hn, ns = [], [], [], [], [], [], [], []
+    ce, nbar, rbar, pear, spear, kend, cov, ns = [], [], [], [], [], [], [], []
     for _, g in sub.groupby("prompt_id"):
         h = np.array([np.sum(e.astype(np.float64)) for e in g["entropy"]])
         n = g["length"].to_numpy(np.float64)
@@ -187,14 +194,10 @@ def test_full_sample_values_match_independent_computation(tmp_path) -> None:
         nbar.append(n.mean())
         rbar.append(r.mean())
         pear.append(sps.pearsonr(n, r).statistic)
+        spear.append(sps.spearmanr(n, r).statistic)
         kend.append(sps.kendalltau(n, r).statistic)
         cov.append(np.cov(n, r, ddof=1)[0, 1])
         ns.append(len(n))
-        p = {}
-        for lam_seq in g["eos_prob"]:
-            for step, lam in enumerate(lam_seq, start=1):
-                p[step] = p.get(step, 0.0) + float(lam) / len(n)
-        hn.append(-sum(v * math.log(v) for v in p.values() if v > 0))
     ns = np.array(ns, dtype=np.float64)
     z = np.arctanh(np.array(pear))
     got = result.table[result.table.task == "story"].set_index("metric")["b"]
@@ -206,7 +209,14 @@ def test_full_sample_values_match_independent_computation(tmp_path) -> None:
     w = ns * (ns - 1) / 2
     assert got["kendall"] == pytest.approx(np.sum(w * kend) / w.sum(), rel=1e-6)
     assert got["covariance"] == pytest.approx(np.sum((ns - 1) * cov) / np.sum(ns - 1), rel=1e-6)
-    assert got["length_entropy"] == pytest.approx(np.mean(hn), rel=1e-6)
+    zs = np.arctanh(np.array(spear))
+    assert got["spearman"] == pytest.approx(
+        np.tanh(np.sum((ns - 3) * zs) / np.sum(ns - 3)), rel=1e-6
+    )
+    # H(N) is the `canopy metrics` estimator (EOS hazard); the comparison pools it as a mean
+    metrics = compute_metrics(run, warn=False).prompts
+    sel = metrics[(metrics.variant == "instruct") & (metrics.task == "story")]
+    assert got["length_entropy"] == pytest.approx(sel["length_entropy"].mean(), rel=1e-12)
     for ext in ("csv", "md", "tex"):
         assert (run / "tables" / f"compare_entropy.{ext}").exists()
     assert (run / "compare" / "comparison.parquet").exists()
@@ -263,7 +273,7 @@ def test_length_matching_keeps_identical_per_bin_counts() -> None:
 
 def test_bad_options_are_config_errors(tmp_path) -> None:
     run = make_run(tmp_path / "run", n_prompts=3)
-    prompts = prompt_statistics_from_rollouts(rollout_frame(run), run)
+    prompts = prompt_statistics(run)
     with pytest.raises(ConfigError, match="matches no variant"):
         compare_prompts(prompts, a="chat")
     with pytest.raises(ConfigError, match="cannot group by"):
@@ -274,16 +284,94 @@ def test_bad_options_are_config_errors(tmp_path) -> None:
     assert set(table["a_label"]) == {"fam-base"}
 
 
-def test_cli_compare_json_and_one_line_error(tmp_path) -> None:
+def test_cli_compare_json_and_one_line_error(tmp_path, monkeypatch, capsys) -> None:
+    from canopy_entropy.cli.main import main
+
     run = make_run(tmp_path / "run", n_prompts=3)
-    env = {**os.environ, "PYTHONPATH": "src", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "canopy_entropy", "compare", str(run)]
-    ok = subprocess.run(
-        [*cmd, "--bootstrap", "50", "--json"], capture_output=True, text=True, env=env
-    )
-    assert ok.returncode == 0, ok.stderr
-    records = json.loads(ok.stdout)["comparison"]
+    monkeypatch.setattr(sys, "argv", ["canopy", "compare", str(run), "--bootstrap", "50", "--json"])
+    main()
+    records = json.loads(capsys.readouterr().out)["comparison"]
     assert {r["metric"] for r in records} >= {"ce_star", "genppl", "bf", "pearson"}
-    bad = subprocess.run([*cmd, "--a", "nope"], capture_output=True, text=True, env=env)
-    assert bad.returncode == 2
-    assert bad.stderr.strip().startswith("error:") and "Traceback" not in bad.stderr
+    monkeypatch.setattr(sys, "argv", ["canopy", "compare", str(run), "--a", "nope"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "matches no variant" in err and "Traceback" not in err
+
+
+def test_rate_diversity_relations_match_regression_oracles() -> None:
+    from canopy_entropy.compare import _relation_stats
+
+    rng = np.random.default_rng(12)
+    rows = []
+    for p in range(3):
+        n = rng.integers(5, 200, 30)
+        r = rng.uniform(0.2, 1.0, 30) + 0.001 * n
+        d = 0.3 * r + 0.02 * np.log(n) + rng.normal(0, 0.05, 30) + p
+        rows.append(pd.DataFrame({"prompt_id": f"p{p}", "length": n, "r": r, "d": d}))
+    frame = pd.concat(rows, ignore_index=True).assign(model="m", variant="v", family="f", task="t")
+    got = _relation_stats(frame, has_d=True)
+    z_rd, z_partial, z_nr = [], [], []
+    x_all, y_all = [], []
+    for _, g in frame.groupby("prompt_id"):
+        n, r, d = g["length"].to_numpy(float), g["r"].to_numpy(), g["d"].to_numpy()
+        design = np.column_stack([np.ones_like(n), np.log(n)])
+        res_r = r - design @ np.linalg.lstsq(design, r, rcond=None)[0]
+        res_d = d - design @ np.linalg.lstsq(design, d, rcond=None)[0]
+        z_rd.append(np.arctanh(sps.pearsonr(r, d).statistic))
+        z_partial.append(np.arctanh(sps.pearsonr(res_r, res_d).statistic))
+        z_nr.append(np.arctanh(sps.pearsonr(n, r).statistic))
+        x_all.append(r - r.mean())
+        y_all.append(d - d.mean())
+    x, y = np.concatenate(x_all), np.concatenate(y_all)
+    assert got["corr_r_d"] == pytest.approx(np.tanh(np.mean(z_rd)), abs=1e-12)
+    assert got["partial_corr_r_d_logN"] == pytest.approx(np.tanh(np.mean(z_partial)), abs=1e-12)
+    assert got["rho_pearson_N_r"] == pytest.approx(np.tanh(np.mean(z_nr)), abs=1e-12)
+    # within-prompt (fixed-effects) slope of d on r
+    assert got["slope_d_on_r"] == pytest.approx(np.linalg.lstsq(x[:, None], y, rcond=None)[0][0])
+
+
+def test_cli_usage_error_is_not_a_traceback(tmp_path, monkeypatch, capsys) -> None:
+    from canopy_entropy.cli.main import main
+
+    monkeypatch.setattr(sys, "argv", ["canopy", "compare", str(tmp_path), "--bogus"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    assert "No such option: --bogus" in capsys.readouterr().err
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 8), st.integers(1, 20), st.integers(0, 2**31 - 1))
+def test_count_matrix_pooling_equals_stats_pooling_on_gathered_arrays(p, b, seed) -> None:
+    # small n makes every Fisher weight max(n-3, 0) zero in some rows: the unweighted fallback;
+    # NaNs make some rows all-NaN: NaN out
+    rng = np.random.default_rng(seed)
+    stats = random_prompt_stats(rng, p)
+    stats["n_rollouts"] = rng.integers(1, 6, p).astype(np.float64)
+    for col in ("kendall", "ce_star", "pearson"):
+        stats[col][rng.random(p) < 0.3] = np.nan
+    idx = rng.integers(0, p, (b, p))
+    got = pooled_statistics(stats, idx)
+    n = stats["n_rollouts"][idx]
+    np.testing.assert_allclose(got["pearson"], pool_fisher(stats["pearson"][idx], n), rtol=1e-12)
+    np.testing.assert_allclose(got["spearman"], pool_fisher(stats["spearman"][idx], n), rtol=1e-12)
+    np.testing.assert_allclose(got["kendall"], pool_kendall(stats["kendall"][idx], n), rtol=1e-12)
+    np.testing.assert_allclose(
+        got["covariance"], pool_covariance(stats["covariance"][idx], n), rtol=1e-12, atol=1e-15
+    )
+    ce = weighted_mean_with_fallback(stats["ce_star"][idx], np.ones(1))
+    np.testing.assert_allclose(got["ce_star"], ce, rtol=1e-12)
+
+
+def test_pooled_over_tasks_pairs_on_task_and_prompt_id(tmp_path) -> None:
+    # prompt ids repeat across tasks: with --by '' a prompt is (family, task, prompt_id)
+    run = make_run(tmp_path / "run", n_prompts=3, tasks=("math", "story"))
+    pooled = compare_run(run, n_boot=50, by=())
+    assert (pooled.table["n_prompts"] == 6).all()
+    per_task = compare_run(run, n_boot=50, by=("task",)).table
+    ce = per_task[per_task.metric == "ce_star"]["a"].mean()
+    assert pooled.table.set_index("metric").loc["ce_star", "a"] == pytest.approx(ce, rel=1e-12)
+    lm = pooled.length_matched
+    assert (lm["n_prompts"] == 6).all()

@@ -1,8 +1,8 @@
 """Paired comparison of two models on the same prompts (SPEC section 5), plus length matching.
 
-``compare_run`` pairs the prompts of side A and side B (by ``prompt_id`` within each by-group),
-draws one ``[B, P]`` matrix of resampled prompt indices per group and applies it to both sides,
-so every replicate compares the two models on the same prompts. Every pooled statistic is
+``compare_run`` pairs the prompts of side A and side B (same family/task/prompt_id within each
+by-group), draws one ``[B, P]`` matrix of resampled prompt indices per group and applies it to
+both sides, so every replicate compares the two models on the same prompts. Every pooled statistic is
 recomputed from per-prompt sufficient statistics (CE*_p, Nbar_p, Rbar_p, H(N)_p, D_p, Vendi_p,
 per-prompt correlations and their n_p) with the SPEC pooling rules, all replicates at once; no
 per-step data is touched after the per-prompt table is built.
@@ -24,9 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from scipy import stats as sps
 from scipy.special import ndtr, ndtri
 
 from canopy_entropy.errors import CanopyError, ConfigError
@@ -343,20 +341,11 @@ def summarise_replicates(rep: PairedReplicates) -> list[dict[str, float | str]]:
 # per-rollout and per-prompt statistics from a run folder
 # --------------------------------------------------------------------------------------------
 def rollout_frame(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
-    """One row per rollout: keys, length N, total entropy H and rate r = H / N (vectorised)."""
-    store = RunStore(run_dir)
-    cols = [*PROMPT_KEYS, "rollout_index", "length", "finish_reason", "entropy"]
-    table = store.read_rollouts(columns=cols)
-    ent = table.column("entropy").combine_chunks()
-    flat = pc.list_flatten(ent).to_numpy(zero_copy_only=False).astype(np.float64)
-    parents = pc.list_parent_indices(ent).to_numpy()
-    h = np.bincount(parents, weights=flat, minlength=len(table))
-    frame = table.drop_columns(["entropy"]).to_pandas()
-    frame["H"] = h
-    n = frame["length"].to_numpy(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        frame["r"] = np.where(n > 0, h / n, np.nan)
-    return frame
+    """One row per rollout: keys, rollout_index, length N, total entropy H and rate r = H / N."""
+    from canopy_entropy.metrics import per_rollout_frame
+
+    frame = per_rollout_frame(RunStore(run_dir))
+    return frame.rename(columns={"rate": "r"})
 
 
 def _group_ids(frame: pd.DataFrame, cols: Sequence[str]) -> np.ndarray:
@@ -403,86 +392,13 @@ def grouped_midranks(g: np.ndarray, x: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def prompt_statistics_from_rollouts(
-    frame: pd.DataFrame, run_dir: str | os.PathLike[str]
-) -> pd.DataFrame:
-    """Per-prompt CE*, Nbar, Rbar, H(N), correlations and n (SPEC sections 2-4) from rollouts.
-
-    Used when ``canopy_entropy.metrics`` is not available. H(N) uses the unbiased length law
-    ``p(n) = (1/M) sum_i 1{N_i >= n} lambda_in`` when ``eos_prob`` is recorded, else the
-    histogram plug-in.
-    """
-    frame = frame.sort_values([*PROMPT_KEYS, "rollout_index"]).reset_index(drop=True)
-    g = _group_ids(frame, PROMPT_KEYS)
-    n_len = frame["length"].to_numpy(np.float64)
-    r = frame["r"].to_numpy(np.float64)
-    grouped = frame.assign(_g=g).groupby("_g", sort=True)
-    out = grouped[list(PROMPT_KEYS)].first().reset_index(drop=True)
-    out["ce_star"] = grouped["H"].mean().to_numpy()
-    out["mean_length"] = grouped["length"].mean().to_numpy(np.float64)
-    out["entropy_rate"] = grouped["r"].mean().to_numpy()
-    out["n_rollouts"] = grouped.size().to_numpy()
-    pearson, _ = grouped_pearson(g, n_len, r)
-    spearman, _ = grouped_pearson(g, grouped_midranks(g, n_len), grouped_midranks(g, r))
-    out["pearson"] = pearson
-    out["spearman"] = spearman
-    with np.errstate(invalid="ignore", divide="ignore"):
-        k = len(out)
-        cnt = out["n_rollouts"].to_numpy(np.float64)
-        mx = np.bincount(g, weights=n_len, minlength=k) / cnt
-        my = np.bincount(g, weights=r, minlength=k) / cnt
-        sxy = np.bincount(g, weights=(n_len - mx[g]) * (r - my[g]), minlength=k)
-        out["covariance"] = np.where(cnt > 1, sxy / (cnt - 1), np.nan)
-    bounds = np.flatnonzero(np.diff(g)) + 1
-    kendall = []
-    for xs, ys in zip(np.split(n_len, bounds), np.split(r, bounds), strict=True):
-        if len(xs) < 2 or np.ptp(xs) == 0 or np.ptp(ys) == 0:
-            kendall.append(np.nan)
-        else:
-            kendall.append(sps.kendalltau(xs, ys).statistic)
-    out["kendall"] = kendall
-    out["length_entropy"] = _length_entropy(run_dir, frame, g, len(out))
-    return out
-
-
-def _length_entropy(run_dir, frame: pd.DataFrame, g: np.ndarray, k: int) -> np.ndarray:
-    """H(N) per prompt from the stop probabilities (SPEC section 4), histogram if none."""
-    store = RunStore(run_dir)
-    table = store.read_rollouts(columns=[*PROMPT_KEYS, "rollout_index", "eos_prob"])
-    keyed = table.drop_columns(["eos_prob"]).to_pandas()
-    keyed["_row"] = np.arange(len(keyed))
-    pos = frame[[*PROMPT_KEYS, "rollout_index"]].merge(keyed, on=[*PROMPT_KEYS, "rollout_index"])
-    eos = table.column("eos_prob").combine_chunks().take(pa.array(pos["_row"].to_numpy()))
-    m = np.bincount(g, minlength=k).astype(np.float64)
-    if eos.null_count == 0 and len(eos):
-        lam = pc.list_flatten(eos).to_numpy(zero_copy_only=False).astype(np.float64)
-        parent = pc.list_parent_indices(eos).to_numpy()
-        offsets = eos.offsets.to_numpy()
-        step = np.arange(len(lam)) - offsets[parent] - offsets[0]
-        cell_g, cell_n, weights = g[parent], step, lam
-    else:
-        n_len = frame["length"].to_numpy(np.int64)
-        cell_g, cell_n, weights = g, n_len - 1, np.ones(len(g))
-    width = int(cell_n.max()) + 1 if len(cell_n) else 1
-    p = np.bincount(cell_g * width + cell_n, weights=weights, minlength=k * width).reshape(k, width)
-    p = p / m[:, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(p > 0, -p * np.log(np.where(p > 0, p, 1.0)), 0.0)
-    return terms.sum(axis=1)
-
-
 def prompt_statistics(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
-    """Per-prompt sufficient statistics of a run, with diversity merged in when embedded."""
+    """Per-prompt sufficient statistics of a run (``canopy metrics``), with D and Vendi merged
+    in from ``RUN/semantic/prompt_diversity.parquet`` when ``canopy embed`` has run."""
+    from canopy_entropy.metrics import compute_metrics
     from canopy_entropy.semantic.embed import read_prompt_diversity
 
-    try:
-        from canopy_entropy.metrics import compute_metrics  # type: ignore[attr-defined]
-    except ImportError:
-        compute_metrics = None
-    if compute_metrics is not None:
-        prompts = compute_metrics(run_dir).prompts.copy()
-    else:
-        prompts = prompt_statistics_from_rollouts(rollout_frame(run_dir), run_dir)
+    prompts = compute_metrics(RunStore(run_dir), warn=False).prompts.copy()
     div = read_prompt_diversity(run_dir)
     if div is not None:
         prompts = prompts.drop(columns=[c for c in ("diversity", "vendi") if c in prompts])
@@ -519,6 +435,16 @@ def _validate_sides(prompts: pd.DataFrame, a: str, b: str, a_key: str) -> None:
         raise ConfigError(f"--a and --b are both '{a}'; pick two different {a_key}s")
 
 
+def pairing_columns(by: Sequence[str], a_key: str) -> list[str]:
+    """Columns identifying the same prompt on both sides, beyond the by-columns.
+
+    A prompt is (family, task, prompt_id) when comparing variants of a family, and
+    (task, prompt_id) when comparing models by name (they may belong to different families).
+    """
+    cols = ["family", "task"] if a_key == "variant" else ["task"]
+    return [c for c in cols if c not in by] + ["prompt_id"]
+
+
 def compare_prompts(
     prompts: pd.DataFrame,
     a: str = "base",
@@ -544,6 +470,7 @@ def compare_prompts(
         for c in (*MEAN_COLUMNS, "pearson", "spearman", "kendall", "covariance", "n_rollouts")
         if c in prompts.columns
     ]
+    pair_cols = [c for c in pairing_columns(by, a_key) if c in prompts.columns]
     rows: list[dict] = []
     frame = prompts.copy()
     for col in by:
@@ -556,15 +483,16 @@ def compare_prompts(
         sel_a = sel[sel[a_key].astype(str) == a]
         sel_b = sel[sel[a_key].astype(str) == b]
         for side, part in (("A", sel_a), ("B", sel_b)):
-            if part["prompt_id"].duplicated().any():
+            if part.duplicated(pair_cols).any():
                 raise CanopyError(
-                    f"group {label} has several {side} rows per prompt_id (more than one model "
-                    f"or variant); narrow the sides with --on model or add a column to --by"
+                    f"group {label} has several {side} rows per prompt ({'/'.join(pair_cols)}): "
+                    "more than one model per side; compare model names with --on model or add "
+                    "'model' to --by"
                 )
-        pairs = sel_a[["prompt_id", *metric_cols]].merge(
-            sel_b[["prompt_id", *metric_cols]], on="prompt_id", suffixes=("_a", "_b")
+        pairs = sel_a[[*pair_cols, *metric_cols]].merge(
+            sel_b[[*pair_cols, *metric_cols]], on=pair_cols, suffixes=("_a", "_b")
         )
-        pairs = pairs.sort_values("prompt_id", kind="stable").reset_index(drop=True)
+        pairs = pairs.sort_values(pair_cols, kind="stable").reset_index(drop=True)
         dropped = len(sel_a) + len(sel_b) - 2 * len(pairs)
         if dropped:
             notes.append(
@@ -693,11 +621,10 @@ def length_matched_analysis(
     frame = rollouts[rollouts[a_key].astype(str).isin([a, b])].copy()
     frame["_side"] = np.where(frame[a_key].astype(str) == a, "a", "b")
     frame = frame.sort_values(["_side", *PROMPT_KEYS, "rollout_index"]).reset_index(drop=True)
-    both = frame.groupby([*by, "prompt_id"], observed=True)["_side"].transform("nunique") == 2
+    cell = [*by, *pairing_columns(by, a_key)]
+    both = frame.groupby(cell, observed=True)["_side"].transform("nunique") == 2
     frame = frame[both.to_numpy()].reset_index(drop=True)
-    keep = match_lengths(
-        frame, "_side", [*by, "prompt_id"], seed=seed, bins_per_octave=bins_per_octave
-    )
+    keep = match_lengths(frame, "_side", cell, seed=seed, bins_per_octave=bins_per_octave)
     frame["_keep"] = keep
     rows = []
     for key, grp in frame.groupby(by, sort=True, observed=True) if by else [((), frame)]:
@@ -717,7 +644,7 @@ def length_matched_analysis(
                         "matched": ma.get(stat, np.nan),
                         "n_rollouts_unmatched": len(sub),
                         "n_rollouts_matched": int(sub["_keep"].sum()),
-                        "n_prompts": int(sub["prompt_id"].nunique()),
+                        "n_prompts": len(sub[cell].drop_duplicates()),
                     }
                 )
     return pd.DataFrame(rows)

@@ -41,7 +41,9 @@ def command(
         err.print(f"[yellow]note:[/] {note}", highlight=False)
     if as_json:
         records = json.loads(result.table.to_json(orient="records"))
-        print(json.dumps({"comparison": records, "notes": result.notes}, indent=2))
+        matched = json.loads(result.length_matched.to_json(orient="records"))
+        doc = {"comparison": records, "length_matched": matched, "notes": result.notes}
+        print(json.dumps(doc, indent=2))
         return
     out = Console()
     view = Table(title=f"{b} vs {a} (paired bootstrap, B={bootstrap}, 95% CI)")
@@ -63,6 +65,25 @@ def command(
             ci,
         )
     out.print(view)
+    lm = result.length_matched
+    if not lm.empty:
+        lm_view = Table(
+            title="length-matched (within prompt, log-length bins): unmatched -> matched"
+        )
+        for col in [*by_cols, "model", "statistic", "unmatched", "matched", "rollouts kept"]:
+            lm_view.add_column(
+                col, justify="left" if col in (*by_cols, "model", "statistic") else "right"
+            )
+        for _, r in lm.iterrows():
+            lm_view.add_row(
+                *[str(r[c]) for c in by_cols],
+                str(r["label"]),
+                str(r["statistic"]),
+                f"{r['unmatched']:+.3f}",
+                f"{r['matched']:+.3f}",
+                f"{r['n_rollouts_matched']}/{r['n_rollouts_unmatched']}",
+            )
+        out.print(lm_view)
     for name, path in result.paths.items():
         if name in ("comparison", "length_matched") or name.endswith(".md"):
             out.print(f"wrote {path}", highlight=False)

@@ -113,10 +113,24 @@ def resolve_encoder(
         model = load_encoder(encoder, device)
     else:
         model = encoder
-    name = getattr(model, "canopy_name", None) or type(model).__name__
+    name = getattr(model, "canopy_name", None) or _model_identity(model)
     if prefix is None:
         prefix = KNOWN_PREFIXES.get(name, "")
     return model, name, prefix, notes
+
+
+def _model_identity(model: Any) -> str:
+    """A cache-key name for an encoder object not loaded by ``load_encoder``."""
+    try:
+        path = model[0].auto_model.config._name_or_path
+    except Exception:
+        path = None
+    if not path:
+        raise CanopyError(
+            "cannot tell which model this encoder object is (needed to key the embedding "
+            "cache); pass the encoder by name or set its 'canopy_name' attribute"
+        )
+    return str(path)
 
 
 def _text_hashes(texts: list[str]) -> np.ndarray:
