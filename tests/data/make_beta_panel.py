@@ -12,13 +12,13 @@ import numpy as np
 import pandas as pd
 
 
-def make_panel(seed: int = 20260601, n_prompts: int = 30) -> pd.DataFrame:
-    """The generating process described in the module docstring."""
+def make_panel(seed: int = 20260601, n_prompts: int = 30, raw: bool = False) -> pd.DataFrame:
+    """The generating process described in the module docstring (``raw``: keep R and invN)."""
     rng = np.random.default_rng(seed)
     tasks, families, variants = ["T1", "T2", "T3", "T4"], ["fa", "fb", "fc"], ["base", "instruct"]
-    task_mu = dict(zip(tasks, [0.0, 0.5, -0.4, 0.2]))
-    task_phi = dict(zip(tasks, [0.0, -0.3, 0.2, 0.4]))
-    fam_re = dict(zip(families, rng.normal(0, 0.3, len(families))))
+    task_mu = dict(zip(tasks, [0.0, 0.5, -0.4, 0.2], strict=False))
+    task_phi = dict(zip(tasks, [0.0, -0.3, 0.2, 0.4], strict=False))
+    fam_re = dict(zip(families, rng.normal(0, 0.3, len(families)), strict=False))
     rows = []
     for task in tasks:
         for k in range(n_prompts):
@@ -31,8 +31,15 @@ def make_panel(seed: int = 20260601, n_prompts: int = 30) -> pd.DataFrame:
                     r = r_prompt + rng.normal(0, 0.8) - 0.3 * inst
                     x = rng.normal(0, 1)
                     eta = (
-                        -0.3 + 0.7 * r + 0.4 * inst + 1.2 * r * inst + 0.3 * x - 0.15 * x**2
-                        + task_mu[task] + u + fam_re[fam]
+                        -0.3
+                        + 0.7 * r
+                        + 0.4 * inst
+                        + 1.2 * r * inst
+                        + 0.3 * x
+                        - 0.15 * x**2
+                        + task_mu[task]
+                        + u
+                        + fam_re[fam]
                     )
                     mu = 1 / (1 + np.exp(-eta))
                     phi = np.exp(3.0 + 0.3 * inst + task_phi[task] - 0.2 * r)
@@ -41,7 +48,8 @@ def make_panel(seed: int = 20260601, n_prompts: int = 30) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=["task", "prompt", "family", "variant", "D", "R", "invN"])
     df["R_sc"] = (df.R - df.R.mean()) / df.R.std(ddof=1)
     df["invN_sc"] = (df.invN - df.invN.mean()) / df.invN.std(ddof=1)
-    return df[["task", "prompt", "family", "variant", "D", "R_sc", "invN_sc"]]
+    cols = ["task", "prompt", "family", "variant", "D", "R_sc", "invN_sc"]
+    return df[[*cols, "R", "invN"]] if raw else df[cols]
 
 
 if __name__ == "__main__":

@@ -144,7 +144,9 @@ class FixedDesign:
     formulaic_names: list[str] = field(default_factory=list)
 
     @classmethod
-    def fit(cls, rhs: str, data: pd.DataFrame, what: str = "model") -> tuple[FixedDesign, np.ndarray]:
+    def fit(
+        cls, rhs: str, data: pd.DataFrame, what: str = "model"
+    ) -> tuple[FixedDesign, np.ndarray]:
         """Build the design matrix on ``data``; returns the design and the matrix (R order)."""
         try:
             mm = model_matrix(rhs, data, context={"ns": ns}, na_action="raise")
@@ -163,9 +165,10 @@ class FixedDesign:
                 if len(parts) != len(factors):
                     parts = [col]
                     factors = factors[:1]
-                info = [_part_to_r(p, f, spec) for p, f in zip(parts, factors)]
+                info = [_part_to_r(p, f, spec) for p, f in zip(parts, factors, strict=False)]
                 ranked = sorted(
-                    zip(factors, info), key=lambda fi: var_order.get(fi[0].replace(" ", ""), 0)
+                    zip(factors, info, strict=False),
+                    key=lambda fi: var_order.get(fi[0].replace(" ", ""), 0),
                 )
                 rnames.append(":".join(name for _, (name, _) in ranked))
                 keys.append((term_index, *reversed([level for _, (_, level) in ranked])))
