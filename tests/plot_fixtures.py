@@ -233,8 +233,8 @@ def _write_compare(root, rng) -> None:
                         pct_se=5.0,
                         pct_lo=pct - 10,
                         pct_hi=pct + 12,
-                        ratio_lo=b / a * 0.9,
-                        ratio_hi=b / a * 1.1,
+                        ratio_lo=pct - 9,
+                        ratio_hi=pct + 13,
                         n_prompts=6,
                         a_label="base",
                         b_label="instruct",
@@ -262,7 +262,7 @@ def _write_regression(root, df, keys, rng) -> None:
                 task=t,
                 variant=v,
                 R_sc=x,
-                D_pred=1 / (1 + np.exp(-(-0.8 + (0.3 if v == "base" else 0.8) * x))),
+                D=1 / (1 + np.exp(-(-0.8 + (0.3 if v == "base" else 0.8) * x))),
             )
             for t in TASKS
             for v in VARIANTS
@@ -293,20 +293,37 @@ def _write_regression(root, df, keys, rng) -> None:
         "loglik": 812.5,
         "aic": -1601.0,
         "nobs": len(panel),
-        "slope_ratio": {"estimate": 2.66, "se": 0.4},
-        "convergence": {"converged": True, "grad_norm": 1e-6, "hessian_pd": True},
+        "slope_ratio": {"estimate": 2.66, "se": 0.4, "lo": 1.876, "hi": 3.444},
+        "ngroups": {"prompt": 12, "family": 2},
+        "converged": True,
+        "convergence": {
+            "max_abs_gradient": 1e-6,
+            "hessian_positive_definite": True,
+            "message": "ok",
+            "iterations": 31,
+        },
     }
     atomic_write_json(root / "regression" / "result.json", result)
-    atomic_write_json(
-        root / "regression" / "diagnostics.json",
-        {
-            "conditional": {"ks_p": 0.41, "dispersion_p": 0.77, "outlier_p": 1.0},
-            "unconditional": {"ks_p": 0.35, "dispersion_p": 0.6, "outlier_p": 1.0},
-            "nsim": 250,
-        },
-    )
-    diag = panel[[*keys, "prompt_id"]].copy()
-    diag["scaled_residual"] = rng.uniform(0, 1, len(diag))
+    # the layout of canopy_entropy.stats.dharma (canopy regress --diagnostics)
+    tests = {
+        side: {
+            "ks": {"statistic": 0.08, "p": ks},
+            "dispersion": {"ratio": 1.02, "p": disp},
+            "outliers": {
+                "outliers": 0,
+                "n": len(panel),
+                "expected_rate": 0.008,
+                "rate": 0.0,
+                "p": 1.0,
+            },
+        }
+        for side, ks, disp in (("conditional", 0.41, 0.77), ("unconditional", 0.35, 0.6))
+    }
+    atomic_write_json(root / "regression" / "diagnostics.json", {"nsim": 250, "seed": 0, **tests})
+    diag = pd.DataFrame({"observed": panel["D"]})
+    for side in ("conditional", "unconditional"):
+        diag[f"residual_{side}"] = rng.uniform(0, 1, len(diag))
+        diag[f"predicted_{side}"] = panel["D"] + rng.normal(0, 0.01, len(diag))
     atomic_write_table(
         root / "regression" / "diagnostics.parquet",
         pa.Table.from_pandas(diag, preserve_index=False),

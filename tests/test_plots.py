@@ -176,6 +176,8 @@ def test_fig4_decomposition_bars(run, palette):
     # stacked total of the three terms equals CE* (the fixture's terms add up exactly)
     total = sum(np.array([p.get_height() for p in c.patches]) for c in top.containers)
     np.testing.assert_allclose(total, rows["ce_star"], rtol=1e-9)
+    cov_share = 100 * (rows["within_cov_term"] + rows["between_cov_term"]) / rows["ce_star"]
+    assert [t.get_text() for t in top.texts] == [f"cov {v:+.1f}%" for v in cov_share]
 
 
 def test_fig5_comparison(run, palette):
@@ -207,9 +209,20 @@ def test_fig6_scatter_curves_forest_qq(run, palette):
     assert "slope ratio 2.66" in fig.axes[0].get_title()
     doc, resid = pdata.regression_diagnostics(run)
     fig = F.fig_qq(doc, resid)
-    pts = fig.axes[0].get_lines()[0]
-    np.testing.assert_allclose(pts.get_ydata(), np.sort(resid["scaled_residual"]))
-    assert "p=0.41" in " ".join(t.get_text() for t in fig.axes[0].texts)
+    lines = fig.axes[0].get_lines()
+    assert [ln.get_label() for ln in lines[:2]] == [
+        "residual_conditional",
+        "residual_unconditional",
+    ]
+    np.testing.assert_allclose(lines[1].get_ydata(), np.sort(resid["residual_unconditional"]))
+    text = " ".join(t.get_text() for t in fig.axes[0].texts)
+    for line in (
+        "conditional ks: p=0.41",
+        "unconditional dispersion: p=0.6",
+        "conditional outliers: p=1",
+    ):
+        assert line in text
+    assert "statistic" not in text and "expected" not in text
 
 
 def test_fig6_without_regression_uses_metrics_and_diversity(tmp_path, palette):
@@ -231,7 +244,7 @@ def test_written_files_are_real_images(run):
         assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
         assert float(img[..., :3].std()) > 0.05, f"{name}.png looks blank"
         assert (run / "figures" / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
-    assert json.loads((run / "figures" / "notes.json").read_text()) == {}
+    assert json.loads((run / "figures" / "index.json").read_text())["notes"] == {}
 
 
 def test_missing_stages_give_notes_not_crashes(tmp_path):
@@ -243,7 +256,8 @@ def test_missing_stages_give_notes_not_crashes(tmp_path):
     assert "canopy metrics" in made.notes["fig4_ce_decomposition"]
     assert "canopy compare" in made.notes["fig5_comparison"]
     assert "canopy regress" in made.notes["fig6_coefficients"]
-    assert json.loads((run / "figures" / "notes.json").read_text()) == made.notes
+    index = json.loads((run / "figures" / "index.json").read_text())
+    assert index["notes"] == made.notes and index["min_active"] == 5
 
 
 def test_no_rollouts_only_later_stages(tmp_path):
@@ -333,3 +347,18 @@ def test_model_names_are_drawn_verbatim(scan, palette):
     labels = {ln.get_label() for ax in fig.axes for ln in ax.get_lines()}
     assert model_name("fam-b", "instruct") in labels
     assert EVIL in model_name("fam-b", "instruct")
+
+
+def test_rerun_gives_byte_identical_files(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    names = ["fig6_qq", "fig5_comparison"]
+    first = make_figures(copy, names=names, formats=("png", "pdf", "svg"))
+    data1 = {p.name: p.read_bytes() for p in first}
+    second = make_figures(copy, names=names, formats=("png", "pdf", "svg"))
+    assert {p.name: p.read_bytes() for p in second} == data1
+    # a partial redraw keeps the other figures' entries in the index
+    index = json.loads((copy / "figures" / "index.json").read_text())
+    assert "fig1_running_rate.png" in index["files"] and "fig6_qq.svg" in index["files"]

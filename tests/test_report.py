@@ -123,7 +123,7 @@ def test_policy_regression_and_manifest_shown(page):
         "slope ratio",
         "2.66 ± 0.4",
         "random-effect SD (prompt)",
-        "conditional.ks_p",
+        "conditional.ks.p",
         "manifest.json",
         "config.toml",
         "seed_scheme",
@@ -150,14 +150,15 @@ def test_report_without_rollouts_and_without_figures(tmp_path):
     out = build_report(run, figures=False, out=tmp_path / "x.html")
     text = "".join(Parsed(out.read_text()).text)
     assert "no rollouts in rollouts/" in text
-    assert "run 'canopy plot' first" in text
+    assert "not drawn yet: run 'canopy plot' first" in text
     assert not (run / "report.html").exists()
 
 
 def test_non_converged_regression_is_loud(tmp_path):
     run = build_run(tmp_path / "r", prompts=3, rollouts=4, stages=("regression",))
     res = json.loads((run / "regression" / "result.json").read_text())
-    res["convergence"] = {"converged": False, "grad_norm": 0.3}
+    res["converged"] = False
+    res["convergence"]["max_abs_gradient"] = 0.3
     (run / "regression" / "result.json").write_text(json.dumps(res))
     page = render_report(run)
     assert "did not converge" in page and 'class="alert danger"' in page
@@ -274,3 +275,61 @@ def test_cli_report_no_figures(run, tmp_path, monkeypatch, capsys):
         assert not exc.code
     assert capsys.readouterr().out.strip() == str(target)
     assert len([t for t, _ in Parsed(target.read_text()).tags if t == "img"]) == len(FIGURE_NAMES)
+
+
+def test_report_redraws_figures_only_when_stale(tmp_path):
+    from canopy_entropy.plots.figures import figures_are_fresh, make_figures
+
+    run = build_run(tmp_path / "r", prompts=3, rollouts=4, stages=("rollouts", "compare"))
+    make_figures(run, formats=("png",), names=["fig5_comparison"])
+    png = run / "figures" / "fig5_comparison.png"
+    before = png.stat().st_mtime_ns
+    assert figures_are_fresh(run) and not figures_are_fresh(run, min_active=3)
+    build_report(run)  # fresh: embeds the existing PNG, draws nothing
+    assert png.stat().st_mtime_ns == before
+    assert len([t for t, _ in Parsed((run / "report.html").read_text()).tags if t == "img"]) == 1
+    (run / "compare" / "comparison.parquet").unlink()  # an input disappears: stale
+    assert not figures_are_fresh(run)
+    build_report(run, formats=("png",))
+    assert not png.exists()
+    assert "not drawn: compare/comparison.parquet not found" in (run / "report.html").read_text()
+
+
+def test_pipeline_reference_run_metrics_compare_figures_report(tmp_path):
+    """Real upstream stages (metrics, compare) on the exact reference model feed the figures
+    and the report; pooled groups without a family column still get family colours."""
+    from canopy_entropy.compare import compare_run
+    from canopy_entropy.metrics import write_metrics
+    from canopy_entropy.plots.figures import make_figures
+    from canopy_entropy.reference import FiniteStateLM
+
+    run = tmp_path / "ref"
+    for fi, family in enumerate(("famA", "famB")):
+        for vi, variant in enumerate(("base", "instruct")):
+            lm = FiniteStateLM.random(seed=10 * fi + vi, mean_eos=0.08 if vi == 0 else 0.05)
+            for ti, task in enumerate(("math", "story")):
+                lm.sample_store(
+                    run,
+                    4,
+                    6,
+                    seed=100 * fi + 10 * vi + ti,
+                    model=f"{family}-{variant}",
+                    variant=variant,
+                    family=family,
+                    task=task,
+                    max_new_tokens=40,
+                    prompt_seed=ti,
+                )
+    write_metrics(run, warn=False)
+    compare_run(run, by=("family", "task"), n_boot=100)
+    made = make_figures(run, formats=("png",))
+    assert sorted(made.notes) == ["fig6_coefficients", "fig6_qq", "fig6_rate_vs_diversity"]
+    pooled = pdata.metrics_pooled(run)
+    assert "family" not in pd.read_parquet(run / "metrics" / "pooled.parquet").columns
+    assert set(pooled["family"]) == {"famA", "famB"}
+    page = build_report(run, figures=False).read_text()
+    sort_values = {a.get("data-sort") for a in _cells(page)}
+    for value in pooled["ce_star"]:
+        assert repr(float(value)) in sort_values
+    assert "rollouts (within)" in page or "prompts (between)" in page
+    assert len([t for t, _ in Parsed(page).tags if t == "img"]) == 5

@@ -26,7 +26,9 @@ from canopy_entropy.plots.figures import (
     FIGURE_NAMES,
     FIGURE_TITLES,
     FORMATS,
+    figures_are_fresh,
     make_figures,
+    read_index,
 )
 from canopy_entropy.store import atomic_write_text
 
@@ -37,6 +39,7 @@ POLICY_KEYS = (
     "min_p",
     "max_new_tokens",
     "seed",
+    "rollouts",
     "rollouts_per_prompt",
     "prompts_per_task",
     "engine",
@@ -107,11 +110,16 @@ figcaption { color: var(--muted); font-size: 13px; margin-top: 4px; }
 pre { background: var(--bg-alt); padding: 10px; overflow-x: auto; font-size: 12px;
       border: 1px solid var(--line); white-space: pre-wrap; word-break: break-word; }
 code { font-family: ui-monospace, "SF Mono", Menlo, Consolas, monospace; }
+@page { size: A4 landscape; margin: 12mm; }
 @media print {
   body { padding: 0; max-width: none; font-size: 11px; }
   nav, .noprint { display: none; }
   h2 { page-break-after: avoid; break-after: avoid; }
-  table, figure, .alert { page-break-inside: avoid; break-inside: avoid; }
+  figure, .alert, tr { page-break-inside: avoid; break-inside: avoid; }
+  thead { display: table-header-group; }
+  table { font-size: 9px; }
+  th, td { padding: 2px 5px; }
+  td.t, th { white-space: normal; overflow-wrap: anywhere; }
   table.sortable th::after { content: ""; }
   th { position: static; }
   .scroll { overflow: visible; }
@@ -474,7 +482,8 @@ def _comparison_tables(run: Path) -> str:
                 if ratio
                 else Cell("—", None),
                 Cell(
-                    f"[{fmt(rec.get('ratio_lo'))}, {fmt(rec.get('ratio_hi'))}]", rec.get("ratio_lo")
+                    f"[{fmt(rec.get('ratio_lo'))}%, {fmt(rec.get('ratio_hi'))}%]",
+                    rec.get("ratio_lo"),
                 )
                 if ratio and not _is_missing(rec.get("ratio_lo"))
                 else Cell("—", None),
@@ -487,13 +496,14 @@ def _comparison_tables(run: Path) -> str:
         (f"{b_label} ± SE", False),
         ("difference [95% CI]", False),
         ("% change [95% CI]", False),
-        ("ratio CI", False),
+        ("% change BCa CI", False),
         ("prompts", False),
     ]
     out = (
         f"<p>{esc(b_label)} against {esc(a_label)} on the same prompts; paired cluster "
-        "bootstrap over prompts (SPEC §5), percentile intervals; ratio CI is the log-ratio/BCa "
-        "interval of B/A.</p>" + html_table(columns, rows)
+        "bootstrap over prompts (SPEC §5), percentile intervals; for ratio metrics also the BCa "
+        "interval of B/A, as a percent change (percent-change intervals are skewed).</p>"
+        + html_table(columns, rows)
     )
     path = run / "compare" / "length_matched.parquet"
     if path.exists():
@@ -521,30 +531,38 @@ def _regression_section(run: Path, alerts: list[str]) -> str:
     items: list[tuple[str, Any]] = [
         (k, result[k]) for k in ("nobs", "loglik", "aic") if k in result
     ]
+    for group, n in (result.get("ngroups") or {}).items():
+        items.append((f"groups ({group})", n))
     ratio = result.get("slope_ratio")
+    label = "slope ratio (b_R + b_RxI) / b_R"
     if isinstance(ratio, dict):
-        items.append(
-            (
-                "slope ratio (b_R + b_RxI) / b_R",
-                f"{fmt(ratio.get('estimate'))} ± {fmt(ratio.get('se'), 2)}",
-            )
-        )
+        text = f"{fmt(ratio.get('estimate'))} ± {fmt(ratio.get('se'), 2)}"
+        if not _is_missing(ratio.get("lo")) and not _is_missing(ratio.get("hi")):
+            text += f" [{fmt(ratio['lo'])}, {fmt(ratio['hi'])}] (delta method)"
+        items.append((label, text))
     elif ratio is not None:
-        items.append(("slope ratio (b_R + b_RxI) / b_R", ratio))
+        items.append((label, ratio))
     for group, sd in (result.get("re_sd") or {}).items():
         items.append((f"random-effect SD ({group})", sd))
-    conv = result.get("convergence")
-    if isinstance(conv, dict):
-        for k, v in conv.items():
-            items.append((f"convergence: {k}", v))
-        if conv.get("converged") is False or conv.get("hessian_pd") is False:
-            alerts.append(
-                _alert(
-                    "danger",
-                    "<b>The regression did not converge</b>: estimates and SEs are unreliable "
-                    f"({esc(json.dumps(conv, default=str))}).",
-                )
+    conv = result.get("convergence") if isinstance(result.get("convergence"), dict) else {}
+    if "converged" in result:
+        items.append(("converged", result["converged"]))
+    for k, v in conv.items():
+        items.append((f"convergence: {k}", v))
+    failed = (
+        result.get("converged") is False
+        or conv.get("converged") is False
+        or conv.get("hessian_positive_definite") is False
+        or conv.get("hessian_pd") is False
+    )
+    if failed:
+        alerts.append(
+            _alert(
+                "danger",
+                "<b>The regression did not converge</b>: estimates and SEs are unreliable "
+                f"({esc(json.dumps(conv or {'converged': False}, default=str))}).",
             )
+        )
     out = [
         '<dl class="kv">'
         + "".join(
@@ -679,29 +697,32 @@ def build_report(
     run_dir: str | Path,
     *,
     out: str | Path | None = None,
-    figures: bool = True,
+    figures: bool | None = None,
     min_active: int = DEFAULT_MIN_ACTIVE,
     formats: Sequence[str] = FORMATS,
 ) -> Path:
-    """Write the self-contained ``report.html`` of a run (re-rendering its figures first).
+    """Write the self-contained ``report.html`` of a run; returns its path (atomic write).
 
-    With ``figures=False`` the PNGs already in ``RUN/figures/`` are embedded as they are;
-    ``formats`` are the files written beside the report's PNGs (PDF for papers by default).
-    Returns the path written (atomically).
+    ``figures``: True re-draws the figures first; False embeds the PNGs already in
+    ``RUN/figures/``; None (default) re-draws only when they are older than their inputs or
+    were drawn with another ``min_active`` (so ``canopy run`` does not draw them twice).
+    ``formats`` are the files written beside the PNGs when drawing (PDF for papers).
     """
     run = data.check_run_dir(run_dir)
+    if figures is None:
+        figures = not figures_are_fresh(run, min_active)
     if figures:
         made = make_figures(run, min_active=min_active, formats=sorted({"png", *formats}))
         paths, notes = list(made), made.notes
     else:
+        index = read_index(run) or {}
         fig_dir = run / "figures"
         paths = sorted(fig_dir.glob("*.png")) if fig_dir.is_dir() else []
-        notes_path = fig_dir / "notes.json"
-        notes = json.loads(notes_path.read_text()) if notes_path.exists() else {}
+        notes = dict(index.get("notes", {}))
         have = {p.stem for p in paths}
         for name in FIGURE_NAMES:
             if name not in have and name not in notes:
-                notes[name] = "not rendered yet: run 'canopy plot' first"
+                notes[name] = "not drawn yet: run 'canopy plot' first"
     text = render_report(run, figure_paths=paths, figure_notes=notes)
     target = Path(out) if out is not None else run / "report.html"
     atomic_write_text(target, text)

@@ -19,9 +19,12 @@ def command(
         bool, typer.Option("--open", help="Open the report in the default browser.")
     ] = False,
     figures: Annotated[
-        bool,
-        typer.Option(help="Re-draw the figures first (--no-figures embeds RUN/figures/*.png)."),
-    ] = True,
+        bool | None,
+        typer.Option(
+            help="Re-draw the figures first (--no-figures: embed RUN/figures/*.png as they are; "
+            "default: re-draw only when older than their inputs)."
+        ),
+    ] = None,
     min_active: Annotated[
         int, typer.Option(help="Trim figure 1 where fewer rollouts than this are still active.")
     ] = 5,

@@ -187,15 +187,52 @@ def rollout_counts(run: Path) -> pd.DataFrame:
 
 
 def metrics_pooled(run: Path) -> pd.DataFrame:
-    """Pooled metrics per group (metrics/pooled.parquet, else metrics/metrics.json)."""
+    """Pooled metrics per group (metrics/pooled.parquet, else metrics/metrics.json).
+
+    Groups pooled without some key column (``canopy metrics --by model,variant,task`` has no
+    family) get it back from the model's rows elsewhere in the run; a missing task is 'all'.
+    """
     path = run / "metrics" / "pooled.parquet"
     if path.exists():
-        return _read_parquet(path, "canopy metrics")
-    doc = _read_json(run / "metrics" / "metrics.json", "canopy metrics")
-    rows = [{**g.get("key", {}), **g.get("pooled", {})} for g in doc.get("groups", [])]
-    if not rows:
-        raise MissingInput("metrics/metrics.json has no groups")
-    return pd.DataFrame(rows)
+        pooled = _read_parquet(path, "canopy metrics")
+    else:
+        doc = _read_json(run / "metrics" / "metrics.json", "canopy metrics")
+        rows = [{**g.get("key", {}), **g.get("pooled", {})} for g in doc.get("groups", [])]
+        if not rows:
+            raise MissingInput("metrics/metrics.json has no groups")
+        pooled = pd.DataFrame(rows)
+    return attach_model_keys(run, pooled)
+
+
+def _model_key_map(run: Path) -> pd.DataFrame | None:
+    """model -> (family, variant) from per-prompt metrics or the rollouts (None if neither)."""
+    for loader in (metrics_prompts, rollout_counts):
+        try:
+            frame = loader(run)
+        except MissingInput:
+            continue
+        if {"model", "family", "variant"} <= set(frame.columns):
+            return frame[["model", "family", "variant"]].drop_duplicates("model")
+    return None
+
+
+def attach_model_keys(run: Path, df: pd.DataFrame) -> pd.DataFrame:
+    """Fill missing family/variant (by model) and task ('all') columns of a grouped frame."""
+    df = df.copy()
+    if "task" not in df.columns:
+        df["task"] = "all"
+    if "model" not in df.columns:
+        return df
+    missing = [c for c in ("family", "variant") if c not in df.columns]
+    if missing:
+        mapping = _model_key_map(run)
+        if mapping is not None:
+            df = df.merge(mapping[["model", *missing]], on="model", how="left")
+        for c in missing:
+            if c not in df.columns:
+                df[c] = df["model"] if c == "family" else ""
+            df[c] = df[c].fillna(df["model"] if c == "family" else "")
+    return df
 
 
 def metrics_prompts(run: Path) -> pd.DataFrame:

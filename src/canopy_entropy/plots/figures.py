@@ -8,6 +8,7 @@ skipped with a note (``.notes`` on the returned list, also ``figures/notes.json`
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,6 +281,23 @@ def fig_ce_decomposition(pooled: pd.DataFrame, palette: Palette) -> Figure:
         if "ce_star" in sub.columns:
             ce = [float(r["ce_star"]) for r in rows]
             ax.plot(x, ce, linestyle="none", marker="_", markersize=18, color="black", label="CE*")
+            # the covariance terms are often small next to N̄·R̄: print their share of CE*
+            cov = sum(
+                np.array([float(r[c]) for r in rows])
+                for c in ("within_cov_term", "between_cov_term")
+                if c in sub.columns
+            )
+            for xi, top, c_i, ce_i in zip(x, pos_base, np.atleast_1d(cov), ce, strict=False):
+                if np.isfinite(c_i) and ce_i:
+                    ax.annotate(
+                        f"cov {100 * c_i / ce_i:+.1f}%",
+                        (xi, top),
+                        ha="center",
+                        va="bottom",
+                        fontsize=7,
+                        xytext=(0, 2),
+                        textcoords="offset points",
+                    )
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_title(task)
         ax.set_xticks(x, [m for m, _, _ in models], rotation=30, ha="right")
@@ -446,6 +464,11 @@ def fig_rate_vs_diversity(
     return fig
 
 
+def _float(value: Any) -> float:
+    """JSON number or null -> float (null -> NaN)."""
+    return float("nan") if value is None else float(value)
+
+
 def _headline_term(terms: Sequence[str]) -> str | None:
     for hint in HEADLINE_TERM_HINTS:
         if hint in terms:
@@ -460,8 +483,8 @@ def fig_coefficients(result: dict[str, Any]) -> Figure:
     terms = [t for t in mean if t != "(Intercept)"]
     if not terms:
         raise data.MissingInput("regression/result.json has no mean-model coefficients")
-    est = np.array([float(mean[t]["estimate"]) for t in terms])
-    se = np.array([float(mean[t].get("se", np.nan)) for t in terms])
+    est = np.array([_float(mean[t].get("estimate")) for t in terms])
+    se = np.array([_float(mean[t].get("se")) for t in terms])
     fig = new_figure(6.0, 1.2 + 0.28 * len(terms))
     ax = fig.add_subplot()
     y = np.arange(len(terms))[::-1]
@@ -476,8 +499,13 @@ def fig_coefficients(result: dict[str, Any]) -> Figure:
     ratio = result.get("slope_ratio")
     if isinstance(ratio, dict):
         ratio = ratio.get("estimate")
-    if ratio is not None and np.isfinite(float(ratio)):
+    if ratio is not None and np.isfinite(_float(ratio)):
         title += f" (slope ratio {float(ratio):.2f})"
+    conv = result.get("convergence") if isinstance(result.get("convergence"), dict) else {}
+    if result.get("converged") is False or conv.get("converged") is False:
+        title += "\nNOT CONVERGED: estimates unreliable"
+    if not np.isfinite(se).all():
+        ax.set_xlabel("estimate (logit scale) ± 1.96 SE (no bar: SE not available)")
     ax.set_title(title)
     return fig
 
@@ -490,21 +518,27 @@ DIAGNOSTIC_P = (
 
 
 def _diagnostic_pvalues(doc: dict[str, Any]) -> list[str]:
-    """Readable 'test p=..' strings from a diagnostics.json of any reasonable nesting."""
+    """'conditional ks p=0.41'-style lines from diagnostics.json (any reasonable nesting).
+
+    A number counts as a p-value when its key is ``p``/``pvalue``/``p_value`` or ends in
+    ``_p``, and its path names one of the KS, dispersion or outlier tests.
+    """
     found: list[str] = []
 
-    def walk(obj: Any, path: str) -> None:
+    def is_p(key: str) -> bool:
+        return key in ("p", "pvalue", "p_value") or key.endswith("_p")
+
+    def walk(obj: Any, path: list[str]) -> None:
         if isinstance(obj, dict):
             for k, v in obj.items():
-                walk(v, f"{path}.{k}" if path else str(k))
-        elif isinstance(obj, int | float) and not isinstance(obj, bool):
-            low = path.lower()
-            if ("p" in low.split(".")[-1] or "pvalue" in low or "p_value" in low) and any(
-                key in low for key, _ in DIAGNOSTIC_P
-            ):
-                found.append(f"{path}: p={float(obj):.3g}")
+                walk(v, [*path, str(k).lower()])
+        elif isinstance(obj, int | float) and not isinstance(obj, bool) and path:
+            joined = ".".join(path)
+            if is_p(path[-1]) and any(key in joined for key, _ in DIAGNOSTIC_P):
+                name = " ".join(path[:-1]) if path[-1] in ("p", "pvalue", "p_value") else joined
+                found.append(f"{name}: p={float(obj):.3g}")
 
-    walk(doc, "")
+    walk(doc, [])
     return found
 
 
@@ -632,9 +666,9 @@ def build_figure(name: str, inputs: _Inputs, palette: Palette) -> Figure:
 
 
 def figure_bytes(fig: Figure, fmt: str) -> bytes:
-    """Serialise a figure (PDF without a creation date so re-runs are byte-identical)."""
+    """Serialise a figure (no creation dates, so re-runs give byte-identical files)."""
     buf = io.BytesIO()
-    metadata = {"CreationDate": None} if fmt == "pdf" else None
+    metadata = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}.get(fmt)
     with style():
         fig.savefig(buf, format=fmt, metadata=metadata)
     return buf.getvalue()
@@ -649,8 +683,9 @@ def make_figures(
 ) -> FigureFiles:
     """Render every figure whose inputs exist to ``RUN/figures/<name>.<fmt>`` (atomic writes).
 
-    Returns the written paths; ``.notes`` says why each other figure was skipped (also saved
-    to ``figures/notes.json``). Stale files of a skipped figure are removed so the folder
+    Returns the written paths; ``.notes`` says why each other figure was skipped. Both are
+    recorded in ``figures/index.json`` (with ``min_active``) so the report can tell whether
+    the figures are up to date. Stale files of a skipped figure are removed so the folder
     never shows a figure from older inputs.
     """
     run = data.check_run_dir(run_dir)
@@ -676,5 +711,57 @@ def make_figures(
             path = out_dir / f"{name}.{fmt}"
             atomic_write_bytes(path, figure_bytes(fig, fmt))
             written.append(path)
-    atomic_write_json(out_dir / "notes.json", written.notes)
+    # figures not drawn in this call keep their entries (same min_active only)
+    old = read_index(run) or {}
+    same = old.get("min_active") == min_active
+    kept_files = [f for f in old.get("files", []) if same and Path(f).stem not in names]
+    kept_notes = {k: v for k, v in old.get("notes", {}).items() if same and k not in names}
+    atomic_write_json(
+        out_dir / INDEX_NAME,
+        {
+            "min_active": min_active,
+            "files": sorted({*kept_files, *(p.name for p in written)}),
+            "notes": {**kept_notes, **written.notes},
+        },
+    )
     return written
+
+
+INDEX_NAME = "index.json"
+# Everything a figure reads: a change (or a deletion, via the folder's mtime) makes them stale.
+INPUT_GLOBS = (
+    "manifest.json",
+    "rollouts",
+    "rollouts/*.parquet",
+    "metrics",
+    "metrics/*",
+    "semantic",
+    "semantic/*.parquet",
+    "compare",
+    "compare/*.parquet",
+    "regression",
+    "regression/*",
+)
+
+
+def read_index(run_dir: str | Path) -> dict[str, Any] | None:
+    """figures/index.json of a run, or None when absent or unreadable."""
+    path = Path(run_dir) / "figures" / INDEX_NAME
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def figures_are_fresh(run_dir: str | Path, min_active: int = DEFAULT_MIN_ACTIVE) -> bool:
+    """True when figures/ was drawn (with ``min_active``) after every input last changed."""
+    run = Path(run_dir)
+    index = read_index(run)
+    if index is None or index.get("min_active") != min_active:
+        return False
+    stamp = (run / "figures" / INDEX_NAME).stat().st_mtime_ns
+    for pattern in INPUT_GLOBS:
+        for path in run.glob(pattern):
+            if path.stat().st_mtime_ns > stamp:
+                return False
+    return all((run / "figures" / name).exists() for name in index.get("files", []))

@@ -11,9 +11,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import matplotlib
-
-matplotlib.use("Agg", force=False)
-
 from matplotlib.figure import Figure
 
 # Colour-blind-safe palette (Okabe-Ito, black dropped), then tab10 for more families.
@@ -60,6 +57,7 @@ RC: dict[str, Any] = {
     "lines.linewidth": 1.6,
     "pdf.fonttype": 42,  # TrueType in PDFs: editable text for journals
     "svg.fonttype": "none",
+    "svg.hashsalt": "canopy-entropy",  # stable SVG ids: re-runs give identical files
 }
 
 
@@ -71,7 +69,8 @@ def style():
 
 
 def new_figure(width: float, height: float) -> Figure:
-    """A pyplot-free Figure (no global state, no GUI backend, freed when dropped)."""
+    """A pyplot-free Figure: no global state and no backend switch (safe inside notebooks);
+    ``savefig`` renders PNG/PDF/SVG through matplotlib's own canvases; freed when dropped."""
     return Figure(figsize=(width, height), layout="constrained")
 
 
