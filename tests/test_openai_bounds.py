@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.stats import entropy as scipy_entropy
 
-from canopy_entropy.engines.topk import dedupe_rows, pad_ragged, topk_step_stats
+from canopy_entropy.engines.topk import pad_ragged, topk_step_stats
 
 V = 60
 
@@ -115,8 +115,19 @@ def test_duplicate_sampled_entry_counted_once():
     )
     assert st.entropy[0] == pytest.approx(scipy_entropy(dist), abs=1e-6)
     assert st.covered_mass[0] == pytest.approx(1.0, abs=1e-6)
-    out = dedupe_rows(np.array([[5, 1, 5, -1]]), np.array([[-1.0, -2.0, -1.0, -np.inf]]))
-    assert np.isfinite(out).sum() == 2
+    # sampled token outside the top list (a tie at p_K): counted, and p_K stays the top's
+    dist = np.concatenate([[0.4, 0.2, 0.2, 0.2], np.zeros(V - 4)])
+    st = topk_step_stats(
+        np.array([[0, 1, 2]]),
+        np.log([[0.4, 0.2, 0.2]]),
+        (3,),
+        vocab_size=V,
+        exact_kept_set=True,
+        extra_ids=np.array([3]),
+        extra_logprobs=np.log([0.2]),
+    )
+    assert st.entropy[0] == pytest.approx(scipy_entropy(dist), abs=1e-6)
+    assert st.eos_prob[0] == pytest.approx(0.2, abs=1e-7)
 
 
 def test_pad_ragged_roundtrip():
@@ -127,3 +138,5 @@ def test_pad_ragged_roundtrip():
     assert pid.tolist() == [[4, 5, -1], [-1, -1, -1], [6, 7, 8]]
     assert np.isneginf(plp[1]).all()
     np.testing.assert_allclose(np.exp(plp).sum(1), [1.0, 0.0, 1.0])
+    rid, _ = pad_ragged(np.array([2, 2]), np.array([1, 2, 3, 4]), np.zeros(4))
+    assert rid.tolist() == [[1, 2], [3, 4]]

@@ -40,7 +40,9 @@ def canned_rollout(seed: int, top_k: int, max_tokens: int, n_logprobs: int | Non
         tokens.append(tok)
         sampled.append(float(np.log(p[choice])))
         shown = zip(keep[:n_logprobs], p[:n_logprobs], strict=True)
-        tops.append({f"token_id:{int(t)}": float(np.log(q)) for t, q in shown})
+        top = {f"token_id:{int(t)}": float(np.log(q)) for t, q in shown}
+        top[f"token_id:{tok}"] = float(np.log(p[choice]))  # like vLLM: sampled token too
+        tops.append(top)
         ent.append(float(-(p * np.log(p)).sum()))
         eos_p.append(float(p[np.isin(keep, EOS)].sum()))
         if tok in EOS:
@@ -250,3 +252,9 @@ def test_hosted_server_refuses_top_k():
     with pytest.raises(CanopyError, match="cannot apply top_k"):
         eng.sample([1], np.array([1]), np.arange(1), POLICY)
     eng.close()
+
+
+def test_missing_base_url_is_config_error(monkeypatch):
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(CanopyError, match="needs the server address"):
+        OpenAIEngine("canned", tokenizer=False, eos_token_ids=EOS)

@@ -73,6 +73,9 @@ POLICIES = {
         temperature=1.0, top_k=50, top_p=0.8, max_new_tokens=32, eos_token_ids=EOS
     ),
     "minp": DecodingPolicy(temperature=1.0, min_p=0.05, max_new_tokens=32, eos_token_ids=EOS),
+    "stop_string": DecodingPolicy(
+        temperature=1.0, top_k=30, max_new_tokens=32, eos_token_ids=EOS, stop_strings=("a",)
+    ),
 }
 
 
@@ -95,10 +98,15 @@ def test_steps_match_teacher_forcing(engine, hf_model, name):
             np.testing.assert_allclose(batch.logprob[sl], ref["logprob"], atol=1e-4, rtol=0)
             if batch.finish_reason[i] == "eos":
                 assert toks[-1] in EOS and not set(toks[:-1]) & set(EOS)
+            elif batch.finish_reason[i] == "stop":
+                assert policy.stop_strings and "a" in engine.tokenizer.decode(toks)
+                assert "a" not in engine.tokenizer.decode(toks[:-1])
             else:
                 assert batch.finish_reason[i] == "length" and len(toks) == policy.max_new_tokens
             n_steps += len(toks)
-    assert n_steps > 100
+    assert n_steps > 40
+    if policy.stop_strings:
+        assert "stop" in {f for b in batches for f in b.finish_reason}
     assert all(b.text is not None for b in batches)
 
 
@@ -175,3 +183,39 @@ def test_too_long_prompt_is_refused(engine):
     policy = DecodingPolicy(temperature=1.0, top_k=5, max_new_tokens=200, eos_token_ids=EOS)
     with pytest.raises(ConfigError, match="exceeds the context length"):
         engine.sample(list(range(5, 105)), _seeds("x", 1), np.arange(1), policy)
+
+
+def test_data_parallel_replicas_give_identical_rollouts(engine, tiny_path):
+    """Two local replica processes: same seeds, same tokens and numbers as one engine."""
+    from canopy_entropy.engines.vllm import VLLMEngine
+
+    policy = POLICIES["topk_topp"]
+    prompt_a, prompt_b = _prompts(engine)
+    reqs = [(prompt_a, _seeds("a", 5), np.arange(5)), (prompt_b, _seeds("b", 4), np.arange(4))]
+    single = engine.sample_many(reqs, policy)
+    dp = VLLMEngine(
+        tiny_path,
+        data_parallel_size=2,
+        dtype="float32",
+        gpu_memory_utilization=0.05,
+        max_model_len=256,
+        enforce_eager=True,
+    )
+    try:
+        assert dp.describe()["data_parallel_size"] == 2
+        split = dp.sample_many(reqs, policy)
+    finally:
+        dp.close()
+    for a, b in zip(single, split, strict=True):
+        assert a.token_ids.tolist() == b.token_ids.tolist()
+        assert a.offsets.tolist() == b.offsets.tolist()
+        assert a.finish_reason == b.finish_reason
+        np.testing.assert_allclose(a.entropy, b.entropy, atol=1e-5)
+
+
+def test_bad_engine_option_is_one_line_config_error(tiny_path):
+    from canopy_entropy.engines.vllm import VLLMEngine
+
+    with pytest.raises(ConfigError, match="max_model_len") as info:
+        VLLMEngine(tiny_path, dtype="float32", gpu_memory_utilization=0.05, max_model_len=4096)
+    assert "\n" not in str(info.value)

@@ -47,7 +47,7 @@ class OpenAIEngine(Engine):
         self,
         model: str,
         *,
-        base_url: str,
+        base_url: str | None = None,
         api_key: str | None = None,
         chat: bool = False,
         concurrency: int = 8,
@@ -64,6 +64,12 @@ class OpenAIEngine(Engine):
         extra_body: dict | None = None,
     ) -> None:
         httpx = require("httpx", "openai")
+        base_url = base_url or os.environ.get("OPENAI_BASE_URL")
+        if not base_url:
+            raise ConfigError(
+                "engine 'openai' needs the server address: set engine option base_url "
+                "(e.g. http://127.0.0.1:8000/v1) or OPENAI_BASE_URL"
+            )
         if server not in SERVERS:
             raise ConfigError(f"unknown server kind '{server}'; use one of {list(SERVERS)}")
         if concurrency < 1:
@@ -106,6 +112,7 @@ class OpenAIEngine(Engine):
         self._rng = random.Random()
         self._rng_lock = threading.Lock()
         self.requests_sent = 0  # attempts, for tests and the manifest
+        self._pseudo_ids: dict[str, int] = {}
 
     # ------------------------------------------------------------------ contract
     def describe(self) -> dict:
@@ -145,6 +152,7 @@ class OpenAIEngine(Engine):
         """
         policy.validate()
         k, exact = self._plan(policy)
+        self._pseudo_ids: dict[str, int] = {}
         jobs = []
         for r, (prompt, seeds, _) in enumerate(requests):
             if self.chat and not isinstance(prompt, str):
@@ -161,7 +169,7 @@ class OpenAIEngine(Engine):
             for r, j, fut in futures:
                 results[r][j] = fut.result()
         return [
-            self._to_batch(res, np.asarray(seeds), np.asarray(idx), policy, exact)
+            self._to_batch(res, np.asarray(seeds), np.asarray(idx), policy, exact, k)
             for res, (_, seeds, idx) in zip(results, requests, strict=True)
         ]
 
@@ -267,13 +275,14 @@ class OpenAIEngine(Engine):
 
     # ------------------------------------------------------------------ parsing
     def _token_id(self, token: str) -> int:
+        """The token id; unknown token strings get a distinct pseudo id <= -2 (never stored)."""
         if token.startswith(TOKEN_ID_PREFIX):
             return int(token[len(TOKEN_ID_PREFIX) :])
         if self.tokenizer is not None:
             tid = self.tokenizer.convert_tokens_to_ids(token)
             if isinstance(tid, int) and tid != getattr(self.tokenizer, "unk_token_id", None):
                 return tid
-        return -1
+        return self._pseudo_ids.setdefault(token, -2 - len(self._pseudo_ids))
 
     def _steps(self, choice: dict) -> tuple[list[str], list[float], list[list[tuple[str, float]]]]:
         """(tokens, sampled log-probs, top entries per step) from a completions/chat choice."""
@@ -305,7 +314,10 @@ class OpenAIEngine(Engine):
         rollout_indices: np.ndarray,
         policy: DecodingPolicy,
         exact: bool,
+        k: int,
     ) -> RolloutBatch:
+        """Parse one prompt's answers; the top list is cut to the ``k`` largest per step
+        (servers add the sampled token to it), the sampled token is passed on its own."""
         eos = tuple(policy.eos_token_ids or self.eos_token_ids)
         lengths, finish, texts = [], [], []
         all_ids, all_lp, counts, top_ids, top_lp, extra_ids, extra_lp = [], [], [], [], [], [], []
@@ -314,13 +326,12 @@ class OpenAIEngine(Engine):
             choice = resp["choices"][0]
             tokens, sampled, tops = self._steps(choice)
             ids = [self._token_id(t) for t in tokens]
-            for tok, tid, slp, top in zip(tokens, ids, sampled, tops, strict=True):
+            for tid, slp, top in zip(ids, sampled, tops, strict=True):
                 counts.append(len(top))
                 top_ids.extend(self._token_id(t) for t, _ in top)
                 top_lp.extend(float(v) if v is not None else -np.inf for _, v in top)
-                in_top = any(t == tok for t, _ in top)
-                extra_ids.append(-1 if in_top else tid)
-                extra_lp.append(-np.inf if in_top or slp is None else float(slp))
+                extra_ids.append(tid)
+                extra_lp.append(-np.inf if slp is None else float(slp))
             all_ids.extend(ids)
             all_lp.extend(-np.inf if v is None else float(v) for v in sampled)
             lengths.append(len(ids))
@@ -334,7 +345,12 @@ class OpenAIEngine(Engine):
             np.asarray(top_ids, dtype=np.int64),
             np.asarray(top_lp, dtype=np.float64),
         )
-        token_ids = np.asarray(all_ids, dtype=np.int32)
+        if ids_kk.shape[1] > k:  # keep the k largest: only they bound the rest by p_K
+            order = np.argsort(-lps_kk, axis=1, kind="stable")[:, :k]
+            ids_kk = np.take_along_axis(ids_kk, order, axis=1)
+            lps_kk = np.take_along_axis(lps_kk, order, axis=1)
+        token_ids = np.asarray(all_ids, dtype=np.int64)
+        token_ids = np.where(token_ids < 0, -1, token_ids).astype(np.int32)
         logprob = np.asarray(all_lp, dtype=np.float32)
         if policy.temperature == 0:
             steps = len(token_ids)

@@ -47,6 +47,11 @@ def pad_ragged(
     counts = np.asarray(counts, dtype=np.int64)
     steps = len(counts)
     width = int(counts.max()) if steps else 0
+    if steps and width and int(counts.min()) == width:  # regular: a plain reshape
+        return (
+            np.asarray(token_ids, dtype=np.int64).reshape(steps, width),
+            np.asarray(logprobs, dtype=np.float64).reshape(steps, width),
+        )
     ids = np.full((steps, width), -1, dtype=np.int64)
     lps = np.full((steps, width), -np.inf, dtype=np.float64)
     if steps == 0 or width == 0:
@@ -57,28 +62,6 @@ def pad_ragged(
     ids[rows, cols] = token_ids
     lps[rows, cols] = logprobs
     return ids, lps
-
-
-def dedupe_rows(token_ids: np.ndarray, logprobs: np.ndarray) -> np.ndarray:
-    """Log-probs with repeated token ids within a row set to ``-inf`` (kept once).
-
-    vLLM lists the sampled token beside the top-K, so it can appear twice in one step.
-    """
-    if token_ids.size == 0:
-        return logprobs
-    order = np.argsort(token_ids, axis=1, kind="stable")
-    sorted_ids = np.take_along_axis(token_ids, order, axis=1)
-    repeat = np.zeros_like(sorted_ids, dtype=bool)
-    repeat[:, 1:] = (sorted_ids[:, 1:] == sorted_ids[:, :-1]) & (sorted_ids[:, 1:] >= 0)
-    out = logprobs.copy()
-    rows = np.nonzero(repeat)
-    out[rows[0], order[rows]] = -np.inf
-    return out
-
-
-def _xlogx(p: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
 
 
 def topk_step_stats(
@@ -95,31 +78,44 @@ def topk_step_stats(
 
     ``top_ids``/``top_logprobs`` are the K largest entries per step (padding: id -1, -inf);
     ``extra_ids``/``extra_logprobs`` optional further known entries per step (the sampled
-    token when it is outside the top-K), which never set ``p_K``. Duplicate ids are counted
-    once. With ``exact_kept_set`` the residual mass is taken to be ties at ``p_K`` (exact for
+    token), which never set ``p_K`` and are skipped when already among the top entries. Ids
+    within a top row are distinct (servers return a dict, vLLM a torch top-k). With ``exact_kept_set`` the residual mass is taken to be ties at ``p_K`` (exact for
     a policy whose kept set the top-K covers up to ties); otherwise lower and upper bounds are
     returned (``entropy`` = lower, ``entropy_upper`` = upper).
     """
     top_ids = np.asarray(top_ids, dtype=np.int64)
-    top_lp = np.asarray(top_logprobs, dtype=np.float64)
-    top_lp = np.where(np.isnan(top_lp), -np.inf, top_lp)
-    steps = top_ids.shape[0]
+    # float32 per entry (what the engines return; exp is ~10x faster than in float64),
+    # sums accumulated in float64.
+    top_lp = np.asarray(top_logprobs, dtype=np.float32)
+    steps, width = top_ids.shape
+    finite = np.isfinite(top_lp)  # -inf (cut / padding) and NaN: probability 0
+    top_lp = np.where(finite, top_lp, -np.inf)
+    p = np.exp(top_lp)
+    eos_arr = np.asarray(list(eos_token_ids), dtype=np.int64)
+    is_eos = np.zeros(top_ids.shape, dtype=bool)
+    for e in eos_arr.tolist():
+        is_eos |= top_ids == e
+    covered = p.sum(axis=1, dtype=np.float64)
+    with np.errstate(invalid="ignore"):  # 0 * -inf in masked-out entries
+        plogp = np.where(finite, p * top_lp, np.float32(0))  # p log p = p * logprob
+    neg_sum_plogp = -plogp.sum(axis=1, dtype=np.float64)
+    eos_prob = np.where(is_eos, p, np.float32(0)).sum(axis=1, dtype=np.float64)
+    n_known = finite.sum(axis=1)
+    p_k = np.where(finite, p, np.float32(np.inf)).min(axis=1) if width else np.full(steps, np.inf)
+    p_k = p_k.astype(np.float64)
     if extra_ids is not None:
-        ids = np.concatenate([top_ids, np.asarray(extra_ids, dtype=np.int64).reshape(steps, -1)], 1)
-        ex = np.asarray(extra_logprobs, dtype=np.float64).reshape(steps, -1)
-        lps = np.concatenate([top_lp, np.where(np.isnan(ex), -np.inf, ex)], 1)
-    else:
-        ids, lps = top_ids, top_lp
-    lps = dedupe_rows(ids, lps)
-    p = np.exp(lps)
-    covered = p.sum(axis=1)
-    neg_sum_plogp = -_xlogx(p).sum(axis=1)  # -sum over known entries of p log p
-    is_eos = np.isin(ids, np.asarray(list(eos_token_ids), dtype=np.int64))
-    eos_prob = np.where(is_eos, p, 0.0).sum(axis=1)
-
-    top_p = np.exp(top_lp)
-    positive = np.where(top_p > 0, top_p, np.inf)
-    p_k = positive.min(axis=1) if top_p.shape[1] else np.full(steps, np.inf)
+        ex_ids = np.asarray(extra_ids, dtype=np.int64).reshape(steps)
+        ex_lp = np.asarray(extra_logprobs, dtype=np.float64).reshape(steps)
+        # the sampled token is counted once: skip it when it is already among the top entries
+        in_top = (top_ids == ex_ids[:, None]).any(axis=1) if width else np.zeros(steps, bool)
+        use = np.isfinite(ex_lp) & ~in_top & (ex_ids != -1)
+        ex_lp = np.where(use, ex_lp, -np.inf)
+        ex_p = np.exp(ex_lp)
+        covered = covered + ex_p
+        with np.errstate(invalid="ignore"):
+            neg_sum_plogp = neg_sum_plogp - np.where(use, ex_p * ex_lp, 0.0)
+        eos_prob = eos_prob + np.where(np.isin(ex_ids, eos_arr), ex_p, 0.0)
+        n_known = n_known + use
     missing = np.clip(1.0 - covered, 0.0, 1.0)
     has_missing = missing > MASS_TOLERANCE
     # -sum_known p log p  +  residual part: (1 - Z) H(r) - (1 - Z) log(1 - Z)
@@ -135,7 +131,6 @@ def topk_step_stats(
         safe_missing = np.where(some, missing, 1.0)
         cap = np.minimum(np.where(np.isfinite(p_k), p_k, 1.0), safe_missing)
         rest_lower = np.where(some, -missing * np.log(cap), 0.0)
-        n_known = (p > 0).sum(axis=1)
         n_rest = np.maximum(vocab_size - n_known, 1)
         # uniform rest: -sum_rest p log p <= (1 - Z) (log(V - K) - log(1 - Z))
         rest_upper = np.where(some, missing * (np.log(n_rest) - np.log(safe_missing)), 0.0)
