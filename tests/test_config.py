@@ -93,6 +93,12 @@ HOSTILE = [
     (lambda t: t.replace("[[models]]", "[[modelz]]"), "unknown key 'modelz'", None),
     (lambda t: t + '[compare]\nby = ["task", "size"]\n', "compare.by = 'size' is not one of", 11),
     (lambda t: t + "[embed]\nbatch_size = 0\n", "embed.batch_size = 0 must be >= 1", 11),
+    (
+        lambda t: t + '[compare]\non = "model"\na = "nobody"\n',
+        "compare.a = 'nobody' must be one of ['model'] (model labels)",
+        12,
+    ),
+    (lambda t: t + '[compare]\non = "family"\n', "compare.on = 'family' must be", 11),
 ]
 
 

@@ -102,8 +102,9 @@ class EmbedConfig:
 class CompareConfig:
     """Paired base-vs-instruct comparison with a cluster bootstrap over prompts."""
 
-    a: str = "base"
-    b: str = "instruct"
+    on: str = "variant"  # compare variants ('base' vs 'instruct') or two models by label ('model')
+    a: str = "base"  # side A: a variant, or a model label when on = 'model'
+    b: str = "instruct"  # side B
     by: list[str] = field(default_factory=lambda: ["family", "task"])
     bootstrap: int = 2000
     seed: int = 0
@@ -516,6 +517,7 @@ def parse_config(
     cmp_ = data.get("compare", {})
     _check_keys(ctx, cmp_, [f.name for f in dataclasses.fields(CompareConfig)], "compare")
     cfg.compare = CompareConfig(
+        on=_get(ctx, cmp_, "on", str, "variant", "compare"),
         a=_get(ctx, cmp_, "a", str, "base", "compare"),
         b=_get(ctx, cmp_, "b", str, "instruct", "compare"),
         by=_get(ctx, cmp_, "by", list, ["family", "task"], "compare"),
@@ -523,9 +525,13 @@ def parse_config(
         seed=_get(ctx, cmp_, "seed", int, 0, "compare"),
         options=_get(ctx, cmp_, "options", dict, {}, "compare"),
     )
+    on = cfg.compare.on
+    _check(ctx, on in ("variant", "model"), "compare", "on", on, "must be 'variant' or 'model'")
+    sides = VARIANTS if on == "variant" else tuple(cfg.model_labels())
     for key in ("a", "b"):
         value = getattr(cfg.compare, key)
-        _check(ctx, value in VARIANTS, "compare", key, value, "must be 'base' or 'instruct'")
+        rule = f"must be one of {list(sides)}" + (" (model labels)" if on == "model" else "")
+        _check(ctx, value in sides, "compare", key, value, rule)
     by_ok = ("model", "variant", "family", "task")
     for col in cfg.compare.by:
         _check(ctx, col in by_ok, "compare", "by", col, f"is not one of {list(by_ok)}")

@@ -76,6 +76,7 @@ def _embed_kwargs(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
 def _compare_kwargs(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     c = cfg.compare
     kw = {"a": c.a, "b": c.b, "by": tuple(c.by), "n_boot": c.bootstrap, "seed": c.seed}
+    kw["a_key"] = c.on
     return {**kw, **c.options}
 
 
@@ -774,10 +775,8 @@ def _run_stage(
             run_dir, need_stage
         ):
             return StageResult(name, "skipped", f"needs {need}")
-    if stage.needs_pair and not cfg.variants() >= {cfg.compare.a, cfg.compare.b}:
-        return StageResult(
-            name, "skipped", f"needs both '{cfg.compare.a}' and '{cfg.compare.b}' models"
-        )
+    if stage.needs_pair and not cfg.variants() >= {"base", "instruct"}:
+        return StageResult(name, "skipped", "needs both a base and an instruct model")
     try:
         fn = stage_function(stage)
     except StageUnavailable as exc:
