@@ -240,6 +240,16 @@ def test_default_config_is_the_demo(tmp_path, capsys, monkeypatch):
     assert [m.model for m in saved.models] == ["gemma3-270m", "smollm2-135m-instruct"]
 
 
+def test_truncation_is_said_loudly(reference_run, tiny_config):
+    out, _ = reference_run
+    pooled = pd.read_parquet(out / "metrics" / "pooled.parquet")
+    note = runner._truncation_note(out, load_config(tiny_config))
+    heavy = int((pooled["truncation_rate"] > 0.1).sum())
+    assert heavy >= 1  # the tiny model runs into its 24-token cap
+    assert note is not None and "lower bounds" in note and f"{heavy} of {len(pooled)}" in note
+    assert runner._truncation_note(out, load_config(tiny_config), limit=1.0) is None
+
+
 def test_unknown_stage_and_unavailable_module(tmp_path, capsys, monkeypatch):
     code, _, err = run_cli(
         ["run", "--stages", "metrix", "--out", str(tmp_path)], capsys, monkeypatch

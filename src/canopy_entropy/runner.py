@@ -32,6 +32,7 @@ from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -721,6 +722,28 @@ def _family_note(cfg: ExperimentConfig) -> str | None:
     return None
 
 
+def _truncation_note(run_dir: Path, cfg: ExperimentConfig, limit: float = 0.1) -> str | None:
+    """Say loudly when many rollouts hit the length cap (CE* is then a lower bound)."""
+    path = run_dir / "metrics" / "pooled.parquet"
+    if not path.exists():
+        return None
+    import pandas as pd
+
+    pooled = pd.read_parquet(path)
+    if "truncation_rate" not in pooled.columns:
+        return None
+    bad = pooled[pooled["truncation_rate"] > limit]
+    if bad.empty:
+        return None
+    worst = float(bad["truncation_rate"].max())
+    return (
+        f"Warning: in {len(bad)} of {len(pooled)} model x task groups more than {limit:.0%} of "
+        f"rollouts hit max_new_tokens = {cfg.generation.max_new_tokens} (up to {worst:.0%}): "
+        "CE* and GenPPL are lower bounds there (see truncation_bias_bound); raise "
+        "generation.max_new_tokens for a measurement rather than a demonstration."
+    )
+
+
 def run_experiment(
     cfg: ExperimentConfig,
     out: str | Path,
@@ -845,9 +868,9 @@ def _print_summary(
     table = headline_table(run_dir)
     if table is not None:
         console.print(table)
-    note = _family_note(cfg)
-    if note:
-        console.print(f"[bold yellow]{note}[/]", highlight=False)
+    for note in (_truncation_note(run_dir, cfg), _family_note(cfg)):
+        if note:
+            console.print(f"[bold yellow]{escape(note)}[/]", highlight=False)
     console.print(f"[bold]Results in[/] {run_dir.resolve()}", highlight=False)
     for rel, what in _ARTEFACTS:
         p = run_dir / rel
