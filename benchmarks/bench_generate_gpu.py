@@ -21,7 +21,7 @@ import time
 
 def build_model(tiny: bool, device: str, dtype):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     if tiny:
         cfg = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128,
@@ -34,8 +34,8 @@ def build_model(tiny: bool, device: str, dtype):
                           rms_norm_eps=1e-5, tie_word_embeddings=False)  # fmt: skip
     cfg.eos_token_id = cfg.vocab_size - 1
     torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype).eval()
+    with torch.device(device):  # random init directly on the device, in the target dtype
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
     return model, cfg
 
 
@@ -97,7 +97,8 @@ def main() -> None:
 
     ids = torch.tensor([prompt] * args.batch, device=args.device)
     gen_kw = dict(do_sample=True, top_k=args.top_k, top_p=1.0, max_new_tokens=args.tokens,
-                  min_new_tokens=args.tokens, eos_token_id=never, pad_token_id=never)  # fmt: skip
+                  min_new_tokens=args.tokens, eos_token_id=never, pad_token_id=never,
+                  attention_mask=torch.ones_like(ids))  # fmt: skip
 
     def plain():
         with torch.inference_mode():

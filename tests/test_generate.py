@@ -17,7 +17,7 @@ import pytest
 from canopy_entropy.engines.base import DecodingPolicy, rollout_seed
 from canopy_entropy.engines.hf import HFEngine
 from canopy_entropy.errors import CanopyError, ConfigError
-from canopy_entropy.generate import generate_run, load_prompts
+from canopy_entropy.generate import _check_context, generate_run, load_prompts
 from canopy_entropy.prompting import render_prompt
 from canopy_entropy.store import RunStore, slug
 from canopy_entropy.tasks.base import Prompt
@@ -132,6 +132,9 @@ def test_prompt_longer_than_context_is_rejected_by_name(tmp_path, engine, tiny):
             policy=_policy(), engine_instance=engine,
         )  # fmt: skip
     assert not RunStore(tmp_path).shard_files()
+    assert not (tmp_path / "manifest.json").exists()  # nothing recorded: a fixed re-run is allowed
+    with pytest.raises(ConfigError, match=r"prompt 'empty'.*no tokens"):
+        _check_context([Prompt("empty", "", "t")], {0: ("", [])}, _policy(), 512)
 
 
 def test_no_double_bos_on_tiny_model(engine):

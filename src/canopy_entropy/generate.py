@@ -172,11 +172,11 @@ def generate_run(
         if not policy.eos_token_ids:
             resolved = dataclasses.replace(policy, eos_token_ids=tuple(eng.eos_token_ids))
         resolved.validate()
+        rendered = {i: render_prompt(eng.tokenizer, prompts[i].text, variant) for i in todo}
+        _check_context(prompts, rendered, resolved, eng.context_length)
         _write_manifest(
             store, label, model, variant, family, rollouts, eng, requested_rec, resolved, seed_rec
         )
-        rendered = {i: render_prompt(eng.tokenizer, prompts[i].text, variant) for i in todo}
-        _check_context(prompts, rendered, resolved, eng.context_length)
         tokens_done = 0
         truncated = 0
         done_before = len(prompts) - len(todo)
@@ -224,10 +224,13 @@ def generate_run(
 
 
 def _check_context(prompts, rendered, policy: DecodingPolicy, context_length: int | None) -> None:
-    if not context_length:
-        return
     for i, (_, ids) in rendered.items():
-        if len(ids) + policy.max_new_tokens > context_length:
+        if not ids:
+            raise ConfigError(
+                f"prompt '{prompts[i].id}' (task {prompts[i].task}) renders to no tokens; "
+                "give it some text or drop it"
+            )
+        if context_length and len(ids) + policy.max_new_tokens > context_length:
             raise ConfigError(
                 f"prompt '{prompts[i].id}' (task {prompts[i].task}) has {len(ids)} tokens, and with "
                 f"max_new_tokens {policy.max_new_tokens} exceeds the model's context of "

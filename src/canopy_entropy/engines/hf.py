@@ -163,6 +163,8 @@ class HFEngine(Engine):
         import torch
 
         policy.validate()
+        if not prompt_token_ids:
+            raise ConfigError("the prompt has no tokens; give a non-empty prompt")
         seeds = np.asarray(seeds, dtype=np.int64)
         total = len(seeds)
         default = total if self.device.type == "cpu" else min(total, 256)
@@ -197,7 +199,10 @@ class HFEngine(Engine):
 
         ids = torch.tensor([prompt_token_ids], dtype=torch.long, device=self.device)
         cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        try:
+            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        except TypeError:  # remote-code models without logits_to_keep
+            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
         return out.past_key_values, out.logits[:, -1, :]
 
     def _sample_batch(self, prefix_cache, prefix_logits, seeds: np.ndarray, policy: DecodingPolicy):
