@@ -79,7 +79,8 @@ def main() -> None:
             for term, row in ref[part].items()
         )
         print(
-            f"glmmTMB {ref['glmmTMB_version']}: fit {ref['fit_seconds']:.2f} s wall; "
+            f"glmmTMB {ref['glmmTMB_version']}: fit {ref['fit_seconds']:.2f} s wall, "
+            f"{ref['fit_cpu_seconds']:.2f} s CPU; "
             f"logLik {ref['loglik']:.4f} (ours - R: {result.loglik - ref['loglik']:+.2e}); "
             f"max |coef diff| {diff:.2e}; R max|grad| {ref['max_abs_gradient']:.2e}"
         )

@@ -156,6 +156,11 @@ def test_cli_run_human_output(tmp_path):
     assert res.exit_code == 0, res.output
     assert "R_sc:variantinstruct" in res.stdout and "slope ratio" in res.stdout
     assert not (tmp_path / "regression" / "diagnostics.json").exists()
+    (tmp_path / "figures").mkdir(exist_ok=True)
+    (tmp_path / "figures" / "regression_qq.png").write_bytes(b"stale")
+    res = invoke(str(tmp_path), "--no-diagnostics", "--json")
+    assert res.exit_code == 0
+    assert not (tmp_path / "figures" / "regression_qq.png").exists()
 
 
 @pytest.mark.parametrize(

@@ -9,11 +9,13 @@ out <- if (length(args) >= 2) args[2] else "tests/data/glmmtmb_result.json"
 d <- read.csv(csv, stringsAsFactors = FALSE)
 d$variant <- factor(d$variant, levels = c("base", "instruct"))
 d$task <- factor(d$task); d$family <- factor(d$family); d$prompt <- factor(d$prompt)
-t0 <- Sys.time()
+t0 <- proc.time()
 fit <- glmmTMB(D ~ R_sc * variant + ns(invN_sc, df = 4) * variant + task + (1 | prompt) + (1 | family),
                dispformula = ~ variant * task + ns(invN_sc, df = 3) + R_sc * variant + family,
                family = beta_family(), data = d)
-elapsed <- as.numeric(difftime(Sys.time(), t0, units = "secs"))
+el <- proc.time() - t0
+elapsed <- el[["elapsed"]]
+cpu <- el[["user.self"]] + el[["sys.self"]]
 tab <- function(m) {
   res <- list()
   for (i in seq_len(nrow(m))) res[[rownames(m)[i]]] <- list(estimate = m[i, 1], se = m[i, 2], z = m[i, 3], p = m[i, 4])
@@ -28,7 +30,7 @@ res <- list(
   loglik = as.numeric(logLik(fit)), aic = AIC(fit), nobs = nobs(fit),
   ngroups = as.list(sapply(ranef(fit)$cond, nrow)),
   max_abs_gradient = max(abs(fit$obj$gr(par))), pdHess = fit$sdr$pdHess,
-  fit_seconds = elapsed, glmmTMB_version = as.character(packageVersion("glmmTMB")),
+  fit_seconds = elapsed, fit_cpu_seconds = cpu, glmmTMB_version = as.character(packageVersion("glmmTMB")),
   R_version = R.version.string)
 writeLines(toJSON(res, auto_unbox = TRUE, digits = NA, pretty = TRUE), out)
 cat("wrote", out, "in", elapsed, "s\n")

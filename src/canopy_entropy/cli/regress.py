@@ -117,7 +117,10 @@ def command(
         raise CanopyError(f"--nsim must be at least 1, not {nsim}")
     ref = _parse_reference(reference)
     err = Console(stderr=True)
-    with warnings.catch_warnings(record=True) as caught:
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        err.status("fitting the Beta mixed-effects model ...", spinner="dots"),
+    ):
         warnings.simplefilter("always")
         if run is not None:
             if out is not None:

@@ -606,6 +606,11 @@ def fit_beta_glmm(
     for g in mean_f.groups:
         if g not in data.columns:
             raise CanopyError(f"grouping column {g!r} of '(1 | {g})' is not in the data")
+        if data[g].isna().any():
+            raise CanopyError(
+                f"grouping column {g!r} has {int(data[g].isna().sum())} missing values; "
+                "drop those rows or give them a level"
+            )
     y_raw = pd.to_numeric(data[mean_f.response], errors="coerce").to_numpy(dtype=float)
     if np.isnan(y_raw).any():
         raise CanopyError(
@@ -678,7 +683,7 @@ def fit_beta_glmm(
     theta = res.x
     value, grad = lap.value_and_grad(theta)
     hess = lap.hessian(theta)
-    # Newton polish with the Laplace Hessian: L-BFGS stops early on flat likelihoods.
+    # Newton polish with the Laplace Hessian: quasi-Newton stops early on flat likelihoods.
     for _ in range(8):
         try:
             chol = np.linalg.cholesky(hess)

@@ -286,6 +286,13 @@ def regress_panel(
             PANEL_SCHEMA_VERSION,
         )
         plot_diagnostics(diag, run / "figures", "regression")
+    else:  # never leave diagnostics of an earlier fit next to this one
+        stale = [out / "diagnostics.json", out / "diagnostics.parquet"]
+        stale += [
+            run / "figures" / f"regression_{k}.{e}" for k in ("qq", "resid") for e in ("png", "pdf")
+        ]
+        for path in stale:
+            path.unlink(missing_ok=True)
     payload = result_json(result, diag_json)
     payload["formula"] = {"mean": mean, "precision": precision}
     payload["reference"] = ref
@@ -295,8 +302,13 @@ def regress_panel(
         pa.Table.from_pandas(panel, preserve_index=False),
         PANEL_SCHEMA_VERSION,
     )
+    curves = None
     if {"R_sc", "invN_sc", "task", "variant"} <= set(panel.columns):
-        curves = mean_curves(result, panel)
+        try:  # only when the mean model uses no other columns
+            curves = mean_curves(result, panel)
+        except CanopyError:
+            curves = None
+    if curves is not None:
         atomic_write_table(
             out / "curves.parquet",
             pa.Table.from_pandas(curves, preserve_index=False),
