@@ -94,6 +94,24 @@ class FaultyServer:
                     return
                 if fault == "slow":
                     threading.Event().wait(1.5)
+                if self.path.endswith("/completion"):  # llama.cpp native format
+                    r = canned_rollout(seed, body["top_k"], body["n_predict"], body["n_probs"])
+                    rows = [
+                        {
+                            "id": t,
+                            "token": f"<{t}>",
+                            "prob": float(np.exp(lp)),
+                            "top_probs": [
+                                {"id": int(k[9:]), "token": "?", "prob": float(np.exp(v))}
+                                for k, v in top.items()
+                            ],
+                        }
+                        for t, lp, top in zip(r["tokens"], r["sampled"], r["tops"], strict=True)
+                    ]
+                    stop_type = "eos" if r["finish"] == "stop" else "limit"
+                    self._send(200, {"content": "x", "tokens": r["tokens"], "stop": True,
+                                     "stop_type": stop_type, "completion_probabilities": rows})  # fmt: skip
+                    return
                 r = canned_rollout(seed, body["top_k"], body["max_tokens"], body["logprobs"])
                 payload = {
                     "id": f"cmpl-{seed}",
@@ -258,3 +276,24 @@ def test_missing_base_url_is_config_error(monkeypatch):
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     with pytest.raises(CanopyError, match="needs the server address"):
         OpenAIEngine("canned", tokenizer=False, eos_token_ids=EOS)
+
+
+def test_llama_cpp_native_post_sampling_probs_exact():
+    with FaultyServer({5001: ["drop"]}) as srv:
+        eng = _engine(srv.url, server="llama.cpp", processed_logprobs=False)
+        seeds = np.arange(5000, 5006, dtype=np.int64)
+        short = DecodingPolicy(temperature=1.0, top_k=6, max_new_tokens=3, eos_token_ids=EOS)
+        batch = eng.sample([1, 2, 3], seeds, np.arange(6), short)
+        eng.close()
+    assert eng.approximate is False and batch.entropy_upper is None
+    body = srv.bodies[0]
+    assert body["post_sampling_probs"] is True and body["n_probs"] == 6
+    assert body["samplers"][0] == "temperature" and body["top_k"] == 6
+    for i, seed in enumerate(seeds.tolist()):
+        want = canned_rollout(seed, 6, 3)
+        sl = slice(batch.offsets[i], batch.offsets[i + 1])
+        assert batch.token_ids[sl].tolist() == want["tokens"]
+        np.testing.assert_allclose(batch.entropy[sl], want["entropy"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(batch.eos_prob[sl], want["eos"], rtol=1e-5, atol=1e-7)
+        assert batch.finish_reason[i] == ("eos" if want["finish"] == "stop" else "length")
+    assert set(batch.finish_reason) == {"eos", "length"}

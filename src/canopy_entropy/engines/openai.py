@@ -29,7 +29,9 @@ from canopy_entropy.errors import CanopyError, ConfigError, require
 
 TOKEN_ID_PREFIX = "token_id:"
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
-SERVERS = ("vllm", "openai")
+SERVERS = ("vllm", "openai", "llama.cpp")
+# llama.cpp applies its samplers in this order; SPEC order is temperature first.
+LLAMA_CPP_SAMPLERS = ["temperature", "top_k", "top_p", "min_p"]
 
 
 class OpenAIEngine(Engine):
@@ -86,8 +88,11 @@ class OpenAIEngine(Engine):
         self.max_retries = int(max_retries)
         self.backoff = float(backoff)
         self.top_logprobs = top_logprobs
-        self.processed_logprobs = bool(processed_logprobs)
+        # llama.cpp's post-sampling probabilities are those of the sampled policy
+        self.processed_logprobs = bool(processed_logprobs) or server == "llama.cpp"
         self.server = server
+        if server == "llama.cpp" and chat:
+            raise ConfigError("server='llama.cpp' uses the native /completion endpoint; chat=False")
         self.extra_body = dict(extra_body or {})
         self.approximate = not self.processed_logprobs
         # tokenizer=False: none at all (token ids must come from the server).
@@ -164,10 +169,17 @@ class OpenAIEngine(Engine):
                 jobs.append((r, j, self._body(prompt, int(seed), policy, k)))
         results: list[list[dict | None]] = [[None] * len(req[1]) for req in requests]
         path = "/chat/completions" if self.chat else "/completions"
+        if self.server == "llama.cpp":
+            path = "/completion"
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             futures = [(r, j, pool.submit(self._post, path, body)) for r, j, body in jobs]
-            for r, j, fut in futures:
-                results[r][j] = fut.result()
+            try:
+                for r, j, fut in futures:
+                    results[r][j] = fut.result()
+            except BaseException:  # a request gave up (or Ctrl-C): do not send the rest
+                for _, _, fut in futures:
+                    fut.cancel()
+                raise
         return [
             self._to_batch(res, np.asarray(seeds), np.asarray(idx), policy, exact, k)
             for res, (_, seeds, idx) in zip(results, requests, strict=True)
@@ -207,6 +219,8 @@ class OpenAIEngine(Engine):
         return int(k), exact
 
     def _body(self, prompt: Any, seed: int, policy: DecodingPolicy, k: int) -> dict:
+        if self.server == "llama.cpp":
+            return self._llama_cpp_body(prompt, seed, policy, k)
         body: dict[str, Any] = {
             "model": self.model,
             "max_tokens": int(policy.max_new_tokens),
@@ -237,6 +251,35 @@ class OpenAIEngine(Engine):
         body.update(self.extra_body)
         return body
 
+    def _llama_cpp_body(self, prompt: Any, seed: int, policy: DecodingPolicy, k: int) -> dict:
+        """llama.cpp native ``/completion``: post-sampling probabilities, SPEC sampler order."""
+        body: dict[str, Any] = {
+            "prompt": list(map(int, prompt)),
+            "n_predict": int(policy.max_new_tokens),
+            "temperature": float(policy.temperature),
+            "top_k": int(policy.top_k) if policy.top_k else 0,
+            "top_p": float(policy.top_p),
+            "min_p": float(policy.min_p),
+            "seed": seed,
+            "n_probs": k,
+            "post_sampling_probs": True,
+            "samplers": LLAMA_CPP_SAMPLERS,
+            "repeat_penalty": 1.0,
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
+            "dry_multiplier": 0.0,
+            "xtc_probability": 0.0,
+            "typical_p": 1.0,
+            "ignore_eos": False,
+            "return_tokens": True,
+            "cache_prompt": True,
+            "stream": False,
+        }
+        if policy.stop_strings:
+            body["stop"] = list(policy.stop_strings)
+        body.update(self.extra_body)
+        return body
+
     def _post(self, path: str, body: dict) -> dict:
         """POST with retries; the same body (same seed) is resent, so retries are idempotent."""
         httpx = self._httpx
@@ -255,9 +298,9 @@ class OpenAIEngine(Engine):
             if resp.status_code == 200:
                 try:
                     data = resp.json()
-                    if data.get("choices"):
+                    if data.get("choices") or "completion_probabilities" in data:
                         return data
-                    last = "answer without choices"
+                    last = "answer without choices / completion_probabilities"
                 except ValueError:
                     last = "answer was not JSON (cut off?)"
                 continue
@@ -274,8 +317,10 @@ class OpenAIEngine(Engine):
         )
 
     # ------------------------------------------------------------------ parsing
-    def _token_id(self, token: str) -> int:
+    def _token_id(self, token: str | int) -> int:
         """The token id; unknown token strings get a distinct pseudo id <= -2 (never stored)."""
+        if isinstance(token, int):
+            return token
         if token.startswith(TOKEN_ID_PREFIX):
             return int(token[len(TOKEN_ID_PREFIX) :])
         if self.tokenizer is not None:
@@ -283,6 +328,28 @@ class OpenAIEngine(Engine):
             if isinstance(tid, int) and tid != getattr(self.tokenizer, "unk_token_id", None):
                 return tid
         return self._pseudo_ids.setdefault(token, -2 - len(self._pseudo_ids))
+
+    def _parse(self, resp: dict) -> tuple[list, list, list, str | None, str | None]:
+        """(tokens, sampled log-probs, top entries per step, finish reason, text) of an answer.
+
+        Tokens are ints (llama.cpp) or token strings (``token_id:N`` with vLLM)."""
+        if "completion_probabilities" in resp:  # llama.cpp native, post-sampling probs
+            rows = resp["completion_probabilities"] or []
+            with np.errstate(divide="ignore"):
+                tokens = [int(r["id"]) for r in rows]
+                sampled = [float(np.log(r["prob"])) for r in rows]
+                tops = [
+                    [(int(t["id"]), float(np.log(t["prob"]))) for t in r["top_probs"]] for r in rows
+                ]
+            finish = {"limit": "length", "eos": "stop", "word": "stop"}.get(resp.get("stop_type"))
+            if resp.get("truncated"):
+                finish = "length"
+            return tokens, sampled, tops, finish, resp.get("content")
+        choice = resp["choices"][0]
+        tokens, sampled, tops = self._steps(choice)
+        msg = choice.get("message")
+        text = msg.get("content") if isinstance(msg, dict) else choice.get("text")
+        return tokens, sampled, tops, choice.get("finish_reason"), text
 
     def _steps(self, choice: dict) -> tuple[list[str], list[float], list[list[tuple[str, float]]]]:
         """(tokens, sampled log-probs, top entries per step) from a completions/chat choice."""
@@ -323,8 +390,7 @@ class OpenAIEngine(Engine):
         all_ids, all_lp, counts, top_ids, top_lp, extra_ids, extra_lp = [], [], [], [], [], [], []
         for resp in responses:
             assert resp is not None
-            choice = resp["choices"][0]
-            tokens, sampled, tops = self._steps(choice)
+            tokens, sampled, tops, finish_raw, text = self._parse(resp)
             ids = [self._token_id(t) for t in tokens]
             for tid, slp, top in zip(ids, sampled, tops, strict=True):
                 counts.append(len(top))
@@ -335,9 +401,8 @@ class OpenAIEngine(Engine):
             all_ids.extend(ids)
             all_lp.extend(-np.inf if v is None else float(v) for v in sampled)
             lengths.append(len(ids))
-            finish.append(_finish_reason(choice.get("finish_reason"), ids, eos))
-            msg = choice.get("message")
-            texts.append(msg.get("content") if isinstance(msg, dict) else choice.get("text"))
+            finish.append(_finish_reason(finish_raw, ids, eos))
+            texts.append(text)
         from canopy_entropy.engines.topk import pad_ragged
 
         ids_kk, lps_kk = pad_ragged(
