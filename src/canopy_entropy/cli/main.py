@@ -11,6 +11,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from canopy_entropy.errors import CanopyError
 
@@ -57,7 +58,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except CanopyError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         err.print("[yellow]aborted[/]")

@@ -1,0 +1,57 @@
+"""``canopy run``: a whole study from one TOML config (the packaged demo when none is given)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def command(
+    config: Annotated[
+        Path | None,
+        typer.Argument(help="Experiment config (TOML). Default: the packaged offline demo."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Run folder. Default: ./canopy-runs/<config name>."),
+    ] = None,
+    stages: Annotated[
+        str | None,
+        typer.Option(
+            "--stages",
+            help="Comma-separated stages to run (generate,metrics,embed,tables,compare,"
+            "regress,plots,report). Default: the config's stages.",
+        ),
+    ] = None,
+    force: Annotated[
+        list[str] | None,
+        typer.Option("--force", help="Redo this stage even if it is up to date (repeatable)."),
+    ] = None,
+    prompts_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--prompts-dir", help="Folder of <task>.jsonl prompt files replacing the config's."
+        ),
+    ] = None,
+) -> None:
+    """Run every stage of a study from one config file, resumably, into one results folder.
+
+    With no CONFIG it runs the built-in offline demo (two small models x four tasks on CPU).
+    Killing it and running it again continues where it stopped.
+    """
+    from canopy_entropy.config import demo_config_path, load_config
+    from canopy_entropy.runner import default_out_dir, run_experiment, with_prompts_dir
+
+    cfg = load_config(config if config is not None else demo_config_path())
+    if prompts_dir is not None:
+        cfg = with_prompts_dir(cfg, prompts_dir)
+    results = run_experiment(
+        cfg,
+        out if out is not None else default_out_dir(cfg),
+        stages=[stages] if stages else None,
+        force=force,
+    )
+    if any(r.status == "failed" for r in results):
+        raise typer.Exit(1)
