@@ -33,6 +33,8 @@ def render_prompt(tokenizer: Any, text: str, variant: str) -> tuple[str, list[in
             messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
         )
     except TypeError:  # pragma: no cover - templates without extra kwargs support
-        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        rendered = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
     ids = list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
     return rendered, ids

@@ -319,7 +319,9 @@ class RunStore:
             return PROMPT_SCHEMA.empty_table()
         for path in files:
             _check_shard(path, PROMPT_SCHEMA_VERSION)
-        return ds.dataset([str(p) for p in files], schema=PROMPT_SCHEMA, format="parquet").to_table()
+        return ds.dataset(
+            [str(p) for p in files], schema=PROMPT_SCHEMA, format="parquet"
+        ).to_table()
 
 
 def _check_shard(path: Path, expected: str) -> None:

@@ -87,7 +87,10 @@ def build_tiny_model(
     tokenizer = build_tiny_tokenizer(vocab_size)
     if not chat_template:
         tokenizer.chat_template = None
-    eos_ids = [tokenizer.convert_tokens_to_ids("<|eos|>"), tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    eos_ids = [
+        tokenizer.convert_tokens_to_ids("<|eos|>"),
+        tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    ]
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

@@ -34,7 +34,9 @@ class DecodingPolicy:
 
     def validate(self) -> DecodingPolicy:
         if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0 (got {self.temperature}); use 0 for greedy")
+            raise ConfigError(
+                f"temperature must be >= 0 (got {self.temperature}); use 0 for greedy"
+            )
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"top_k must be >= 1 or unset (got {self.top_k})")
         if not (0.0 < self.top_p <= 1.0):
