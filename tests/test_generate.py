@@ -245,3 +245,31 @@ def test_kill_and_resume_gives_identical_store(tmp_path, tiny):
             else:
                 assert a == b or (a is None and b is None), col
     assert RunStore(run).read_prompts().num_rows == len(prompts)
+
+
+class _ManyPromptEngine(HFEngine):
+    """An HF engine that also offers the continuous-batching ``sample_many`` entry point."""
+
+    prompts_per_call = 2
+
+    def sample_many(self, requests, policy):
+        self.calls = getattr(self, "calls", 0) + 1
+        return [self.sample(ids, seeds, idx, policy) for ids, seeds, idx in requests]
+
+
+def test_sample_many_path_writes_the_same_store_as_per_prompt_calls(tmp_path, tiny, engine):
+    prompts = [*PROMPTS, Prompt("p4", "She opened the door", "stories")]
+    kw = dict(model=str(tiny), prompts=prompts, rollouts=3, policy=_policy(), seed=5)
+    generate_run(tmp_path / "a" / "run", engine_instance=engine, **kw)
+    many = _ManyPromptEngine(str(tiny), device="cpu")
+    generate_run(tmp_path / "b" / "run", engine_instance=many, **kw)
+    assert many.calls == 2  # 4 prompts, 2 per call
+    key = ["prompt_id", "rollout_index"]
+    a = RunStore(tmp_path / "a" / "run").read_rollouts().to_pandas().sort_values(key)
+    b = RunStore(tmp_path / "b" / "run").read_rollouts().to_pandas().sort_values(key)
+    assert len(a) == len(b) == 12
+    for col in ("prompt_id", "seed", "length", "finish_reason"):
+        assert list(a[col]) == list(b[col])
+    for x, y in zip(a["token_ids"], b["token_ids"], strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert RunStore(tmp_path / "b" / "run").read_prompts().num_rows == 4

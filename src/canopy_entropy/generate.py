@@ -181,32 +181,54 @@ def generate_run(
         truncated = 0
         done_before = len(prompts) - len(todo)
         stream = "" if common_random_numbers else label
-        for n, i in enumerate(todo):
-            prompt = prompts[i]
-            text, token_ids = rendered[i]
-            seeds = np.array(
-                [rollout_seed(seed, prompt.id, r, stream=stream) for r in range(rollouts)],
-                dtype=np.int64,
-            )
-            batch = eng.sample(token_ids, seeds, np.arange(rollouts, dtype=np.int32), resolved)
-            table = _batch_table(batch, run, label, variant, family, prompt)
-            store.write_prompts(
-                shard_names[i],
-                _prompt_table(run, label, variant, family, prompt, text, len(token_ids)),
-            )
-            store.write_rollouts(shard_names[i], table)
-            tokens_done += int(batch.offsets[-1])
-            truncated += sum(r == "length" for r in batch.finish_reason)
-            if progress is not None:
-                progress(
-                    {
-                        "prompts_done": done_before + n + 1,
-                        "prompts_total": len(prompts),
-                        "rollouts_done": (done_before + n + 1) * rollouts,
-                        "tokens": tokens_done,
-                        "elapsed_s": time.perf_counter() - start,
-                    }
+        # Engines with continuous batching (vLLM, HTTP servers) take many prompts per call;
+        # shards are still written per prompt, so resuming works the same way.
+        chunk = int(getattr(eng, "prompts_per_call", 16)) if hasattr(eng, "sample_many") else 1
+        n_done = 0
+        for c0 in range(0, len(todo), chunk):
+            group = todo[c0 : c0 + chunk]
+            chat = bool(getattr(eng, "chat", False))  # chat APIs take the user text itself
+            requests = [
+                (
+                    prompts[i].text if chat else rendered[i][1],
+                    np.array(
+                        [
+                            rollout_seed(seed, prompts[i].id, r, stream=stream)
+                            for r in range(rollouts)
+                        ],
+                        dtype=np.int64,
+                    ),
+                    np.arange(rollouts, dtype=np.int32),
                 )
+                for i in group
+            ]
+            if chunk == 1:
+                batches = [eng.sample(*requests[0], resolved)]
+            else:
+                batches = eng.sample_many(requests, resolved)
+            for i, batch in zip(group, batches, strict=True):
+                prompt = prompts[i]
+                table = _batch_table(batch, run, label, variant, family, prompt)
+                store.write_prompts(
+                    shard_names[i],
+                    _prompt_table(
+                        run, label, variant, family, prompt, rendered[i][0], len(rendered[i][1])
+                    ),
+                )
+                store.write_rollouts(shard_names[i], table)
+                tokens_done += int(batch.offsets[-1])
+                truncated += sum(r == "length" for r in batch.finish_reason)
+                n_done += 1
+                if progress is not None:
+                    progress(
+                        {
+                            "prompts_done": done_before + n_done,
+                            "prompts_total": len(prompts),
+                            "rollouts_done": (done_before + n_done) * rollouts,
+                            "tokens": tokens_done,
+                            "elapsed_s": time.perf_counter() - start,
+                        }
+                    )
     finally:
         if owns_engine and eng is not None:
             eng.close()

@@ -83,11 +83,20 @@ def slug(*parts: str) -> str:
     return f"{readable}-{hashlib.sha1(raw.encode()).hexdigest()[:10]}"
 
 
+def _temp_file(path: Path) -> tuple[int, str]:
+    """A temp file beside ``path`` with the permissions a plain ``open`` would give (umask)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, tmp
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via temp file + fsync + rename (all-or-nothing)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_file(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -116,7 +125,7 @@ def atomic_write_table(path: Path, table: pa.Table, schema_version: str) -> None
     meta = dict(table.schema.metadata or {})
     meta[META_KEY] = schema_version.encode()
     table = table.replace_schema_metadata(meta)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_file(path)
     os.close(fd)
     try:
         pq.write_table(table, tmp, compression="zstd")
