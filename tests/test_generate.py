@@ -20,7 +20,9 @@ from canopy_entropy.errors import CanopyError, ConfigError
 from canopy_entropy.generate import _check_context, generate_run, load_prompts
 from canopy_entropy.prompting import render_prompt
 from canopy_entropy.store import RunStore, slug
+from canopy_entropy.tasks import load_task_prompts
 from canopy_entropy.tasks.base import Prompt
+from canopy_entropy.tasks.jsonl import content_id
 from canopy_entropy.testing import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,16 +149,24 @@ def test_no_double_bos_on_tiny_model(engine):
 
 
 def test_load_prompts_jsonl_ids_and_errors(tmp_path):
-    path = tmp_path / "qa.jsonl"
+    path = tmp_path / "math.jsonl"
     path.write_text('{"prompt": "a"}\n\n{"prompt": "b", "id": "x"}\n{"prompt": "c", "task": "t"}\n')
     got = load_prompts(str(path))
-    assert got == [Prompt("1", "a", "qa"), Prompt("x", "b", "qa"), Prompt("4", "c", "t")]
+    # same ids as the runner's jsonl source: explicit id, else a content hash
+    assert got == [
+        Prompt(content_id("math", "a"), "a", "math"),
+        Prompt("x", "b", "math"),
+        Prompt(content_id("math", "c"), "c", "t"),
+    ]
+    assert [p.id for p in load_task_prompts("math", source="jsonl", path=path)] == [
+        p.id for p in got
+    ]
     assert load_prompts(str(path), 2) == got[:2]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a"}\n{"text": "b"}\n')
-    with pytest.raises(ConfigError, match=r"bad.jsonl:2 has no string field 'prompt'"):
+    with pytest.raises(CanopyError, match=r"bad.jsonl line 2: no 'prompt' field"):
         load_prompts(str(bad))
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(CanopyError, match="does not exist"):
         load_prompts(str(tmp_path / "missing.jsonl"))
     with pytest.raises(CanopyError):
         load_prompts("no-such-task-name")
@@ -193,7 +203,7 @@ def test_cli_error_is_one_line(tmp_path, tiny):
     )
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2
-    assert err.strip().startswith("error:") and "bad.jsonl:1 is not valid JSON" in err
+    assert err.strip().startswith("error:") and "bad.jsonl line 1: not valid JSON" in err
     assert "Traceback" not in err
 
 

@@ -326,41 +326,20 @@ def _prompt_table(
 def load_prompts(source: str, n: int | None = None) -> list[Prompt]:
     """Prompts from a JSONL file (``prompt``, optional ``id`` and ``task``) or a task name.
 
-    A JSONL line without ``id`` gets its 1-based line number as id (stable); without
-    ``task`` the file's stem is the task.
+    JSONL files follow the same rules as the ``jsonl`` source of ``canopy run`` (validation,
+    ids: the line's ``id`` or a content hash, so both commands give a prompt the same id);
+    a line without ``task`` belongs to the task named by the file's stem.
     """
-    import json
-
     path = Path(source)
     if path.suffix in (".jsonl", ".json") or path.exists():
-        if not path.is_file():
-            raise ConfigError(
-                f"prompt file {path} does not exist; give a JSONL file or a task name"
-            )
-        out = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(
-                    f"{path}:{lineno} is not valid JSON ({exc.msg}); fix that line"
-                ) from exc
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                raise ConfigError(
-                    f"{path}:{lineno} has no string field 'prompt'; each line needs one"
-                )
-            out.append(
-                Prompt(
-                    id=str(rec.get("id", lineno)),
-                    text=rec["prompt"],
-                    task=str(rec.get("task", path.stem)),
-                )
-            )
-            if n is not None and len(out) >= n:
-                break
-        return out
+        from canopy_entropy.tasks.jsonl import read_jsonl_records, read_prompt_file
+
+        pairs = read_prompt_file(path, task=path.stem)
+        tasks = [str(obj.get("task", path.stem)) for _, obj in read_jsonl_records(path)]
+        out = [
+            Prompt(id=pid, text=text, task=t) for (pid, text), t in zip(pairs, tasks, strict=True)
+        ]
+        return out if n is None else out[:n]
     try:
         from canopy_entropy.tasks import load_task_prompts  # type: ignore[attr-defined]
     except ImportError:
