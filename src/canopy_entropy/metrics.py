@@ -39,6 +39,7 @@ from scipy.special import entr
 from scipy.stats import rankdata
 
 from canopy_entropy.errors import CanopyError
+from canopy_entropy.semantic.diversity import DIVERSITY_COLUMNS as _SEMANTIC_DIVERSITY_COLUMNS
 from canopy_entropy.stats.pooling import pool_covariance, pool_fisher, pool_kendall
 from canopy_entropy.store import KEY_COLUMNS, RunStore, atomic_write_json, atomic_write_table
 
@@ -73,14 +74,8 @@ METRIC_COLUMNS = (
     "n_rollouts",
     "n_prompts",
 )
-DIVERSITY_COLUMNS = (
-    "diversity",
-    "vendi",
-    "diversity_len_t1",
-    "diversity_len_t2",
-    "diversity_len_t3",
-    "corr_length_d",
-)
+# per-prompt diversity statistics merged from RUN/semantic/ (defined once, in semantic.diversity)
+DIVERSITY_COLUMNS = tuple(c for c in _SEMANTIC_DIVERSITY_COLUMNS if c != "n_rollouts")
 TRUNCATION_WARN_RATE = 0.05
 _KEY_SEPARATOR = "\x1f"
 METRICS_SCHEMA_VERSION = "canopy-metrics/1"
