@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -17,6 +16,7 @@ from canopy_entropy.plots import data as pdata
 from canopy_entropy.plots import figures as F
 from canopy_entropy.plots.style import Palette
 from canopy_entropy.store import RunStore, rollouts_table
+from cli_helpers import run_cli
 from plot_fixtures import EVIL, FAMILIES, TASKS, build_run, model_name, rendered_run
 
 N_MODELS = len(FAMILIES) * 2
@@ -315,16 +315,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path, run):
 
 def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """Run the real ``canopy`` entry point in-process; returns (exit code, stdout, stderr)."""
-    from canopy_entropy.cli.main import main
-
-    monkeypatch.setattr(sys, "argv", ["canopy", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(list(args), capsys, monkeypatch)
 
 
 def test_cli_plot(run, tmp_path, monkeypatch, capsys):
