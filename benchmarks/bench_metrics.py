@@ -18,6 +18,7 @@ import numpy as np
 
 from canopy_entropy.metrics import compute_metrics
 from canopy_entropy.reference import rollouts_table_from_flat
+from canopy_entropy.run.manifest import Manifest, ModelRecord, PolicyRecord, write_manifest
 from canopy_entropy.store import RunStore
 
 CAP = 4000
@@ -54,7 +55,19 @@ def build(root: Path, groups: int, prompts: int, rollouts: int, mean_length: flo
             with_logprob=True,
         )
         store.write_rollouts(f"g{g:02d}", table)
-    store.write_manifest({"run": "bench", "policy": {"max_new_tokens": CAP, "top_k": 100}})
+    policy = PolicyRecord(max_new_tokens=CAP, top_k=100)
+    write_manifest(
+        store.root,
+        Manifest(
+            run="bench",
+            models={
+                m: ModelRecord(
+                    label=m, model=m, variant="", family=m, source="import", policy=policy
+                )
+                for m in {f"model{g // 8}" for g in range(groups)}
+            },
+        ),
+    )
 
 
 def main() -> None:

@@ -18,13 +18,14 @@ import numpy as np
 
 from canopy_entropy.plots import data, make_figures
 from canopy_entropy.report import build_report
+from canopy_entropy.run.manifest import Manifest, PolicyRecord, write_manifest
 from canopy_entropy.store import RunStore, rollouts_table
 
 
 def write_run(root: Path, prompts: int, rollouts: int, groups: int, max_len: int) -> int:
     rng = np.random.default_rng(0)
     store = RunStore(root)
-    store.write_manifest({"run": "bench", "config": {"max_new_tokens": max_len}})
+    write_manifest(root, Manifest(run="bench", policy=PolicyRecord(max_new_tokens=max_len)))
     steps = 0
     for g in range(groups):
         family, variant = f"fam{g // 2}", ("base", "instruct")[g % 2]

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from canopy_entropy.run.manifest import Manifest, PolicyRecord, SeedScheme, write_manifest
 from canopy_entropy.store import RunStore, atomic_write_json, atomic_write_table, rollouts_table
 
 FAMILIES = ("fam-a", "fam-b")
@@ -41,23 +42,9 @@ def build_run(
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     store = RunStore(root)
-    store.write_manifest(
-        {
-            "run": "fixture",
-            "config": {
-                "policy": {
-                    "temperature": 1.0,
-                    "top_k": 100,
-                    "top_p": 1.0,
-                    "max_new_tokens": max_new_tokens,
-                },
-                "note": EVIL,
-            },
-            "versions": {"canopy_entropy": "0.1.0"},
-            "seed_scheme": "rollout_seed(run_seed, prompt_id, rollout_index)",
-            "approximate": False,
-        }
-    )
+    policy = PolicyRecord(temperature=1.0, top_k=100, top_p=1.0, max_new_tokens=max_new_tokens)
+    seeds = SeedScheme(kind="counter-hash", run_seed=seed, description=EVIL)
+    write_manifest(root, Manifest(run="fixture", policy=policy, seed_scheme=seeds))
     (root / "config.toml").write_text(f'[policy]\ntemperature = 1.0\nnote = "{EVIL}"\n')
     per_rollout = []
     for family in FAMILIES:

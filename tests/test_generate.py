@@ -19,6 +19,7 @@ from canopy_entropy.engines.hf import HFEngine
 from canopy_entropy.errors import CanopyError, ConfigError
 from canopy_entropy.generate import _check_context, generate_run, load_prompts
 from canopy_entropy.prompting import render_prompt
+from canopy_entropy.run.manifest import read_manifest
 from canopy_entropy.store import RunStore, slug
 from canopy_entropy.tasks import load_task_prompts
 from canopy_entropy.tasks.base import Prompt
@@ -84,11 +85,14 @@ def test_generate_run_writes_store_manifest_and_prompts(tmp_path, engine, tiny):
         assert row["length"] == len(row["token_ids"]) == len(row["entropy"]) == len(row["logprob"])
         assert row["text"] == engine.tokenizer.decode(row["token_ids"], skip_special_tokens=True)
     assert {r["task"] for r in rows} == {"stories", "math"}
-    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    entry = manifest["models"]["tiny-it"]
-    assert entry["eos_token_ids"] == [2, 4] and entry["vocab_size"] == engine.vocab_size
-    assert entry["engine"]["engine"] == "hf" and manifest["approximate"] is False
-    assert manifest["policy"]["top_k"] == 40 and manifest["seed_scheme"]["run_seed"] == 7
+    manifest = read_manifest(tmp_path / "run")
+    entry = manifest.models["tiny-it"]
+    assert entry.policy.eos_token_ids == (2, 4) and entry.vocab_size == engine.vocab_size
+    assert entry.engine["engine"] == "hf" and manifest.approximate is False
+    assert manifest.policy.top_k == 40 and manifest.seed_scheme.run_seed == 7
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["schema"] == (
+        "canopy-manifest/2"
+    )
     prompts = store.read_prompts().to_pylist()
     for row in prompts:
         rendered, ids = render_prompt(engine.tokenizer, row["text"], "instruct")

@@ -15,6 +15,7 @@ from canopy_entropy.cli.main import app
 from canopy_entropy.errors import CanopyError
 from canopy_entropy.importer import import_jsonl
 from canopy_entropy.metrics import compute_metrics
+from canopy_entropy.run.manifest import read_manifest
 from canopy_entropy.store import RunStore
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -49,9 +50,10 @@ def test_import_then_metrics(tmp_path):
     inst = next(r for r in rows if r["variant"] == "instruct")
     assert inst["finish_reason"] == "length" and inst["task"] == "math" and inst["family"] == "m"
     assert base[2]["finish_reason"] == "eos"
-    manifest = RunStore(run).read_manifest()
-    assert manifest["imports"][0]["sha256"] == summary.sha256
-    assert manifest["policy"]["max_new_tokens"] == 4
+    manifest = read_manifest(run)
+    assert manifest.imports[0].sha256 == summary.sha256
+    assert {m.policy.max_new_tokens for m in manifest.models.values()} == {4}
+    assert {m.source for m in manifest.models.values()} == {"import"}
     pooled = compute_metrics(run, warn=False).pooled.set_index("variant")
     assert pooled.loc["base", "n_prompts"] == 2
     # prompt a: H = 1.5, 1.5; prompt 7: H = 2.0; pooled = mean over prompts
@@ -66,7 +68,7 @@ def test_reimport_is_idempotent(tmp_path):
     before = compute_metrics(run, warn=False).prompts
     second = import_jsonl(src, run, model="m", variant="base")
     assert first.shards == second.shards
-    assert len(RunStore(run).read_manifest()["imports"]) == 1
+    assert len(read_manifest(run).imports) == 1
     assert RunStore(run).read_rollouts(columns=["length"]).num_rows == 4
     assert compute_metrics(run, warn=False).prompts.equals(before)
     # same file under another model label replaces the earlier import of that file

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from canopy_entropy import runner
 from canopy_entropy.config import load_config, parse_config
+from canopy_entropy.run.manifest import read_manifest
 from canopy_entropy.store import RunStore
 from cli_helpers import run_cli
 
@@ -107,8 +108,9 @@ def test_end_to_end_produces_every_available_artefact(reference_run):
     assert (out / "config.toml").exists() and (out / "manifest.json").exists()
     again = parse_config((out / "config.toml").read_text(), "config.toml", out)
     assert again.name == "tiny" and again.generation.rollouts == N_ROLLOUTS
-    manifest = RunStore(out).read_manifest()
-    assert manifest["experiment"]["name"] == "tiny"
+    manifest = read_manifest(out)
+    assert manifest.experiment["name"] == "tiny"
+    assert manifest.policy.top_k == 50 and manifest.models["tiny-base"].source == "generate"
     table = RunStore(out).read_rollouts(columns=["model", "task", "prompt_id"])
     assert table.num_rows == 2 * len(TASKS) * N_PROMPTS * N_ROLLOUTS
 

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from canopy_entropy.errors import StoreError
+from canopy_entropy.run.manifest import read_manifest
 from canopy_entropy.store import ROLLOUT_SCHEMA, RunStore, rollouts_table
 from metrics_helpers import make_rollouts
 
@@ -119,7 +120,7 @@ def test_empty_run_and_bad_manifest(tmp_path):
         store.dataset()
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(StoreError, match="not valid JSON"):
-        store.read_manifest()
+        read_manifest(tmp_path)
 
 
 def test_streaming_reads_in_bounded_batches(tmp_path):

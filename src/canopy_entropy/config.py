@@ -615,9 +615,10 @@ def resolved_config_toml(cfg: ExperimentConfig) -> str:
     return header + tomli_w.dumps(copy.deepcopy(config_dict(cfg)))
 
 
-def generation_fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The parts of a config that determine the rollouts (a changed one needs a new run)."""
-    d = config_dict(cfg)
+def generation_fingerprint(cfg: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
+    """The parts of a config (or of its ``config_dict``) that determine the rollouts (a
+    changed one needs a new run)."""
+    d = config_dict(cfg) if isinstance(cfg, ExperimentConfig) else cfg
     models = [{k: m[k] for k in ("model", "variant", "family", "label")} for m in d["models"]]
     gen = dict(d["generation"])
     gen.pop("batch_size", None)  # results do not depend on batch size

@@ -24,6 +24,14 @@ import pyarrow as pa
 from canopy_entropy.engines.base import DecodingPolicy, Engine, rollout_seed
 from canopy_entropy.errors import CanopyError, ConfigError
 from canopy_entropy.prompting import render_prompt
+from canopy_entropy.run.manifest import (
+    Manifest,
+    ModelRecord,
+    PolicyRecord,
+    SeedScheme,
+    read_manifest,
+    update_manifest,
+)
 from canopy_entropy.store import PROMPT_SCHEMA, RunStore, rollouts_table, slug
 from canopy_entropy.tasks.base import Prompt
 
@@ -52,14 +60,6 @@ class GenerateSummary:
         return self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
-def policy_record(policy: DecodingPolicy) -> dict[str, Any]:
-    """The policy as stored in the manifest (JSON types)."""
-    rec = dataclasses.asdict(policy)
-    rec["eos_token_ids"] = list(policy.eos_token_ids)
-    rec["stop_strings"] = list(policy.stop_strings)
-    return rec
-
-
 def _versions() -> dict[str, str]:
     out = {}
     for pkg in ("canopy-entropy", "torch", "transformers", "vllm", "numpy", "pyarrow"):
@@ -77,29 +77,32 @@ def default_model_label(model: str) -> str:
 
 
 def _check_continuation(
-    manifest: dict, policy_rec: dict, seed_rec: dict, label: str, rollouts: int
+    manifest: Manifest, requested: PolicyRecord, seed_rec: SeedScheme, label: str, rollouts: int
 ) -> None:
-    stored = manifest.get("policy")
-    if stored is not None and stored != policy_rec:
-        diff = sorted(
-            k for k in set(stored) | set(policy_rec) if stored.get(k) != policy_rec.get(k)
-        )
+    """Refuse to add rollouts made another way to a folder (the manifest is the authority)."""
+    if manifest.policy is not None and manifest.policy != requested:
+        diff = manifest.policy.differences(requested)
         raise ConfigError(
             f"the run folder was generated with another decoding policy (differs in {', '.join(diff)}); "
             "use the same options or a new --run folder"
         )
-    stored_seed = manifest.get("seed_scheme")
-    if stored_seed is not None and stored_seed != seed_rec:
+    stored = manifest.seed_scheme
+    if stored is not None and stored != seed_rec:
         raise ConfigError(
-            f"the run folder was generated with seed {stored_seed.get('run_seed')} "
-            f"(common random numbers {stored_seed.get('common_random_numbers')}); "
+            f"the run folder was generated with seed {stored.run_seed} "
+            f"(common random numbers {stored.common_random_numbers}); "
             "use the same --seed/--common-random-numbers or a new --run folder"
         )
-    entry = manifest.get("models", {}).get(label)
-    if entry is not None and entry.get("rollouts") != rollouts:
+    entry = manifest.model(label)
+    if entry is not None and entry.source != "generate":
         raise ConfigError(
-            f"model '{label}' in this run folder has {entry.get('rollouts')} rollouts per prompt, "
-            f"not {rollouts}; use --rollouts {entry.get('rollouts')} or a new --run folder"
+            f"model '{label}' in this run folder was made by '{entry.source}', not sampled here; "
+            "give the generated model another label or use a new --run folder"
+        )
+    if entry is not None and entry.rollouts != rollouts:
+        raise ConfigError(
+            f"model '{label}' in this run folder has {entry.rollouts} rollouts per prompt, "
+            f"not {rollouts}; use --rollouts {entry.rollouts} or a new --run folder"
         )
 
 
@@ -145,13 +148,14 @@ def generate_run(
     family = family or label
     store = RunStore(run_dir)
     run = run_name or Path(run_dir).resolve().name
-    requested_rec = policy_record(policy)
-    seed_rec = {
-        "run_seed": int(seed),
-        "common_random_numbers": bool(common_random_numbers),
-        "scheme": SEED_SCHEME,
-    }
-    _check_continuation(store.read_manifest(), requested_rec, seed_rec, label, rollouts)
+    requested_rec = PolicyRecord.from_policy(policy)
+    seed_rec = SeedScheme(
+        kind="counter-hash",
+        run_seed=int(seed),
+        common_random_numbers=bool(common_random_numbers),
+        description=SEED_SCHEME,
+    )
+    _check_continuation(read_manifest(run_dir), requested_rec, seed_rec, label, rollouts)
     shard_names = [slug(label, p.task, p.id) for p in prompts]
     todo = [i for i, name in enumerate(shard_names) if not store.has_shard(name)]
 
@@ -174,9 +178,10 @@ def generate_run(
         resolved.validate()
         rendered = {i: render_prompt(eng.tokenizer, prompts[i].text, variant) for i in todo}
         _check_context(prompts, rendered, resolved, eng.context_length)
-        _write_manifest(
-            store, label, model, variant, family, rollouts, eng, requested_rec, resolved, seed_rec
-        )
+        _record_model(
+            run_dir, run, label, model, variant, family, rollouts, eng, requested_rec, resolved,
+            seed_rec,
+        )  # fmt: skip
         tokens_done = 0
         truncated = 0
         done_before = len(prompts) - len(todo)
@@ -260,29 +265,31 @@ def _check_context(prompts, rendered, policy: DecodingPolicy, context_length: in
             )
 
 
-def _write_manifest(
-    store, label, model, variant, family, rollouts, eng, requested_rec, resolved, seed_rec
-):
-    manifest = store.read_manifest()
-    manifest.setdefault("schema", "canopy-manifest/1")
-    manifest["policy"] = requested_rec
-    manifest["seed_scheme"] = seed_rec
-    models = manifest.setdefault("models", {})
-    models[label] = {
-        "model": model,
-        "variant": variant,
-        "family": family,
-        "rollouts": rollouts,
-        "engine": eng.describe(),
-        "vocab_size": int(eng.vocab_size),
-        "context_length": eng.context_length,
-        "eos_token_ids": [int(x) for x in resolved.eos_token_ids],
-        "resolved_policy": policy_record(resolved),
-        "approximate": bool(eng.approximate),
-        "versions": _versions(),
-    }
-    manifest["approximate"] = any(m.get("approximate") for m in models.values())
-    store.write_manifest(manifest)
+def _record_model(
+    run_dir, run, label, model, variant, family, rollouts, eng, requested, resolved, seed_rec
+) -> None:
+    """Record the run's policy and seed scheme and this model's facts in the manifest."""
+    record = ModelRecord(
+        label=label,
+        model=model,
+        variant=variant,
+        family=family,
+        source="generate",
+        rollouts=rollouts,
+        policy=PolicyRecord.from_policy(resolved),
+        seed_scheme=seed_rec,
+        vocab_size=int(eng.vocab_size),
+        context_length=eng.context_length,
+        engine=eng.describe(),
+        approximate=bool(eng.approximate),
+        versions=_versions(),
+    )
+
+    def change(m: Manifest) -> Manifest:
+        m = dataclasses.replace(m, run=m.run or run, policy=requested, seed_scheme=seed_rec)
+        return m.with_model(record)
+
+    update_manifest(run_dir, change)
 
 
 def _batch_table(batch, run, label, variant, family, prompt: Prompt) -> pa.Table:

@@ -10,6 +10,7 @@ same file again rewrites identical shards (idempotent).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -22,9 +23,18 @@ import numpy as np
 import pyarrow as pa
 
 from canopy_entropy.errors import CanopyError
+from canopy_entropy.run.layout import VARIANTS
+from canopy_entropy.run.manifest import (
+    ImportRecord,
+    Manifest,
+    ModelRecord,
+    PolicyRecord,
+    SeedScheme,
+    read_manifest,
+    update_manifest,
+)
 from canopy_entropy.store import FINISH_REASONS, RunStore, rollouts_table, slug
 
-VARIANTS = ("base", "instruct")
 MAX_LISTED_ERRORS = 20
 SHARD_ROLLOUTS = 20_000
 _PER_STEP = ("eos_prob", "logprob", "kept_mass", "token_ids")
@@ -277,42 +287,77 @@ def import_jsonl(
             )
             name = "import-" + slug(digest[:16], g_model, g_variant, g_family, g_task, str(part))
             tables.append((name, table))
-    # everything validated and built: now write (each shard atomically), then the manifest
+    # everything validated and built: check the manifest accepts it, write (each shard
+    # atomically), then record the import
+    _check_labels(read_manifest(store.root), groups, path)
     shards = [store.write_rollouts(name, table).name for name, table in tables]
     own = f"import-{digest[:16]}__"
     for stale in store.shard_files():  # an earlier import of this file under other flags
         if stale.name.startswith(own) and stale.name not in shards:
             stale.unlink()
-    manifest = store.read_manifest()
-    manifest.setdefault("run", run)
-    if max_new_tokens is not None:
-        policy = manifest.setdefault("policy", {})
-        policy.setdefault("max_new_tokens", max_new_tokens)
-    manifest.setdefault("seed_scheme", "imported: seeds unknown (-1) unless given per line")
-    entry = {
-        "source": str(path.resolve()),
-        "sha256": digest,
-        "flags": {
-            "model": model,
-            "variant": variant,
-            "family": family,
-            "task": task,
-            "max_new_tokens": max_new_tokens,
-            "run_name": run_name,
-        },
-        "n_rollouts": sum(len(r) for r in groups.values()),
-        "shards": shards,
+    flags = {
+        "model": model,
+        "variant": variant,
+        "family": family,
+        "task": task,
+        "max_new_tokens": max_new_tokens,
+        "run_name": run_name,
     }
-    imports = [e for e in manifest.get("imports", []) if e.get("sha256") != digest]
-    manifest["imports"] = [*imports, entry]
-    store.write_manifest(manifest)
+    entry = ImportRecord(
+        source=str(path.resolve()),
+        sha256=digest,
+        flags=flags,
+        n_rollouts=sum(len(r) for r in groups.values()),
+        shards=tuple(shards),
+    )
+    update_manifest(store.root, lambda m: _record_import(m, run, entry, groups, max_new_tokens))
     return ImportSummary(
-        n_rollouts=entry["n_rollouts"],
+        n_rollouts=entry.n_rollouts,
         n_prompts=len({(k, r["prompt_id"]) for k, recs in groups.items() for r in recs}),
         groups=[dict(zip(("model", "variant", "family", "task"), k, strict=True)) for k in groups],
         shards=shards,
         sha256=digest,
     )
+
+
+def _check_labels(manifest: Manifest, groups: dict, source: Path | str) -> None:
+    """Refuse to import under a model label that generate or the reference model wrote."""
+    for g_model, *_ in groups:
+        prior = manifest.model(g_model)
+        if prior is not None and prior.source != "import":
+            raise CanopyError(
+                f"model '{g_model}' in {source} is already in this run folder, made by "
+                f"'{prior.source}'; import it under another --model label or into a new --run"
+            )
+
+
+def _record_import(
+    manifest: Manifest, run: str, entry: ImportRecord, groups: dict, max_new_tokens: int | None
+) -> Manifest:
+    """The manifest with this import and a record for each imported model label."""
+    _check_labels(manifest, groups, entry.source)
+    manifest = dataclasses.replace(manifest, run=manifest.run or run).with_import(entry)
+    for g_model, g_variant, g_family, _ in groups:
+        prior = manifest.model(g_model)
+        cap = (
+            max_new_tokens
+            if max_new_tokens is not None
+            else (prior.policy.max_new_tokens if prior is not None else None)
+        )
+        manifest = manifest.with_model(
+            ModelRecord(
+                label=g_model,
+                model=g_model,
+                variant=g_variant,
+                family=g_family,
+                source="import",
+                policy=PolicyRecord(max_new_tokens=cap),
+                seed_scheme=SeedScheme(
+                    kind="imported", description="seeds as given per line (-1: unknown)"
+                ),
+            )
+        )
+    return manifest
 
 
 def _check_no_overlap(store: RunStore, groups: dict, digest: str) -> None:

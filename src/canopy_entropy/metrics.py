@@ -39,6 +39,7 @@ from scipy.special import entr
 from scipy.stats import rankdata
 
 from canopy_entropy.errors import CanopyError
+from canopy_entropy.run.manifest import Manifest, read_manifest
 from canopy_entropy.semantic.diversity import DIVERSITY_COLUMNS as _SEMANTIC_DIVERSITY_COLUMNS
 from canopy_entropy.stats.pooling import pool_covariance, pool_fisher, pool_kendall
 from canopy_entropy.store import KEY_COLUMNS, RunStore, atomic_write_json, atomic_write_table
@@ -615,7 +616,7 @@ def _caps_and_hmax(
     code: np.ndarray,
     N: np.ndarray,
     truncated: np.ndarray,
-    manifest: dict,
+    manifest: Manifest,
     h_max: float | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per prompt: the length cap T and H_max.
@@ -633,7 +634,7 @@ def _caps_and_hmax(
     hmax = np.empty(P, dtype=np.float64)
     for model in np.unique(models):  # loop over models only
         sel = models == model
-        configured = _manifest_lookup(manifest, str(model), "policy", "max_new_tokens")
+        configured = manifest.max_new_tokens(str(model))
         model_cut = cut_len[sel].max()
         fallback = (
             float(configured) if configured else (model_cut if np.isfinite(model_cut) else np.nan)
@@ -644,23 +645,12 @@ def _caps_and_hmax(
     return cap, hmax
 
 
-def _manifest_lookup(manifest: dict, model: str, *path: str) -> Any:
-    for root in ((manifest.get("models") or {}).get(model) or {}, manifest):
-        node: Any = root
-        for p in path:
-            node = node.get(p) if isinstance(node, dict) else None
-        if node is not None:
-            return node
-    return None
-
-
-def _h_max_for(manifest: dict, model: str, h_max: float | None) -> float:
+def _h_max_for(manifest: Manifest, model: str, h_max: float | None) -> float:
     if h_max is not None:
         return float(h_max)
-    top_k = _manifest_lookup(manifest, model, "policy", "top_k")
-    vocab = _manifest_lookup(manifest, model, "vocab_size")
-    sizes = [int(v) for v in (top_k, vocab) if v]
-    return math.log(min(sizes)) if sizes else float("nan")
+    record = manifest.model(model)
+    bound = record.h_max if record is not None else None
+    return float("nan") if bound is None else bound
 
 
 def compute_metrics(
@@ -686,14 +676,14 @@ def compute_metrics(
     if h_max is not None and not h_max > 0:
         raise CanopyError(f"--h-max must be positive (got {h_max}); e.g. log(top_k)")
     store = _as_store(source)
-    manifest = store.read_manifest() if store is not None else {}
+    manifest = read_manifest(store.root, missing_ok=True) if store is not None else Manifest()
     red = _reduce(store if store is not None else source, batch_size=batch_size)
-    red.approximate = red.approximate or bool(manifest.get("approximate"))
+    red.approximate = red.approximate or manifest.approximate
     return _assemble(red, by, delta, h_max, manifest, warn)
 
 
 def _assemble(
-    red: _Reduced, by: tuple[str, ...], delta: float, h_max, manifest: dict, warn: bool
+    red: _Reduced, by: tuple[str, ...], delta: float, h_max, manifest: Manifest, warn: bool
 ) -> MetricsResult:
     # order prompts by their keys and rollouts by (prompt, rollout_index)
     key_frame = pd.DataFrame(red.prompt_keys, columns=list(PROMPT_KEYS))

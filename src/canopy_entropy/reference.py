@@ -12,6 +12,7 @@ A prompt is an initial state distribution ``pi_0``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import pandas as pd
 import pyarrow as pa
 from scipy.special import entr
 
+from canopy_entropy.run.manifest import ModelRecord, PolicyRecord, SeedScheme, update_manifest
 from canopy_entropy.store import ROLLOUT_SCHEMA, RunStore, slug
 
 TAIL_TOL = 1e-15
@@ -291,16 +293,23 @@ class FiniteStateLM:
             with_logprob=with_logprob,
         )
         store.write_rollouts(slug(model, variant, family, task, str(seed)), table)
-        manifest = store.read_manifest()
-        models = manifest.setdefault("models", {})
-        models[model] = {
-            "policy": {"max_new_tokens": max_new_tokens, "top_k": None, "temperature": 1.0},
-            "vocab_size": self.vocab + 1,
-            "engine": "reference-fsm",
-        }
-        manifest.setdefault("run", run_name)
-        manifest.setdefault("seed_scheme", "reference sampler: one numpy Generator per call")
-        store.write_manifest(manifest)
+        record = ModelRecord(
+            label=model,
+            model=model,
+            variant=variant,
+            family=family,
+            source="reference",
+            policy=PolicyRecord(temperature=1.0, max_new_tokens=max_new_tokens),
+            seed_scheme=SeedScheme(
+                kind="reference", description="reference sampler: one numpy Generator per call"
+            ),
+            vocab_size=self.vocab + 1,
+            engine={"engine": "reference-fsm"},
+        )
+        update_manifest(
+            run_dir,
+            lambda m: dataclasses.replace(m, run=m.run or run_name).with_model(record),
+        )
         return initials
 
 

@@ -30,21 +30,9 @@ from canopy_entropy.plots.figures import (
     make_figures,
     read_index,
 )
+from canopy_entropy.run.manifest import Manifest
 from canopy_entropy.store import atomic_write_text
 
-POLICY_KEYS = (
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "max_new_tokens",
-    "seed",
-    "rollouts",
-    "rollouts_per_prompt",
-    "prompts_per_task",
-    "engine",
-    "common_random_numbers",
-)
 HEADLINE_METRICS = (
     ("ce_star", "CE* (nats)"),
     ("genppl", "GenPPL"),
@@ -261,35 +249,42 @@ def _note(text: str) -> str:
     return f'<p class="note">{esc(text)}</p>'
 
 
-def _find_keys(obj: Any, wanted: Sequence[str], prefix: str = "") -> dict[str, Any]:
-    """Values of the wanted keys anywhere in a nested manifest (first occurrence wins)."""
-    found: dict[str, Any] = {}
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if k in wanted and not isinstance(v, dict | list) and k not in found:
-                found[k] = v
-        for k, v in obj.items():
-            if isinstance(v, dict):
-                for kk, vv in _find_keys(v, wanted, f"{prefix}{k}.").items():
-                    found.setdefault(kk, vv)
-    return found
-
-
 def _key_cols(df: pd.DataFrame) -> list[str]:
     return [c for c in data.GROUP_KEYS if c in df.columns]
 
 
 # --- sections ---------------------------------------------------------------------------------
-def _summary(run: Path, manifest: dict[str, Any], alerts: list[str]) -> str:
+def _policy_items(manifest: Manifest) -> list[tuple[str, Any]]:
+    """The recorded decoding policy and seed scheme, from the typed manifest."""
+    policy = manifest.policy
+    if policy is None:  # imported or reference rollouts: per-model records only
+        policies = {m.policy for m in manifest.models.values()}
+        policy = policies.pop() if len(policies) == 1 else None
+    items: list[tuple[str, Any]] = []
+    if policy is not None:
+        for k in ("temperature", "top_k", "top_p", "min_p", "max_new_tokens"):
+            v = getattr(policy, k)
+            items.append((k, "none" if v is None and k == "top_k" else v))
+    if manifest.seed_scheme is not None:
+        items.append(("seed", manifest.seed_scheme.run_seed))
+        items.append(("common_random_numbers", manifest.seed_scheme.common_random_numbers))
+    rollouts = {m.rollouts for m in manifest.models.values() if m.rollouts is not None}
+    if len(rollouts) == 1:
+        items.append(("rollouts per prompt", rollouts.pop()))
+    engines = sorted({str(m.engine.get("engine")) for m in manifest.models.values() if m.engine})
+    if engines:
+        items.append(("engine", ", ".join(engines)))
+    return [(k, v) for k, v in items if v is not None]
+
+
+def _summary(run: Path, manifest: Manifest, alerts: list[str]) -> str:
     parts = []
-    policy = _find_keys(manifest, POLICY_KEYS)
-    items = [("run folder", str(run.resolve()))]
-    for k in ("run", "name", "created", "created_at"):
-        if isinstance(manifest.get(k), str | int | float):
-            items.append((k, manifest[k]))
-    items += [(k, policy[k]) for k in POLICY_KEYS if k in policy]
-    if "approximate" in manifest:
-        items.append(("approximate entropies", manifest["approximate"]))
+    items: list[tuple[str, Any]] = [("run folder", str(run.resolve()))]
+    if manifest.run:
+        items.append(("run", manifest.run))
+    items += _policy_items(manifest)
+    if manifest.models:
+        items.append(("approximate entropies", manifest.approximate))
     parts.append(
         '<dl class="kv">'
         + "".join(
@@ -298,7 +293,7 @@ def _summary(run: Path, manifest: dict[str, Any], alerts: list[str]) -> str:
         )
         + "</dl>"
     )
-    if manifest.get("approximate"):
+    if manifest.approximate:
         alerts.append(
             _alert(
                 "warn",
@@ -626,15 +621,15 @@ def _figures_section(paths: Sequence[Path], notes: dict[str, str]) -> str:
     return "".join(out)
 
 
-def _reproducibility(run: Path, manifest: dict[str, Any]) -> str:
+def _reproducibility(run: Path, manifest: Manifest) -> str:
     out = [
         f"<p>canopy-entropy {esc(__version__)}. To rebuild this page: "
         f"<code>canopy report {esc(run)}</code>.</p>"
     ]
-    if manifest:
+    if manifest != Manifest():
         out.append(
             "<details open><summary>manifest.json</summary><pre><code>"
-            + esc(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+            + esc(json.dumps(manifest.to_dict(), indent=2, sort_keys=True, default=str))
             + "</code></pre></details>"
         )
     else:
@@ -664,7 +659,7 @@ def render_report(
     comparison = _comparison_tables(run)
     regression = _regression_section(run, alerts)
     figures = _figures_section(figure_paths, figure_notes or {})
-    title = f"canopy-entropy report: {manifest.get('run') or run.name}"
+    title = f"canopy-entropy report: {manifest.run or run.name}"
     sections = [
         ("summary", "Run summary", summary),
         ("metrics", "Metrics per model and task", headline),

@@ -41,10 +41,10 @@ from canopy_entropy.config import (
     ExperimentConfig,
     config_dict,
     generation_fingerprint,
-    parse_config,
     resolved_config_toml,
 )
 from canopy_entropy.errors import CanopyError, ConfigError
+from canopy_entropy.run.manifest import PolicyRecord, read_manifest, update_manifest
 from canopy_entropy.store import RunStore, atomic_write_json, atomic_write_text
 from canopy_entropy.tasks import Prompt, load_task_prompts
 
@@ -416,16 +416,42 @@ def check_store_matches(
     return counts
 
 
+_POLICY_KEYS = {"stop_strings": "stop"}  # PolicyRecord field -> [generation] key
+
+
 def _check_config_compatible(run_dir: Path, cfg: ExperimentConfig) -> None:
-    """A run folder made with other generation settings cannot be continued with these."""
-    saved_path = run_dir / "config.toml"
-    if not saved_path.exists() or not RunStore(run_dir).shard_files():
+    """A run folder made with other generation settings cannot be continued with these.
+
+    The manifest is the authority (config.toml is only a copy for people): its recorded policy
+    and seed scheme, and the experiment config that ``canopy run`` recorded there.
+    """
+    if not RunStore(run_dir).shard_files():
         return
-    try:
-        saved = parse_config(saved_path.read_text(), str(saved_path), run_dir, check_models=False)
-    except CanopyError:
-        return  # an unreadable old config is replaced; the store check still guards the data
-    old, new = generation_fingerprint(saved), generation_fingerprint(cfg)
+    manifest = read_manifest(run_dir)  # rollouts without a manifest: an error with a hint
+    wanted = PolicyRecord.from_policy(_policy(cfg))
+    if manifest.policy is not None:
+        for k in manifest.policy.differences(wanted):
+            if k == "eos_token_ids":
+                continue  # [generation] has no EOS ids: the engine resolves them
+            key = f"generation.{_POLICY_KEYS.get(k, k)}"
+            raise ConfigError(
+                f"{run_dir} was generated with {key} = {getattr(manifest.policy, k)!r}, this "
+                f"config has {getattr(wanted, k)!r}; use another --out folder or --force generate"
+            )
+    seed = manifest.seed_scheme
+    g = cfg.generation
+    if seed is not None and (seed.run_seed, seed.common_random_numbers) != (
+        g.seed,
+        g.common_random_numbers,
+    ):
+        raise ConfigError(
+            f"{run_dir} was generated with generation.seed = {seed.run_seed} (common random "
+            f"numbers {seed.common_random_numbers}), this config has {g.seed} "
+            f"({g.common_random_numbers}); use another --out folder or --force generate"
+        )
+    if manifest.experiment is None:
+        return
+    old, new = generation_fingerprint(manifest.experiment), generation_fingerprint(cfg)
     for key in ("generation", "engine"):
         for k in sorted(set(old[key]) | set(new[key])):
             if old[key].get(k) != new[key].get(k):
@@ -580,13 +606,10 @@ def generate_is_done(run_dir: Path, cfg: ExperimentConfig) -> bool:
 
 
 def _record_experiment(run_dir: Path, cfg: ExperimentConfig) -> None:
-    """Add the resolved experiment config to the run manifest (written by the engine loop)."""
-    store = RunStore(run_dir)
-    manifest = store.read_manifest()
+    """Record the resolved experiment config in the run manifest (the provenance authority)."""
     exp = config_dict(cfg)
-    if manifest.get("experiment") != exp:
-        manifest["experiment"] = exp
-        store.write_manifest(manifest)
+    if read_manifest(run_dir).experiment != exp:
+        update_manifest(run_dir, lambda m: dataclasses.replace(m, experiment=exp))
 
 
 # ------------------------------------------------------------------------------------------

@@ -240,7 +240,6 @@ class RunStore:
         self.root = Path(root)
         self.rollouts_dir = self.root / "rollouts"
         self.prompts_dir = self.root / "prompts"
-        self.manifest_path = self.root / "manifest.json"
 
     # -- writing -------------------------------------------------------------------------
     def shard_path(self, name: str) -> Path:
@@ -266,19 +265,6 @@ class RunStore:
         path = self.prompts_dir / f"{name}.parquet"
         atomic_write_table(path, table, PROMPT_SCHEMA_VERSION)
         return path
-
-    def write_manifest(self, manifest: dict[str, Any]) -> None:
-        atomic_write_json(self.manifest_path, manifest)
-
-    def read_manifest(self) -> dict[str, Any]:
-        if not self.manifest_path.exists():
-            return {}
-        try:
-            return json.loads(self.manifest_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise StoreError(
-                f"{self.manifest_path} is not valid JSON ({exc.msg}); restore or delete it"
-            ) from exc
 
     # -- reading -------------------------------------------------------------------------
     def shard_files(self) -> list[Path]:

@@ -19,6 +19,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from canopy_entropy.errors import CanopyError
+from canopy_entropy.run.manifest import Manifest
+from canopy_entropy.run.manifest import read_manifest as read_run_manifest
 from canopy_entropy.store import KEY_COLUMNS, RunStore
 
 GROUP_KEYS = list(KEY_COLUMNS)  # model, variant, family, task
@@ -295,6 +297,6 @@ def residual_columns(df: pd.DataFrame) -> list[str]:
     return cols
 
 
-def read_manifest(run: Path) -> dict[str, Any]:
-    """The run manifest ({} when absent)."""
-    return RunStore(run).read_manifest()
+def read_manifest(run: Path) -> Manifest:
+    """The run's typed manifest (empty when the folder has none)."""
+    return read_run_manifest(run, missing_ok=True)
