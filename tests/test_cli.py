@@ -138,6 +138,8 @@ def test_misspelled_command_suggests_the_closest_without_heavy_imports():
     errors = [ln for ln in proc.stderr.splitlines() if not ln.startswith("import time:")]
     assert errors == ["error: no command 'metric'; did you mean 'metrics'?"]
     assert heavy_in(imported(proc.stderr)) == []
+    assert canopy("gen").stderr.strip() == "error: no command 'gen'; did you mean 'generate'?"
+    assert "did you mean 'run' or 'regress' or 'report'?" in canopy("r").stderr
     far = canopy("xyzzy")
     assert far.returncode == 2
     assert far.stderr.strip() == ("error: no command 'xyzzy'; use one of " + ", ".join(COMMANDS))
@@ -251,9 +253,10 @@ def test_read_only_folder_is_one_line_error(tmp_path, capsys, monkeypatch):
             "a folder you can write to",
         ),
         (
-            OSError(errno.EIO, os.strerror(errno.EIO)),
-            f"error: {os.strerror(errno.EIO)}; check the path and try again",
+            OSError(errno.EIO, os.strerror(errno.EIO), Path("/data/run/x.parquet")),
+            f"error: '/data/run/x.parquet': {os.strerror(errno.EIO)}; check the path and try again",
         ),
+        (TimeoutError("timed out"), "error: timed out"),
     ],
 )
 def test_os_errors_become_one_line(exc, want, capsys, monkeypatch):
@@ -284,7 +287,9 @@ def canopy_run_with(load_config_body: str) -> subprocess.CompletedProcess:
 
 
 def test_ctrl_c_exits_130():
-    proc = canopy_run_with("os.kill(os.getpid(), signal.SIGINT); sys.exit('SIGINT was not delivered')")
+    proc = canopy_run_with(
+        "os.kill(os.getpid(), signal.SIGINT); sys.exit('SIGINT was not delivered')"
+    )
     assert proc.returncode == 130
     assert proc.stderr.strip() == "interrupted"
 

@@ -81,6 +81,7 @@ _OS_HINTS = {
     errno.EISDIR: "it is a folder, not a file; check the path",
     errno.EEXIST: "it already exists; remove it or choose another path",
     errno.EMFILE: "too many open files; raise the limit (ulimit -n) and run again",
+    errno.ECONNREFUSED: "nothing answers there; check the server URL and that it is running",
 }
 
 
@@ -126,8 +127,10 @@ class LazyGroup(TyperGroup):
     def resolve_command(self, ctx, args: list[str]):
         name = args[0]
         if name not in COMMANDS and not name.startswith("-"):
-            close = difflib.get_close_matches(name, list(COMMANDS), n=1, cutoff=0.6)
-            hint = f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(COMMANDS)}"
+            close = [c for c in COMMANDS if c.startswith(name.lower())]
+            close = close or difflib.get_close_matches(name.lower(), list(COMMANDS), n=1)
+            guesses = " or ".join(f"'{c}'" for c in close)
+            hint = f"did you mean {guesses}?" if close else f"use one of {', '.join(COMMANDS)}"
             raise ConfigError(f"no command '{name}'; {hint}")
         return super().resolve_command(ctx, args)
 
@@ -175,11 +178,14 @@ def _root(
 
 def _os_error_message(exc: OSError) -> str:
     """One line naming the path(s), the problem and what to do about it."""
-    paths = [os.fsdecode(p) for p in (exc.filename, exc.filename2) if p is not None]
+    paths = [p for p in (exc.filename, exc.filename2) if p is not None]
+    where = " -> ".join(
+        f"'{os.fsdecode(p) if isinstance(p, bytes | os.PathLike) else p}'" for p in paths
+    )
     problem = exc.strerror or str(exc) or type(exc).__name__
-    hint = _OS_HINTS.get(exc.errno, "check the path and try again")
-    where = " -> ".join(f"'{p}'" for p in paths)
-    return f"{where}: {problem}; {hint}" if where else f"{problem}; {hint}"
+    hint = _OS_HINTS.get(exc.errno) or ("check the path and try again" if paths else "")
+    message = f"{where}: {problem}" if where else problem
+    return f"{message}; {hint}" if hint else message
 
 
 def _usage_message(exc: typer.TyperException) -> str:
