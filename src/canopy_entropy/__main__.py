@@ -2,4 +2,5 @@
 
 from canopy_entropy.cli.main import main
 
-main()
+if __name__ == "__main__":
+    main()

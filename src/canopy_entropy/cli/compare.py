@@ -27,7 +27,10 @@ def command(
     ] = "variant",
     as_json: Annotated[bool, typer.Option("--json", help="Print the tidy table as JSON.")] = False,
 ) -> None:
-    """Compare two models (paired prompt bootstrap): CE*, GenPPL, BF, rho, D with SEs and CIs."""
+    """Compare two models (paired prompt bootstrap): CE*, GenPPL, BF, rho, D with SEs and CIs.
+
+    Writes RUN/compare/. Method and the length-matched analysis: docs/semantic-compare.md.
+    """
     from canopy_entropy.compare import compare_run
 
     if not run.is_dir():

@@ -30,7 +30,10 @@ def command(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Texts per encoder batch.")] = 64,
     device: Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1, mps.")] = "cpu",
 ) -> None:
-    """Embed rollout texts (cached) and write per-prompt diversity, Vendi and length terciles."""
+    """Embed rollout texts (cached) and write per-prompt diversity, Vendi and length terciles.
+
+    Writes RUN/semantic/. Encoders and the diversity measures: docs/semantic-compare.md.
+    """
     from canopy_entropy.semantic.embed import embed_run
 
     if not run.is_dir():

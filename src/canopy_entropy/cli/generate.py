@@ -21,7 +21,12 @@ def command(
     run: Annotated[Path, typer.Option("--run", help="Run folder (created or continued).")],
     rollouts: Annotated[int, typer.Option("--rollouts", help="Rollouts per prompt (M).")] = 100,
     variant: Annotated[
-        str, typer.Option("--variant", help="base (raw text) or instruct (chat template).")
+        str,
+        typer.Option(
+            "--variant",
+            help="base (raw text) or instruct (chat template).",
+            show_default="the alias's variant, else base",
+        ),
     ] = "",
     family: Annotated[
         str | None, typer.Option("--family", help="Model family label (default: the model label).")
@@ -35,8 +40,8 @@ def command(
     ] = None,
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy.")] = 1.0,
     top_k: Annotated[
-        int | None, typer.Option("--top-k", help="Keep the k most likely tokens.")
-    ] = None,
+        int, typer.Option("--top-k", help="Keep the k most likely tokens (0 = off).")
+    ] = 0,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus mass (1 = off).")] = 1.0,
     min_p: Annotated[
         float, typer.Option("--min-p", help="Keep p >= min_p * p_max (0 = off).")
@@ -62,7 +67,10 @@ def command(
         str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")
     ] = "auto",
 ) -> None:
-    """Sample M rollouts per prompt, recording each step's exact entropy (resumable)."""
+    """Sample M rollouts per prompt, recording each step's exact entropy (resumable).
+
+    Engines, decoding policy and seeds: docs/engines.md.
+    """
     import dataclasses
     import time
 
@@ -83,9 +91,11 @@ def command(
     variant = variant or alias_variant(model) or "base"
     if variant not in ("base", "instruct"):
         raise ConfigError(f"unknown variant '{variant}'; use base or instruct")
+    if top_k < 0:
+        raise ConfigError(f"--top-k must be >= 0 (0 = off), got {top_k}")
     policy = DecodingPolicy(
         temperature=temperature,
-        top_k=top_k,
+        top_k=top_k or None,
         top_p=top_p,
         min_p=min_p,
         max_new_tokens=max_new_tokens,

@@ -26,7 +26,10 @@ def command(
         str, typer.Option("--format", help="Comma-separated output formats: png, pdf, svg.")
     ] = "png,pdf",
 ) -> None:
-    """Draw the figures of a run (PNG + PDF under RUN/figures/); missing stages give notes."""
+    """Draw the figures of a run (PNG + PDF under RUN/figures/); missing stages give notes.
+
+    What each figure shows: docs/figures-report.md.
+    """
     from canopy_entropy.plots.figures import FIGURE_NAMES, make_figures
 
     formats = [f.strip().lower() for f in fmt.split(",") if f.strip()]

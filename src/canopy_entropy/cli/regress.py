@@ -1,4 +1,4 @@
-"""``canopy regress``: the Beta mixed-effects regression of SPEC section 7."""
+"""``canopy regress``: the Beta mixed-effects regression of diversity on entropy rate."""
 
 from __future__ import annotations
 
@@ -102,11 +102,12 @@ def command(
         typer.Option("--out", help="With --panel: folder for result.json, tables, figures."),
     ] = None,
 ) -> None:
-    """Fit the Beta mixed-effects regression of diversity on entropy rate (SPEC section 7).
+    """Fit the Beta mixed-effects regression of diversity on entropy rate.
 
     `canopy regress RUN` fits the published specification on the run's panel and writes
     RUN/regression, RUN/tables/regression.* and RUN/figures/regression_*. `canopy regress
     --panel FILE.csv --mean "D ~ ..." --precision "~ ..."` fits any specification on any table.
+    Specification and diagnostics: docs/regression.md.
     """
     from canopy_entropy.stats import regression as reg
     from canopy_entropy.stats.beta_glmm import ConvergenceWarning

@@ -29,7 +29,10 @@ def command(
         int, typer.Option(help="Trim figure 1 where fewer rollouts than this are still active.")
     ] = 5,
 ) -> None:
-    """Write a self-contained HTML report of a run (opens offline, prints cleanly)."""
+    """Write a self-contained HTML report of a run (opens offline, prints cleanly).
+
+    What the report holds: docs/figures-report.md.
+    """
     from canopy_entropy.report import build_report
 
     with Console(stderr=True).status("building report"):

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from canopy_entropy.config import STAGES
+
 
 def command(
     config: Annotated[
@@ -21,8 +23,8 @@ def command(
         str | None,
         typer.Option(
             "--stages",
-            help="Comma-separated stages to run (generate,metrics,embed,tables,compare,"
-            "regress,plots,report). Default: the config's stages.",
+            help=f"Comma-separated stages to run, from: {', '.join(STAGES)} (they always run "
+            "in this order). Default: the config's stages.",
         ),
     ] = None,
     force: Annotated[
@@ -39,8 +41,10 @@ def command(
     """Run every stage of a study from one config file, resumably, into one results folder.
 
     With no CONFIG it runs the built-in offline demo (two small models x four tasks on CPU).
-    Killing it and running it again continues where it stopped.
+    Killing it and running it again continues where it stopped. Exits 1 when a stage failed.
+    Configs, stages and the results folder: docs/running.md.
     """
+    from canopy_entropy.cli.main import EXIT_FAILED
     from canopy_entropy.config import demo_config_path, load_config
     from canopy_entropy.runner import default_out_dir, run_experiment, with_prompts_dir
 
@@ -54,4 +58,4 @@ def command(
         force=force,
     )
     if any(r.status == "failed" for r in results):
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_FAILED)
