@@ -68,7 +68,8 @@ def canned_rollout(seed: int, top_k: int, max_tokens: int, n_logprobs: int | Non
 def _payload(seed: int, body: dict) -> dict:
     """The /v1/completions answer (vLLM format, token ids as strings) for a request."""
     top_k = body["top_k"] if body["top_k"] > 0 else VOCAB
-    r = canned_rollout(seed, top_k, body["max_tokens"], body["logprobs"])
+    n_logprobs = body["top_logprobs"] if "messages" in body else body["logprobs"]
+    r = canned_rollout(seed, top_k, body["max_tokens"], n_logprobs)
     return {
         "id": f"cmpl-{seed}",
         "object": "text_completion",
@@ -85,6 +86,25 @@ def _payload(seed: int, body: dict) -> dict:
             }
         ],
     }
+
+
+def _as_chat(payload: dict, fault: str | None) -> dict:
+    """The same answer in /v1/chat/completions format; fault "chat-null-top" nulls a list."""
+    choice = payload["choices"][0]
+    lp = choice.pop("logprobs")
+    content = [
+        {
+            "token": t,
+            "logprob": v,
+            "top_logprobs": [{"token": k, "logprob": q} for k, q in d.items()],
+        }
+        for t, v, d in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True)
+    ]
+    if fault == "chat-null-top":
+        content[0]["top_logprobs"] = None
+    choice["message"] = {"role": "assistant", "content": choice.pop("text")}
+    choice["logprobs"] = {"content": content}
+    return payload
 
 
 def _set_step(key: str, value):
@@ -198,6 +218,8 @@ class FaultyServer:
                                      "stop_type": stop_type, "completion_probabilities": rows})  # fmt: skip
                     return
                 payload = _payload(seed, body)
+                if self.path.endswith("/chat/completions"):
+                    payload = _as_chat(payload, fault)
                 if fault in MALFORMED:
                     self._send(200, MALFORMED[fault](payload))
                     return
@@ -451,7 +473,8 @@ def test_seed_probe(ignore_seed):
     assert len(seed_warnings) == int(ignore_seed)
     probes = srv.bodies_of(PROBE_SEED)
     assert len(probes) == 2 and probes[0] == probes[1]  # probed once, two identical requests
-    assert probes[0]["max_tokens"] == PROBE_TOKENS and probes[0]["ignore_eos"] is True
+    assert probes[0]["max_tokens"] == PROBE_TOKENS and probes[0]["temperature"] == 1.0
+    assert probes[0]["ignore_eos"] is True and probes[0]["stop_token_ids"] == []
     assert srv.bodies[-1]["seed"] == 1800
     assert _engine(srv.url).describe()["seed_reproducible"] is None  # probe off: unknown
 
@@ -470,6 +493,19 @@ def test_options_are_declared_and_checked():
     eng = _engine("http://127.0.0.1:9/v1", timeout=5, chat=True)  # int for float is fine
     assert eng.timeout == 5.0 and eng.chat is True
     eng.close()
+
+
+def test_chat_format_and_its_malformed_answer():
+    with FaultyServer({1900: ["chat-null-top"], 1901: ["chat-null-top"] * 5}) as srv:
+        eng = _engine(srv.url, chat=True, max_retries=1)
+        batch = eng.sample_chat("hi", np.array([1900, 1902]), np.arange(2), POLICY)
+        with pytest.raises(CanopyError, match="chat/completions gave no usable answer in 2"):
+            eng.sample_chat("hi", np.array([1901]), np.arange(1), POLICY)
+        eng.close()
+    _assert_canned(batch, [1900, 1902])
+    assert batch.text[1] == " ".join(map(str, canned_rollout(1902, 6, 12)["tokens"]))
+    assert srv.attempts[1900] == 2 and srv.attempts[1901] == 2
+    assert srv.bodies_of(1902)[0]["messages"] == [{"role": "user", "content": "hi"}]
 
 
 def test_sample_many_matches_per_prompt_and_bounds_mode():

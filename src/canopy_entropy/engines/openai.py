@@ -343,8 +343,10 @@ class OpenAIEngine(Engine):
             first = self.eos_token_ids[0] if self.eos_token_ids else 0
         prompt = "Write one random word." if self.chat else [int(first)]
         body = self._body(prompt, PROBE_SEED, probe, 1)
-        if self.server != "openai":
-            body["ignore_eos"] = True  # more tokens to compare
+        if self.server != "openai":  # more tokens to compare
+            body["ignore_eos"] = True
+        if self.server == "vllm":
+            body["stop_token_ids"] = []
         return body
 
     def _body(self, prompt: Any, seed: int, policy: DecodingPolicy, k: int) -> dict:
