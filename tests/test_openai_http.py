@@ -11,6 +11,7 @@ import dataclasses
 import email.utils
 import itertools
 import json
+import re
 import socket
 import threading
 import warnings
@@ -488,6 +489,10 @@ def test_options_are_declared_and_checked():
         get_engine("openai", "canned", base_url="http://127.0.0.1:9/v1", concurrency="8")
     with pytest.raises(ConfigError, match="option 'eos_token_ids'"):
         _engine("http://127.0.0.1:9/v1", eos_token_ids=[2, 1.7])
+    with pytest.raises(
+        ConfigError, match=re.escape("needs a scheme; write it as http://127.0.0.1:8000/v1")
+    ):
+        _engine("127.0.0.1:8000/v1")
     with pytest.raises(ConfigError, match="deadline must be > 0"):
         _engine("http://127.0.0.1:9/v1", deadline=0)
     eng = _engine("http://127.0.0.1:9/v1", timeout=5, chat=True)  # int for float is fine

@@ -142,6 +142,11 @@ class OpenAIEngine(Engine):
                 "engine 'openai' needs the server address: set engine option base_url "
                 "(e.g. http://127.0.0.1:8000/v1) or OPENAI_BASE_URL"
             )
+        if not base_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"engine 'openai' base_url '{base_url}' needs a scheme; "
+                f"write it as http://{base_url.split('://')[-1]}"
+            )
         if opts.server not in SERVERS:
             raise ConfigError(f"unknown server kind '{opts.server}'; use one of {list(SERVERS)}")
         for name in ("concurrency", "timeout", "deadline"):
@@ -427,7 +432,7 @@ class OpenAIEngine(Engine):
             malformed = False
             try:
                 status, headers, raw = self._send(path, body)
-            except httpx.TransportError as exc:  # dropped connection, timeout, refused
+            except (httpx.TransportError, httpx.DecodingError) as exc:  # dropped, timeout, ...
                 last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 continue
             except _DeadlineExceeded:
