@@ -8,6 +8,7 @@ import pytest
 from scipy.stats import entropy as scipy_entropy
 
 from canopy_entropy.engines.topk import pad_ragged, topk_step_stats
+from canopy_entropy.errors import CanopyError
 
 V = 60
 
@@ -140,3 +141,28 @@ def test_pad_ragged_roundtrip():
     np.testing.assert_allclose(np.exp(plp).sum(1), [1.0, 0.0, 1.0])
     rid, _ = pad_ragged(np.array([2, 2]), np.array([1, 2, 3, 4]), np.zeros(4))
     assert rid.tolist() == [[1, 2], [3, 4]]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_positive_inf_logprob_is_refused(bad):
+    """A broken entry would otherwise count as probability 0 and change the entropy."""
+    ids, lps = _top_k(_random_dists(np.random.default_rng(4), 3), 5)
+    broken = lps.copy()
+    broken[1, 2] = bad
+    with pytest.raises(CanopyError, match="NaN or \\+inf"):
+        topk_step_stats(ids, broken, (), vocab_size=V, exact_kept_set=True)
+    with pytest.raises(CanopyError, match="NaN or \\+inf"):
+        topk_step_stats(
+            ids,
+            lps,
+            (),
+            vocab_size=V,
+            exact_kept_set=False,
+            extra_ids=np.array([1, 2, 3]),
+            extra_logprobs=np.array([np.log(0.1), bad, np.log(0.1)]),
+        )
+    # -inf is a legitimate probability 0 (padding, cut tokens)
+    padded = lps.copy()
+    padded[:, -1] = -np.inf
+    st = topk_step_stats(ids, padded, (), vocab_size=V, exact_kept_set=False)
+    assert np.all(np.isfinite(st.entropy)) and np.all(np.isfinite(st.entropy_upper))

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from canopy_entropy.errors import CanopyError
+
 # Below this missing mass the returned set is taken as complete (float32 logsumexp noise).
 MASS_TOLERANCE = 1e-5
 
@@ -64,6 +66,16 @@ def pad_ragged(
     return ids, lps
 
 
+def _refuse_broken(logprobs: np.ndarray) -> None:
+    """NaN or +inf log-probs would silently become probability 0: refuse them."""
+    bad = np.isnan(logprobs) | (logprobs == np.inf)
+    if bad.any():
+        raise CanopyError(
+            f"{int(bad.sum())} top-K log-probs are NaN or +inf, so no entropy can be computed; "
+            "the model's numbers are broken (try dtype 'bfloat16' or 'float32')"
+        )
+
+
 def topk_step_stats(
     top_ids: np.ndarray,
     top_logprobs: np.ndarray,
@@ -76,7 +88,8 @@ def topk_step_stats(
 ) -> TopKStepStats:
     """Step entropy (or bounds), EOS mass and covered mass from ``[steps, K]`` top entries.
 
-    ``top_ids``/``top_logprobs`` are the K largest entries per step (padding: id -1, -inf);
+    ``top_ids``/``top_logprobs`` are the K largest entries per step (padding: id -1, -inf;
+    NaN or +inf raise ``CanopyError``);
     ``extra_ids``/``extra_logprobs`` optional further known entries per step (the sampled
     token), which never set ``p_K`` and are skipped when already among the top entries. Ids
     within a top row are distinct (servers return a dict, vLLM a torch top-k). With ``exact_kept_set`` the residual mass is taken to be ties at ``p_K`` (exact for
@@ -88,8 +101,10 @@ def topk_step_stats(
     # sums accumulated in float64.
     top_lp = np.asarray(top_logprobs, dtype=np.float32)
     steps, width = top_ids.shape
-    finite = np.isfinite(top_lp)  # -inf (cut / padding) and NaN: probability 0
-    top_lp = np.where(finite, top_lp, -np.inf)
+    _refuse_broken(top_lp)
+    if extra_logprobs is not None:
+        _refuse_broken(np.asarray(extra_logprobs, dtype=np.float64))
+    finite = np.isfinite(top_lp)  # -inf (cut / padding): probability 0
     p = np.exp(top_lp)
     eos_arr = np.asarray(list(eos_token_ids), dtype=np.int64)
     is_eos = np.zeros(top_ids.shape, dtype=bool)
