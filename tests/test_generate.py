@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,8 @@ from canopy_entropy.tasks import load_task_prompts
 from canopy_entropy.tasks.base import Prompt
 from canopy_entropy.tasks.jsonl import content_id
 from canopy_entropy.testing import build_tiny_model
+from cli_helpers import run_cli
+from process_helpers import STALL_S, kill_after_commits
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -172,37 +172,29 @@ def test_load_prompts_jsonl_ids_and_errors(tmp_path):
         load_prompts("no-such-task-name")
 
 
-def _cli(args, env=None, **popen):
-    env = {
+def _env() -> dict:
+    return {
         **os.environ,
         "PYTHONPATH": str(ROOT / "src"),
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
-        **(env or {}),
     }
-    return subprocess.Popen(
-        [sys.executable, "-m", "canopy_entropy", "generate", *args], env=env, cwd=ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen,
+
+
+def _cli(args: list[str]) -> subprocess.CompletedProcess:
+    """``canopy generate <args>`` in a fresh process (the hang guard is no speed limit)."""
+    return subprocess.run(
+        [sys.executable, "-m", "canopy_entropy", "generate", *args], env=_env(), cwd=ROOT,
+        capture_output=True, text=True, timeout=STALL_S,
     )  # fmt: skip
 
 
-def test_cli_error_is_one_line(tmp_path, tiny):
+def test_cli_error_is_one_line(tmp_path, tiny, capsys, monkeypatch):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("not json\n")
-    proc = _cli(
-        [
-            "--model",
-            str(tiny),
-            "--prompts",
-            str(bad),
-            "--run",
-            str(tmp_path / "r"),
-            "--rollouts",
-            "2",
-        ]
-    )
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2
+    args = ["--model", str(tiny), "--prompts", str(bad), "--run", str(tmp_path / "r")]
+    code, _, err = run_cli(["generate", *args, "--rollouts", "2"], capsys, monkeypatch)
+    assert code == 2
     assert err.strip().startswith("error:") and "bad.jsonl line 1: not valid JSON" in err
     assert "Traceback" not in err
 
@@ -216,28 +208,20 @@ def test_kill_and_resume_gives_identical_store(tmp_path, tiny):
     run = tmp_path / "killed" / "run"
     args = ["--model", str(tiny), "--prompts", str(jsonl), "--run", str(run), "--rollouts", "6",
             "--top-k", "40", "--top-p", "0.95", "--max-new-tokens", "40", "--seed", "3", "--variant", "instruct"]  # fmt: skip
+    held = 2
+    n_first = kill_after_commits(["generate", *args], _env(), run, held, tmp_path / "child.log")
+    assert n_first == held
     proc = _cli(args)
-    shards = run / "rollouts"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (shards.is_dir() and any(shards.glob("*.parquet"))):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    n_first = len(list(shards.glob("*.parquet")))
-    assert 1 <= n_first < len(prompts), "the kill came too late to test resuming"
-    proc = _cli(args)
-    _, err = proc.communicate(timeout=180)
-    assert proc.returncode == 0, err
-    assert f"{len(prompts) - n_first} prompts generated, {n_first} already done" in " ".join(
-        err.split()
+    assert proc.returncode == 0, proc.stderr
+    assert f"{len(prompts) - held} prompts generated, {held} already done" in " ".join(
+        proc.stderr.split()
     )
     # reference: one uninterrupted run of the same command (same process setup, so the same
     # float kernels), in a folder with the same run name
     clean_args = list(args)
     clean_args[clean_args.index("--run") + 1] = str(tmp_path / "clean" / "run")
     proc = _cli(clean_args)
-    _, err = proc.communicate(timeout=180)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 0, proc.stderr
     key = ["prompt_id", "rollout_index"]
     got = RunStore(run).read_rollouts().to_pandas().sort_values(key).reset_index(drop=True)
     ref = (
