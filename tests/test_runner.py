@@ -64,13 +64,9 @@ options = {{ mean = "D ~ R_sc * variant + task", precision = "~ 1", nsim = 50 }}
 
 
 @pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory) -> Path:
-    from canopy_entropy.testing import build_tiny_model
-
-    root = tmp_path_factory.mktemp("runner")
-    model = build_tiny_model(root / "tiny-model")
-    path = root / "tiny.toml"
-    path.write_text(CONFIG.format(model=model, n=N_PROMPTS, m=N_ROLLOUTS, temperature=1.0))
+def tiny_config(tiny_model, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("runner") / "tiny.toml"
+    path.write_text(CONFIG.format(model=tiny_model, n=N_PROMPTS, m=N_ROLLOUTS, temperature=1.0))
     return path
 
 
