@@ -62,7 +62,7 @@ def test_single_rollout_is_nan() -> None:
     assert np.isnan(rollout_diversity(np.ones((1, 3), np.float32))).all()
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30)
 @given(st.integers(2, 12), st.integers(2, 10), st.integers(0, 10_000))
 def test_vendi_between_one_and_min_m_dim(m: int, dim: int, seed: int) -> None:
     v = vendi_score(unit_rows(np.random.default_rng(seed), m, dim))

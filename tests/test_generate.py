@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
 import pytest
+import torch
 
 from canopy_entropy.engines.base import DecodingPolicy, rollout_seed
 from canopy_entropy.engines.hf import HFEngine
@@ -24,7 +21,8 @@ from canopy_entropy.store import RunStore, slug
 from canopy_entropy.tasks import load_task_prompts
 from canopy_entropy.tasks.base import Prompt
 from canopy_entropy.tasks.jsonl import content_id
-from canopy_entropy.testing import build_tiny_model
+from cli_helpers import run_cli
+from process_helpers import kill_after_commits
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -35,13 +33,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def engine(tiny):
-    eng = HFEngine(str(tiny), device="cpu")
+def engine(tiny_model):
+    eng = HFEngine(str(tiny_model), device="cpu")
     yield eng
     eng.close()
 
@@ -50,10 +43,10 @@ def _policy(**kw):
     return DecodingPolicy(top_k=40, max_new_tokens=24, **kw)
 
 
-def test_generate_run_writes_store_manifest_and_prompts(tmp_path, engine, tiny):
+def test_generate_run_writes_store_manifest_and_prompts(tmp_path, engine, tiny_model):
     events = []
     summary = generate_run(
-        tmp_path / "run", model=str(tiny), prompts=PROMPTS, rollouts=4, policy=_policy(),
+        tmp_path / "run", model=str(tiny_model), prompts=PROMPTS, rollouts=4, policy=_policy(),
         variant="instruct", family="tiny-fam", model_label="tiny-it", engine_instance=engine,
         seed=7, progress=events.append,
     )  # fmt: skip
@@ -99,9 +92,13 @@ def test_generate_run_writes_store_manifest_and_prompts(tmp_path, engine, tiny):
         assert row["rendered"] == rendered and row["token_count"] == len(ids)
 
 
-def test_rerun_skips_done_shards_and_refuses_other_settings(tmp_path, engine, tiny):
+def test_rerun_skips_done_shards_and_refuses_other_settings(tmp_path, engine, tiny_model):
     kw = dict(
-        model=str(tiny), prompts=PROMPTS[:2], rollouts=3, engine_instance=engine, model_label="m"
+        model=str(tiny_model),
+        prompts=PROMPTS[:2],
+        rollouts=3,
+        engine_instance=engine,
+        model_label="m",
     )
     generate_run(tmp_path, policy=_policy(), **kw)
     before = {p: p.stat().st_mtime_ns for p in RunStore(tmp_path).shard_files()}
@@ -116,11 +113,15 @@ def test_rerun_skips_done_shards_and_refuses_other_settings(tmp_path, engine, ti
         generate_run(tmp_path, policy=_policy(), **{**kw, "rollouts": 5})
 
 
-def test_common_random_numbers_share_streams_across_models(tmp_path, engine, tiny):
+def test_common_random_numbers_share_streams_across_models(tmp_path, engine, tiny_model):
     kw = dict(prompts=PROMPTS[:1], rollouts=3, policy=_policy(), engine_instance=engine)
-    generate_run(tmp_path / "a", model=str(tiny), model_label="A", common_random_numbers=True, **kw)
-    generate_run(tmp_path / "a", model=str(tiny), model_label="B", common_random_numbers=True, **kw)
-    generate_run(tmp_path / "b", model=str(tiny), model_label="C", **kw)
+    generate_run(
+        tmp_path / "a", model=str(tiny_model), model_label="A", common_random_numbers=True, **kw
+    )
+    generate_run(
+        tmp_path / "a", model=str(tiny_model), model_label="B", common_random_numbers=True, **kw
+    )
+    generate_run(tmp_path / "b", model=str(tiny_model), model_label="C", **kw)
     a = RunStore(tmp_path / "a").read_rollouts().to_pandas()
     b = RunStore(tmp_path / "b").read_rollouts().to_pandas()
     seeds_a = a[a.model == "A"].sort_values("rollout_index").seed.tolist()
@@ -128,13 +129,13 @@ def test_common_random_numbers_share_streams_across_models(tmp_path, engine, tin
     assert set(seeds_a).isdisjoint(b.seed.tolist())
 
 
-def test_prompt_longer_than_context_is_rejected_by_name(tmp_path, engine, tiny):
+def test_prompt_longer_than_context_is_rejected_by_name(tmp_path, engine, tiny_model):
     long_prompt = Prompt(
         "too-long", "The quick brown fox jumps over the lazy dog. " * 60, "stories"
     )
     with pytest.raises(ConfigError, match=r"prompt 'too-long'.*lower --max-new-tokens or drop"):
         generate_run(
-            tmp_path, model=str(tiny), prompts=[PROMPTS[0], long_prompt], rollouts=2,
+            tmp_path, model=str(tiny_model), prompts=[PROMPTS[0], long_prompt], rollouts=2,
             policy=_policy(), engine_instance=engine,
         )  # fmt: skip
     assert not RunStore(tmp_path).shard_files()
@@ -176,72 +177,44 @@ def test_load_prompts_jsonl_ids_and_errors(tmp_path):
         load_prompts("no-such-task-name")
 
 
-def _cli(args, env=None, **popen):
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT / "src"),
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        **(env or {}),
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "canopy_entropy", "generate", *args], env=env, cwd=ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen,
-    )  # fmt: skip
-
-
-def test_cli_error_is_one_line(tmp_path, tiny):
+def test_cli_error_is_one_line(tmp_path, tiny_model, capsys, monkeypatch):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("not json\n")
-    proc = _cli(
-        [
-            "--model",
-            str(tiny),
-            "--prompts",
-            str(bad),
-            "--run",
-            str(tmp_path / "r"),
-            "--rollouts",
-            "2",
-        ]
-    )
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2
+    args = ["--model", str(tiny_model), "--prompts", str(bad), "--run", str(tmp_path / "r")]
+    code, _, err = run_cli(["generate", *args, "--rollouts", "2"], capsys, monkeypatch)
+    assert code == 2
     assert err.strip().startswith("error:") and "bad.jsonl line 1: not valid JSON" in err
     assert "Traceback" not in err
 
 
-def test_kill_and_resume_gives_identical_store(tmp_path, tiny):
+def test_kill_and_resume_gives_identical_store(tmp_path, tiny_model, capsys, monkeypatch):
     prompts = [Prompt(str(i), t, "demo") for i, t in enumerate(
         ["Write a story about a robot.", "What is 12 times 7?", "Once upon a time",
          "How many apples are left?", "def add(a, b):", "She opened the door", "A man is sitting"], start=1)]  # fmt: skip
     jsonl = tmp_path / "demo.jsonl"
     jsonl.write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in prompts))
     run = tmp_path / "killed" / "run"
-    args = ["--model", str(tiny), "--prompts", str(jsonl), "--run", str(run), "--rollouts", "6",
+    args = ["--model", str(tiny_model), "--prompts", str(jsonl), "--run", str(run), "--rollouts", "6",
             "--top-k", "40", "--top-p", "0.95", "--max-new-tokens", "40", "--seed", "3", "--variant", "instruct"]  # fmt: skip
-    proc = _cli(args)
-    shards = run / "rollouts"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (shards.is_dir() and any(shards.glob("*.parquet"))):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    n_first = len(list(shards.glob("*.parquet")))
-    assert 1 <= n_first < len(prompts), "the kill came too late to test resuming"
-    proc = _cli(args)
-    _, err = proc.communicate(timeout=180)
-    assert proc.returncode == 0, err
-    assert f"{len(prompts) - n_first} prompts generated, {n_first} already done" in " ".join(
-        err.split()
-    )
-    # reference: one uninterrupted run of the same command (same process setup, so the same
-    # float kernels), in a folder with the same run name
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "src"),
+        "HF_HUB_OFFLINE": "1",
+        # the same intra-op thread count as this process, which resumes the run: float
+        # reductions are only bit-identical under the same kernel split
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+    }
+    held = 2
+    n_first = kill_after_commits(["generate", *args], env, run, held, tmp_path / "child.log")
+    assert n_first == held
+    code, _, err = run_cli(["generate", *args], capsys, monkeypatch)
+    assert code == 0, err
+    assert f"{len(prompts) - held} prompts generated, {held} already done" in " ".join(err.split())
+    # reference: one uninterrupted run of the same command, in a folder with the same run name
     clean_args = list(args)
     clean_args[clean_args.index("--run") + 1] = str(tmp_path / "clean" / "run")
-    proc = _cli(clean_args)
-    _, err = proc.communicate(timeout=180)
-    assert proc.returncode == 0, err
+    code, _, err = run_cli(["generate", *clean_args], capsys, monkeypatch)
+    assert code == 0, err
     key = ["prompt_id", "rollout_index"]
     got = RunStore(run).read_rollouts().to_pandas().sort_values(key).reset_index(drop=True)
     ref = (
@@ -271,11 +244,11 @@ class _ManyPromptEngine(HFEngine):
         return [self.sample(ids, seeds, idx, policy) for ids, seeds, idx in requests]
 
 
-def test_sample_many_path_writes_the_same_store_as_per_prompt_calls(tmp_path, tiny, engine):
+def test_sample_many_path_writes_the_same_store_as_per_prompt_calls(tmp_path, tiny_model, engine):
     prompts = [*PROMPTS, Prompt("p4", "She opened the door", "stories")]
-    kw = dict(model=str(tiny), prompts=prompts, rollouts=3, policy=_policy(), seed=5)
+    kw = dict(model=str(tiny_model), prompts=prompts, rollouts=3, policy=_policy(), seed=5)
     generate_run(tmp_path / "a" / "run", engine_instance=engine, **kw)
-    many = _ManyPromptEngine(str(tiny), device="cpu")
+    many = _ManyPromptEngine(str(tiny_model), device="cpu")
     generate_run(tmp_path / "b" / "run", engine_instance=many, **kw)
     assert many.calls == 2  # 4 prompts, 2 per call
     key = ["prompt_id", "rollout_index"]

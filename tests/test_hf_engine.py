@@ -10,15 +10,13 @@ from tests.policy_reference import reference_step
 from canopy_entropy.engines.base import DecodingPolicy
 from canopy_entropy.engines.hf import HFEngine
 from canopy_entropy.prompting import render_prompt
-from canopy_entropy.testing import build_tiny_model
 
 EOS_IDS = (2, 4)  # <|eos|> and <|im_end|> of the tiny model
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    path = build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-    eng = HFEngine(str(path), device="cpu")
+def engine(tiny_model):
+    eng = HFEngine(str(tiny_model), device="cpu")
     yield eng
     eng.close()
 

@@ -18,6 +18,7 @@ httpx = pytest.importorskip("httpx")
 
 from _teacher_forcing import teacher_forced_fields  # noqa: E402
 from canopy_entropy.engines.base import DecodingPolicy, rollout_seed  # noqa: E402
+from process_helpers import STALL_S  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 EOS = (2, 4)
@@ -30,10 +31,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    from canopy_entropy.testing import build_tiny_model
-
-    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
+def tiny_path(tiny_model):
+    return str(tiny_model)
 
 
 @pytest.fixture(scope="module")
@@ -57,19 +56,22 @@ def server(tiny_path, tmp_path_factory):
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
     try:
+        seen, last = -1, time.monotonic()
         while True:
             if proc.poll() is not None:
                 log.seek(0)
                 pytest.fail(f"vLLM server exited early:\n{log.read()[-3000:]}")
             try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                if httpx.get(f"{url}/health", timeout=STALL_S).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
-            if time.monotonic() > deadline:
-                pytest.fail("vLLM server did not come up in 240 s")
+            size = os.fstat(log.fileno()).st_size  # start-up progress: the log grows
+            if size != seen:
+                seen, last = size, time.monotonic()
+            elif time.monotonic() - last > STALL_S:
+                pytest.fail(f"vLLM server wrote nothing for {STALL_S:.0f} s and is not up")
             time.sleep(1)
         yield f"{url}/v1"
     finally:
@@ -101,7 +103,7 @@ def test_server_entropies_exact(server, tiny_path, hf_model, policy):
     from canopy_entropy.prompting import render_prompt
 
     eng = OpenAIEngine("tiny", base_url=server, tokenizer=tiny_path, processed_logprobs=True,
-                       concurrency=4, timeout=60)  # fmt: skip
+                       concurrency=4, timeout=STALL_S)  # fmt: skip
     assert eng.eos_token_ids == EOS
     prompt = render_prompt(eng.tokenizer, "Once upon a time", "instruct")[1]
     seeds = np.array([rollout_seed(3, "p", i, "tiny") for i in range(8)], dtype=np.int64)
@@ -130,7 +132,7 @@ def test_server_top20_bounds_bracket_exact(server, tiny_path, hf_model):
 
     policy = DecodingPolicy(temperature=1.2, top_k=80, max_new_tokens=30, eos_token_ids=EOS)
     eng = OpenAIEngine("tiny", base_url=server, tokenizer=tiny_path, processed_logprobs=True,
-                       top_logprobs=5)  # fmt: skip
+                       top_logprobs=5, timeout=STALL_S)  # fmt: skip
     prompt = [1, 40, 41, 42]
     batch = eng.sample(prompt, np.array([11, 12], dtype=np.int64), np.arange(2), policy)
     eng.close()

@@ -62,6 +62,11 @@ def test_pooling_is_permutation_invariant(data, rnd):
         assert float(fn(rho[perm], n[perm])) == pytest.approx(float(fn(rho, n)), abs=1e-12)
 
 
+def test_properties_have_no_deadline():
+    # the suite profile (conftest.py): a busy machine must not fail a property for slowness
+    assert settings.default.deadline is None
+
+
 @given(rhos, st.lists(ns, min_size=1, max_size=8))
 def test_identical_values_pool_to_themselves(rho, n):
     n = np.array(n)

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +18,7 @@ from canopy_entropy.config import load_config, parse_config
 from canopy_entropy.run.manifest import read_manifest
 from canopy_entropy.store import RunStore
 from cli_helpers import run_cli
+from process_helpers import kill_after_commits
 
 REPO = Path(__file__).parents[1]
 TASKS = ["math", "coding"]
@@ -68,13 +65,9 @@ options = {{ mean = "D ~ R_sc * variant + task", precision = "~ 1", nsim = 50 }}
 
 
 @pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory) -> Path:
-    from canopy_entropy.testing import build_tiny_model
-
-    root = tmp_path_factory.mktemp("runner")
-    model = build_tiny_model(root / "tiny-model")
-    path = root / "tiny.toml"
-    path.write_text(CONFIG.format(model=model, n=N_PROMPTS, m=N_ROLLOUTS, temperature=1.0))
+def tiny_config(tiny_model, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("runner") / "tiny.toml"
+    path.write_text(CONFIG.format(model=tiny_model, n=N_PROMPTS, m=N_ROLLOUTS, temperature=1.0))
     return path
 
 
@@ -188,31 +181,14 @@ def test_sigkill_mid_generation_then_resume_is_identical(reference_run, tiny_con
         # float reductions are only bit-identical under the same kernel split
         "OMP_NUM_THREADS": str(torch.get_num_threads()),
     }
-    cmd = [
-        sys.executable,
-        "-m",
-        "canopy_entropy",
-        "run",
-        str(tiny_config),
-        "--out",
-        str(out),
-        "--stages",
-        "generate,metrics",
-    ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 150
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if len(RunStore(out).shard_files()) >= 2:
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run finished before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
-    total = 2 * len(TASKS) * N_PROMPTS
-    done = len(RunStore(out).shard_files())
-    assert 2 <= done < total, done
+    args = ["run", str(tiny_config), "--out", str(out), "--stages", "generate,metrics"]
+    # killed inside the second model's 3rd commit: the first model complete, the second partial
+    per_model = len(TASKS) * N_PROMPTS
+    held = per_model + 2
+    done = kill_after_commits(args, env, out, held, tmp_path / "child.log")
+    total = 2 * per_model
+    assert done == held, done
+    assert len(RunStore(out).prompt_files()) == held + 1  # the killed prompt's row was written
     assert not (out / "metrics").exists()
 
     cfg = load_config(tiny_config)

@@ -23,10 +23,8 @@ EOS = (2, 4)
 
 
 @pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    from canopy_entropy.testing import build_tiny_model
-
-    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
+def tiny_path(tiny_model):
+    return str(tiny_model)
 
 
 @pytest.fixture(scope="module")
