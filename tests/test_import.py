@@ -26,7 +26,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 GOOD = [
-    {"prompt_id": "a", "entropy": [1.0, 0.5], "eos_prob": [0.25, 0.5], "logprob": [-1, -0.5]},
+    {"prompt_id": "a", "entropy": [1.0, 0.5], "eos_prob": [0.25, 0.125], "logprob": [-1, -0.5]},
     {"prompt_id": "a", "entropy": [0.5, 0.5, 0.5]},
     {"prompt_id": 7, "entropy": [2.0], "text": "hi", "token_ids": [4]},
     {"prompt_id": 7, "entropy": [0.5] * 4, "variant": "instruct", "task": "math"},
@@ -44,7 +44,7 @@ def test_import_then_metrics(tmp_path):
     base = [r for r in rows if r["variant"] == "base"]
     assert [(r["prompt_id"], r["rollout_index"]) for r in base] == [("7", 0), ("a", 0), ("a", 1)]
     assert base[0]["text"] == "hi" and base[0]["token_ids"] == [4]
-    assert base[1]["eos_prob"] == [0.25, 0.5] and base[2]["eos_prob"] is None
+    assert base[1]["eos_prob"] == [0.25, 0.125] and base[2]["eos_prob"] is None
     # default finish_reason: 'length' exactly when len(entropy) == max_new_tokens
     inst = next(r for r in rows if r["variant"] == "instruct")
     assert inst["finish_reason"] == "length" and inst["task"] == "math" and inst["family"] == "m"
