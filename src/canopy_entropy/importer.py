@@ -56,6 +56,9 @@ _INT32_MAX = int(np.iinfo(np.int32).max)
 # entropy there carries a relative error of about log2(|V|) * 6e-8 ~ 1e-6 (pairwise sums over a
 # 150k vocabulary), i.e. < 1e-6 nats, and float32 storage adds < 4e-8 nats. 1e-5 is 10x that.
 H_TOLERANCE = 1e-5
+# Probabilities computed in float32 overshoot 1 (and log-probabilities 0) by rounding: the tiny
+# model's engine records eos_prob up to 1 + 1.1e-6 (renormalised sums over the kept set).
+PROB_SLACK = 1e-5
 # Leading bytes of files that are certainly not UTF-8 JSONL, and how to fix them.
 _MAGIC = {
     b"\x1f\x8b": "gzip-compressed; decompress it first (gunzip)",
@@ -172,25 +175,29 @@ def _check_floats(
     name: str, value: Any, lo: float, hi: float, open_lo: bool = False
 ) -> tuple[np.ndarray | None, str | None]:
     """Return (float32 array, error): every value, as float32 storage holds it, in [lo, hi]
-    (or (lo, hi] with ``open_lo``)."""
+    (or (lo, hi] with ``open_lo``); a bound of 0 or 1 of a probability allows PROB_SLACK."""
     arr, err = _numbers(name, value)
     if err:
         return None, err
     with np.errstate(over="ignore"):
         stored = arr.astype(np.float32)
-    bad = ~np.isfinite(stored) | (stored <= lo if open_lo else stored < lo) | (stored > hi)
+    top = hi + PROB_SLACK if hi in (0.0, 1.0) else hi
+    bad = ~np.isfinite(stored) | (stored <= lo if open_lo else stored < lo) | (stored > top)
     if not bad.any():
         return stored, None
     i = int(np.flatnonzero(bad)[0])
+    v, given = float(arr[i]), value[i]  # the number as the line wrote it
     interval = f"{'(' if open_lo else '['}{lo:g}, {hi:g}]"
-    if not np.isfinite(arr[i]):
+    if not math.isfinite(v):
         what = "NaN/infinite"
     elif not np.isfinite(stored[i]):
-        what = f"{arr[i]:g}, beyond the float32 range (+-{_F32_MAX:.3g}) of the store"
-    elif stored[i] != arr[i] and (lo < arr[i] if open_lo else lo <= arr[i]) and arr[i] <= hi:
-        what = f"{arr[i]:g}, which float32 storage rounds to {stored[i]:g}, outside {interval}"
+        what = f"{given!r}, beyond the float32 range (+-{_F32_MAX:.3g}) of the store"
+    elif (lo < v if open_lo else lo <= v) and v <= top:
+        what = (
+            f"{given!r}, which float32 storage rounds to {float(stored[i])!r}, outside {interval}"
+        )
     else:
-        what = f"{arr[i]:g}, outside {interval}"
+        what = f"{given!r}, outside {interval}"
     return None, f"'{name}' step {i + 1} is {what}"
 
 
@@ -203,8 +210,11 @@ def _check_token_ids(value: Any) -> tuple[np.ndarray | None, str | None]:
         bad = ~np.isfinite(arr) | (arr != np.trunc(arr)) | (arr < 0) | (arr > _INT32_MAX)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        return None, (
-            f"'token_ids' step {i + 1} is {arr[i]:g}; token ids are integers in [0, 2**31 - 1]"
+        v = float(arr[i])
+        shown = int(v) if v.is_integer() else v
+        return (
+            None,
+            f"'token_ids' step {i + 1} is {shown!r}; token ids are integers in [0, 2**31 - 1]",
         )
     return arr.astype(np.int32), None
 
@@ -257,9 +267,9 @@ def _check_consistency(rec: dict[str, Any]) -> str | None:
         if short.size:
             i = int(short[0])
             return (
-                f"'entropy' step {i + 1} is {float(ent[i]):.6g}, below the binary entropy "
-                f"{float(binary_entropy(lam[i : i + 1])[0]):.6g} of its eos_prob "
-                f"{float(lam[i]):.6g} (content entropy would be negative); entropy and "
+                f"'entropy' step {i + 1} is {float(ent[i]):.7g}, below the binary entropy "
+                f"{float(binary_entropy(lam[i : i + 1])[0]):.7g} of its eos_prob "
+                f"{float(lam[i]):.7g} (content entropy would be negative); entropy and "
                 "eos_prob must come from the same next-step distribution"
             )
     return None
