@@ -3,18 +3,26 @@
 Each line is one rollout: ``prompt_id`` and ``entropy`` (per-step entropies, nats) are
 required; ``eos_prob``, ``logprob``, ``kept_mass``, ``token_ids``, ``text``,
 ``finish_reason``, ``rollout_index``, ``seed`` and per-line ``model``/``variant``/``family``/
-``task`` are optional. Every line is validated first; on any error nothing is written and the
-error lists the bad lines by number. Shard names derive from the file's hash, so importing the
-same file again rewrites identical shards (idempotent).
+``task`` are optional; any other key is an error (a misspelt field would otherwise be lost).
+Every line is validated first, against the float32/int32 values the store will hold and the
+definitions of SPEC section 1 (e.g. no EOS probability of 1 before the last step, no entropy
+below the binary entropy of its EOS mass). On any error nothing is written and the error lists
+the bad lines by number. Shard names derive from the file's hash, so importing the same file
+again rewrites identical shards (idempotent).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
+import errno
 import hashlib
 import json
 import math
-from collections import defaultdict
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from canopy_entropy.errors import CanopyError
+from canopy_entropy.metrics import binary_entropy
 from canopy_entropy.run.layout import VARIANTS
 from canopy_entropy.run.manifest import (
     ImportRecord,
@@ -38,7 +47,7 @@ from canopy_entropy.store import FINISH_REASONS, RunStore, rollouts_table, slug
 MAX_LISTED_ERRORS = 20
 SHARD_ROLLOUTS = 20_000
 _PER_STEP = ("eos_prob", "logprob", "kept_mass", "token_ids")
-_KNOWN = {
+_KNOWN = (
     "prompt_id",
     "entropy",
     *_PER_STEP,
@@ -50,6 +59,25 @@ _KNOWN = {
     "variant",
     "family",
     "task",
+)
+_F32_MAX = float(np.finfo(np.float32).max)
+_INT32_MAX = int(np.iinfo(np.int32).max)
+# Slack for H_t >= h(lambda_t): the check only bites where H_t <= h <= log 2, where an engine's
+# float32 entropy is off by about log2(|V|) * 6e-8 relative (pairwise sums; ~1e-6 for a 150k
+# vocabulary), i.e. < 1e-6 nats. Measured: the HF engine on the tiny model gives H_t - h down to
+# -4.9e-7 where content entropy is exactly 0 (top-k 2 keeping EOS). 1e-5 is 10-20x that.
+H_TOLERANCE = 1e-5
+# Probabilities computed in float32 overshoot 1 (and log-probabilities 0) by rounding: the tiny
+# model's engine records eos_prob up to 1 + 1.1e-6 (renormalised sums over the kept set).
+PROB_SLACK = 1e-5
+# Leading bytes of files that are certainly not UTF-8 JSONL, and how to fix them.
+_MAGIC = {
+    b"\x1f\x8b": "gzip-compressed; decompress it first (gunzip)",
+    b"\x28\xb5\x2f\xfd": "zstd-compressed; decompress it first (zstd -d)",
+    b"PK\x03\x04": "a zip archive; extract the JSONL file from it",
+    b"PAR1": "a Parquet file; import JSONL (one JSON object per line)",
+    b"\xff\xfe": "UTF-16 text; convert it to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)",
+    b"\xfe\xff": "UTF-16 text; convert it to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)",
 }
 
 
@@ -78,41 +106,200 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _check_steps(name: str, value: Any, lo: float, hi: float, integer: bool = False):
-    """Return (array, error) for a per-step list whose values must lie in [lo, hi]."""
+def _raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of each line; a binary, compressed or unreadable file is refused."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+            for magic, what in _MAGIC.items():
+                if head.startswith(magic):
+                    raise CanopyError(f"{path} is {what}")
+            if b"\x00" in head:
+                at = head.index(b"\x00")
+                raise CanopyError(
+                    f"{path} is a binary file (NUL byte at offset {at}), not JSONL text; "
+                    "pass a UTF-8 file with one JSON object (rollout) per line"
+                )
+            fh.seek(0)
+            yield from enumerate(fh, start=1)
+    except OSError as exc:
+        raise CanopyError(f"cannot read {path}: {exc.strerror or exc}; check the file") from exc
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object names the same key twice (json.loads would keep only the last value)."""
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _DuplicateKey(next(k for k, n in Counter(k for k, _ in pairs).items() if n > 1))
+    return obj
+
+
+def _parse(raw: bytes, first: bool) -> tuple[Any, str | None]:
+    """One line as a JSON value, or the reason it is not valid JSON."""
+    try:
+        text = raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError:
+        return None, "not UTF-8 text; save the file as UTF-8"
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys), None
+    except json.JSONDecodeError as exc:
+        return None, f"invalid JSON ({exc.msg})"
+    except _DuplicateKey as exc:
+        return None, f"key {exc.args[0]!r} appears twice; keep one"
+    except RecursionError:
+        return None, "invalid JSON (nested too deeply)"
+    except ValueError:  # int() refuses numbers of more than 4300 digits
+        return None, "invalid JSON (a number with thousands of digits)"
+
+
+def _kind(value: Any) -> str:
+    """How a JSON value of the wrong type reads to the user."""
+    if type(value) is float:
+        return f"the number {value:g}"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return f"the string {value[:20]!r}"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+def _numbers(name: str, value: Any) -> tuple[np.ndarray | None, str | None]:
+    """A per-step JSON list as float64; strings, booleans and nulls are refused, not coerced."""
     if not isinstance(value, list):
         return None, f"'{name}' must be a list of numbers"
+    if not set(map(type, value)) <= {int, float}:  # type(), not isinstance: bool is an int
+        i, v = next((i, v) for i, v in enumerate(value) if type(v) not in (int, float))
+        return None, f"'{name}' step {i + 1} is {_kind(v)}, not a number"
     try:
-        arr = np.asarray(value, dtype=np.int64 if integer else np.float64)
-    except (TypeError, ValueError, OverflowError):
-        return None, f"'{name}' must contain only numbers"
-    if arr.ndim != 1:
-        return None, f"'{name}' must be a flat list of numbers"
-    if integer:
-        if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
-            return None, f"'{name}' must hold non-negative int32 token ids"
-        return arr.astype(np.int32), None
-    bad = ~np.isfinite(arr) | (arr < lo) | (arr > hi)
+        return np.asarray(value, dtype=np.float64), None
+    except OverflowError:  # an integer beyond float64
+        return None, f"'{name}' holds a number beyond the float32 range (+-{_F32_MAX:.3g})"
+
+
+def _check_floats(
+    name: str, value: Any, lo: float, hi: float, open_lo: bool = False, slack: float = 0.0
+) -> tuple[np.ndarray | None, str | None]:
+    """Return (float32 array, error): every value, as float32 storage holds it, in [lo, hi]
+    (or (lo, hi] with ``open_lo``), up to ``slack`` above ``hi`` (float32 rounding)."""
+    arr, err = _numbers(name, value)
+    if err:
+        return None, err
+    with np.errstate(over="ignore"):
+        stored = arr.astype(np.float32)
+    top = hi + slack
+    bad = ~np.isfinite(stored) | (stored <= lo if open_lo else stored < lo) | (stored > top)
+    if not bad.any():
+        return stored, None
+    i = int(np.flatnonzero(bad)[0])
+    v, given = float(arr[i]), value[i]  # the number as the line wrote it
+    interval = f"{'(' if open_lo else '['}{lo:g}, {hi:g}]"
+    if not math.isfinite(v):
+        what = "NaN/infinite"
+    elif not np.isfinite(stored[i]):
+        what = f"{given!r}, beyond the float32 range (+-{_F32_MAX:.3g}) of the store"
+    elif (lo < v if open_lo else lo <= v) and v <= top:
+        what = (
+            f"{given!r}, which float32 storage rounds to {float(stored[i])!r}, outside {interval}"
+        )
+    else:
+        what = f"{given!r}, outside {interval}"
+    return None, f"'{name}' step {i + 1} is {what}"
+
+
+def _check_token_ids(value: Any) -> tuple[np.ndarray | None, str | None]:
+    """Return (int32 array, error): token ids are integers in [0, 2**31 - 1], never truncated."""
+    arr, err = _numbers("token_ids", value)
+    if err:
+        return None, err
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(arr) | (arr != np.trunc(arr)) | (arr < 0) | (arr > _INT32_MAX)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        what = (
-            "NaN/infinite"
-            if not np.isfinite(arr[i])
-            else f"{float(arr[i]):g}, outside [{lo:g}, {hi:g}]"
+        v = float(arr[i])
+        shown = int(v) if v.is_integer() else v
+        return (
+            None,
+            f"'token_ids' step {i + 1} is {shown!r}; token ids are integers in [0, 2**31 - 1]",
         )
-        return None, f"'{name}' step {i + 1} is {what}"
-    return arr, None
+    return arr.astype(np.int32), None
+
+
+def _bad_string(value: str) -> bool:
+    """True for a string Arrow cannot store: an unpaired UTF-16 surrogate from a \\uXXXX escape."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _unknown_keys(obj: dict[str, Any]) -> str | None:
+    """Name the keys that are no rollout field, with the field meant where one is close."""
+    unknown = [k for k in obj if k not in _KNOWN]
+    if not unknown:
+        return None
+    parts = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, _KNOWN, n=1)
+        parts.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+    listing = "" if all("did you mean" in p for p in parts) else f"; valid: {', '.join(_KNOWN)}"
+    return f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(parts)}{listing}"
+
+
+def _check_consistency(rec: dict[str, Any]) -> str | None:
+    """Cross-field checks SPEC section 1 implies, on the stored float32 values."""
+    lam, ent = rec["eos_prob"], rec["entropy"]
+    if lam is not None:
+        stopped = rec["finish_reason"] == "eos"
+        sure = np.flatnonzero(lam[:-1] >= 1.0 if stopped else lam >= 1.0)
+        if sure.size:
+            i = int(sure[0])
+            after = (
+                "the rollout went on"
+                if i < lam.size - 1
+                else f"it ended with finish_reason {rec['finish_reason']!r}, not 'eos'"
+            )
+            return (
+                f"'eos_prob' step {i + 1} is {float(lam[i]):.9g} (as float32) but {after}: EOS "
+                "would have been sampled for sure; check the eos_prob values and finish_reason"
+            )
+        if stopped and lam[-1] <= 0.0:
+            return (
+                "'eos_prob' of the last step is 0 but the rollout ended with EOS "
+                "(finish_reason 'eos'); give finish_reason 'stop' or 'length' if it did not"
+            )
+        short = np.flatnonzero(ent < binary_entropy(lam) - H_TOLERANCE)
+        if short.size:
+            i = int(short[0])
+            return (
+                f"'entropy' step {i + 1} is {float(ent[i]):.7g}, below the binary entropy "
+                f"{float(binary_entropy(lam[i : i + 1])[0]):.7g} of its eos_prob "
+                f"{float(lam[i]):.7g} (content entropy would be negative); entropy and "
+                "eos_prob must come from the same next-step distribution"
+            )
+    return None
 
 
 def _validate_line(
     obj: Any, defaults: dict[str, str | None], max_new_tokens: int | None
 ) -> tuple[dict[str, Any] | None, str | None]:
+    """One parsed line as a record of store-ready arrays, or the first problem found."""
     if not isinstance(obj, dict):
         return None, "not a JSON object"
+    err = _unknown_keys(obj)
+    if err:
+        return None, err
     rec: dict[str, Any] = {}
     pid = obj.get("prompt_id")
-    if pid is None or isinstance(pid, (bool, list, dict)) or pid == "":
+    if pid is None or pid == "":
         return None, "missing 'prompt_id' (a string or integer)"
+    if type(pid) not in (str, int):  # 7.0 and 7 would become two prompts; true would be 'True'
+        return None, f"'prompt_id' is {_kind(pid)}; give a string or integer"
     rec["prompt_id"] = str(pid)
     for key in ("model", "variant", "family", "task"):
         value = obj.get(key, defaults[key])
@@ -128,26 +315,25 @@ def _validate_line(
         return None, f"variant {rec['variant']!r} is not one of {list(VARIANTS)}"
     if "entropy" not in obj:
         return None, "missing 'entropy' (list of per-step entropies in nats)"
-    ent, err = _check_steps("entropy", obj["entropy"], 0.0, math.inf)
+    ent, err = _check_floats("entropy", obj["entropy"], 0.0, math.inf)
     if err:
         return None, err
     if ent.size == 0:
         return None, "'entropy' is empty; a rollout has at least one step (the EOS step)"
     n = ent.size
     rec["entropy"] = ent
-    bounds = {
-        "eos_prob": (0.0, 1.0),
-        "logprob": (-math.inf, 0.0),
-        "kept_mass": (0.0, 1.0),
-        "token_ids": (0, 0),
-    }
     for name in _PER_STEP:
         value = obj.get(name)
         if value is None:
             rec[name] = None
             continue
-        lo, hi = bounds[name]
-        arr, err = _check_steps(name, value, lo, hi, integer=name == "token_ids")
+        if name == "token_ids":
+            arr, err = _check_token_ids(value)
+        elif name == "logprob":
+            arr, err = _check_floats(name, value, -math.inf, 0.0, slack=PROB_SLACK)
+        else:  # eos_prob in [0, 1]; kept_mass in (0, 1]: the kept set has positive mass
+            kept = name == "kept_mass"
+            arr, err = _check_floats(name, value, 0.0, 1.0, open_lo=kept, slack=PROB_SLACK)
         if err:
             return None, err
         if arr.size != n:
@@ -157,6 +343,9 @@ def _validate_line(
     if text is not None and not isinstance(text, str):
         return None, "'text' must be a string"
     rec["text"] = text
+    for key in ("prompt_id", "model", "variant", "family", "task", "text"):
+        if rec[key] is not None and _bad_string(rec[key]):
+            return None, f"'{key}' holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff)"
     if max_new_tokens is not None and n > max_new_tokens:
         return None, f"{n} steps exceed --max-new-tokens {max_new_tokens}"
     reason = obj.get("finish_reason")
@@ -167,14 +356,14 @@ def _validate_line(
     if reason == "length" and max_new_tokens is not None and n != max_new_tokens:
         return None, f"finish_reason 'length' but {n} steps != --max-new-tokens {max_new_tokens}"
     rec["finish_reason"] = reason
-    for name in ("rollout_index", "seed"):
+    for name, hi, label in (("rollout_index", _INT32_MAX, "2**31"), ("seed", 2**63 - 1, "2**63")):
         value = obj.get(name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            return None, f"'{name}' must be an integer"
-        if name == "rollout_index" and value is not None and not 0 <= value < 2**31:
-            return None, "'rollout_index' must be a non-negative int32"
+        if value is not None and (type(value) is not int or not 0 <= value <= hi):
+            omit = "; omit it when unknown" if name == "seed" else ""
+            return None, f"'{name}' must be an integer in [0, {label} - 1]{omit}"
         rec[name] = value
-    return rec, None
+    err = _check_consistency(rec)
+    return (None, err) if err else (rec, None)
 
 
 def import_jsonl(
@@ -189,7 +378,58 @@ def import_jsonl(
     run_name: str | None = None,
 ) -> ImportSummary:
     """Validate every line of ``path`` and write its rollouts into ``run_dir`` (atomic shards,
-    manifest entry with the file's hash and the flags). Raises CanopyError listing bad lines."""
+    manifest entry with the file's hash and the flags). Raises CanopyError listing bad lines;
+    an OSError while writing (read-only folder, disk full) removes the shards this call added
+    and becomes a CanopyError naming the path. Warns about lines repeated byte for byte."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CanopyError(f"{run_dir} is a file, not a run folder; give a folder (made if missing)")
+    store = RunStore(run_dir)
+    before = set(store.shard_files())
+    try:
+        return _import_jsonl(
+            path,
+            run_dir,
+            model=model,
+            variant=variant,
+            family=family,
+            task=task,
+            max_new_tokens=max_new_tokens,
+            run_name=run_name,
+        )
+    except OSError as exc:
+        for shard in set(store.shard_files()) - before:
+            if shard.name.startswith("import-"):
+                with contextlib.suppress(OSError):
+                    shard.unlink()
+        raise CanopyError(_os_error_message(exc, run_dir)) from exc
+
+
+def _os_error_message(exc: OSError, run_dir: Path) -> str:
+    """One line for a failed write: what, where and the fix."""
+    where = exc.filename or run_dir
+    why = " ".join((exc.strerror or str(exc) or type(exc).__name__).split())
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free disk space"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = f"make {run_dir} writable or import into another run folder"
+    else:
+        fix = "fix that"
+    return f"cannot import into {run_dir}: {why} ({where}); {fix}, then import again (nothing imported)"
+
+
+def _import_jsonl(
+    path: str | Path,
+    run_dir: str | Path,
+    *,
+    model: str | None,
+    variant: str | None,
+    family: str | None,
+    task: str | None,
+    max_new_tokens: int | None,
+    run_name: str | None,
+) -> ImportSummary:
+    """import_jsonl without the OSError handling: validate everything, then write."""
     path = Path(path)
     if not path.is_file():
         raise CanopyError(f"{path} does not exist; pass a JSONL file with one rollout per line")
@@ -201,23 +441,27 @@ def import_jsonl(
     errors: dict[str, list[int]] = {}  # message -> line numbers (identical errors grouped)
     n_errors = 0
     groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = defaultdict(list)
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                rec, err = None, f"invalid JSON ({exc.msg})"
-            else:
-                rec, err = _validate_line(obj, defaults, max_new_tokens)
-            if err:
-                n_errors += 1
-                if err in errors or len(errors) < MAX_LISTED_ERRORS:
-                    errors.setdefault(err, []).append(lineno)
-                continue
-            rec["line"] = lineno
-            groups[(rec["model"], rec["variant"], rec["family"], rec["task"])].append(rec)
+    first_seen: dict[bytes, int] = {}  # digest of a line -> its first line number
+    repeats: list[tuple[int, int]] = []  # (line, the earlier line it repeats byte for byte)
+    for lineno, raw in _raw_lines(path):
+        if not raw.strip():
+            continue
+        obj, err = _parse(raw, first=lineno == 1)
+        if err is None:
+            rec, err = _validate_line(obj, defaults, max_new_tokens)
+        if err:
+            n_errors += 1
+            if err in errors or len(errors) < MAX_LISTED_ERRORS:
+                errors.setdefault(err, []).append(lineno)
+            continue
+        rec["line"] = lineno
+        groups[(rec["model"], rec["variant"], rec["family"], rec["task"])].append(rec)
+        if rec["rollout_index"] is None and rec["entropy"].any():  # greedy repeats are expected
+            earlier = first_seen.setdefault(
+                hashlib.blake2b(raw.strip(), digest_size=16).digest(), lineno
+            )
+            if earlier != lineno:
+                repeats.append((lineno, earlier))
     if n_errors:
         listed = sum(len(v) for v in errors.values())
         more = f"; and {n_errors - listed} more bad lines" if n_errors > listed else ""
@@ -253,6 +497,16 @@ def import_jsonl(
         raise CanopyError(
             f"{path}: {len(dup_errors)} duplicate rollout(s), nothing imported: "
             + "; ".join(dup_errors[:MAX_LISTED_ERRORS])
+        )
+    if repeats:
+        shown = ", ".join(f"line {line} = line {earlier}" for line, earlier in repeats[:10])
+        more = f" (+{len(repeats) - 10} more)" if len(repeats) > 10 else ""
+        warnings.warn(
+            f"{path}: {len(repeats)} line(s) repeat an earlier line byte for byte ({shown}"
+            f"{more}) and count as further rollouts; if the file was concatenated twice this "
+            "doubles M and shrinks the standard error: remove the repeats (or give each line "
+            "its 'rollout_index' if the model really sampled the same rollout again)",
+            stacklevel=3,
         )
 
     store = RunStore(run_dir)
@@ -291,10 +545,6 @@ def import_jsonl(
     # atomically), then record the import
     _check_labels(read_manifest(store.root), groups, path)
     shards = [store.write_rollouts(name, table).name for name, table in tables]
-    own = f"import-{digest[:16]}__"
-    for stale in store.shard_files():  # an earlier import of this file under other flags
-        if stale.name.startswith(own) and stale.name not in shards:
-            stale.unlink()
     flags = {
         "model": model,
         "variant": variant,
@@ -311,6 +561,10 @@ def import_jsonl(
         shards=tuple(shards),
     )
     update_manifest(store.root, lambda m: _record_import(m, run, entry, groups, max_new_tokens))
+    own = f"import-{digest[:16]}__"
+    for stale in store.shard_files():  # an earlier import of this file under other flags
+        if stale.name.startswith(own) and stale.name not in shards:
+            stale.unlink()
     return ImportSummary(
         n_rollouts=entry.n_rollouts,
         n_prompts=len({(k, r["prompt_id"]) for k, recs in groups.items() for r in recs}),

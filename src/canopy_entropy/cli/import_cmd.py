@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from canopy_entropy.importer import import_jsonl
 
@@ -29,17 +31,22 @@ def command(
     run_name: Annotated[str | None, typer.Option(help="Run name (default: folder name).")] = None,
 ) -> None:
     """Import rollouts from a JSONL file (prompt_id + per-step entropy per line) into a run."""
-    summary = import_jsonl(
-        file,
-        run,
-        model=model,
-        variant=variant,
-        family=family,
-        task=task,
-        max_new_tokens=max_new_tokens,
-        run_name=run_name,
-    )
-    Console(stderr=True).print(
+    err = Console(stderr=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = import_jsonl(
+            file,
+            run,
+            model=model,
+            variant=variant,
+            family=family,
+            task=task,
+            max_new_tokens=max_new_tokens,
+            run_name=run_name,
+        )
+    for w in caught:
+        err.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False, soft_wrap=True)
+    err.print(
         f"imported {summary.n_rollouts} rollouts of {summary.n_prompts} prompts into {run} "
         f"({len(summary.shards)} shard(s)); next: canopy metrics {run}",
         highlight=False,
