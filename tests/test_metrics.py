@@ -62,9 +62,11 @@ def test_hand_computed_prompt(prompt_a):
     stop = (h2(0.25) + h2(0.5) + (2 * h2(0.25) + h2(0.5)) + h2(0.5) + (2 * h2(0.25) + h2(0.5))) / 4
     assert row["stop_entropy"] == pytest.approx(stop, rel=1e-12)
     assert row["stop_entropy_share"] == pytest.approx(stop / 1.9375, rel=1e-12)
-    p_hat = np.array([0.25, 0.25, 0.1875, 0.125])
-    q = p_hat / p_hat.sum()
-    assert row["length_entropy"] == pytest.approx(-(q * np.log(q)).sum(), rel=1e-12)
+    # no cap known: leftover 0.1875; the fitted P(N > 4) = 1/4 * (1 - 0.5) spreads geometrically
+    # (EOS hazard 0.5 above u = 3) over 5, 6, ...; the other 0.0625 stays one outcome
+    p_hat = [0.25, 0.25, 0.1875, 0.125]
+    law = np.array([*p_hat, *(0.125 * 0.5**j for j in range(1, 200)), 0.0625])
+    assert row["length_entropy"] == pytest.approx(entr(law).sum(), rel=1e-12)
     assert row["length_entropy_hist"] == pytest.approx(math.log(4), rel=1e-15)
     assert row["content_entropy"] == pytest.approx(1.9375 - row["length_entropy"], rel=1e-14)
     s2 = 0.296875 / 3
