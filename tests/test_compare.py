@@ -83,8 +83,10 @@ def reference_pool(stats: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, 
 
     out = {
         c: mean(c)
-        for c in ("ce_star", "mean_length", "entropy_rate", "length_entropy", "diversity", "vendi")
+        for c in ("ce_star", "mean_length", "entropy_rate", "length_entropy", "diversity")
     }
+    # Vendi: geometric mean over prompts, exp(mean_p log VS_p)
+    out["vendi"] = math.exp(sum(math.log(stats["vendi"][p]) for p in rows) / len(rows))
     out["genppl"] = math.exp(out["ce_star"] / out["mean_length"])
     out["bf"] = math.exp(out["entropy_rate"])
     for col in ("pearson", "spearman"):

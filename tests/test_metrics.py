@@ -257,6 +257,7 @@ def test_json_document_and_write_metrics(tmp_path):
             "task": "t",
             "prompt_id": ["a", "b", "a", "b"],
             "diversity": [0.2, 0.4, 0.1, 0.3],
+            "vendi": [2.0, 8.0, 1.5, 3.0],
             "corr_length_d": [0.5, -0.2, 0.1, 0.3],
         }
     )
@@ -269,6 +270,8 @@ def test_json_document_and_write_metrics(tmp_path):
     pooled = doc["groups"][0]["pooled"]
     assert set(METRIC_COLUMNS) <= set(pooled)
     assert pooled["diversity"] == pytest.approx(0.3)
+    assert pooled["vendi"] == pytest.approx(4.0, rel=1e-15)  # geometric mean sqrt(2 * 8)
+    assert result.pooled["vendi"].iloc[1] == pytest.approx(math.sqrt(4.5), rel=1e-15)
     n = np.array([4, 5])
     z = np.arctanh([0.5, -0.2]) * np.maximum(n - 3, 0)
     assert pooled["corr_length_d"] == pytest.approx(math.tanh(z.sum() / 3))

@@ -40,6 +40,7 @@ from scipy.stats import rankdata
 
 from canopy_entropy.errors import CanopyError
 from canopy_entropy.semantic.diversity import DIVERSITY_COLUMNS as _SEMANTIC_DIVERSITY_COLUMNS
+from canopy_entropy.semantic.diversity import pool_vendi
 from canopy_entropy.stats.length_law import eos_length_entropy, hazard_law
 from canopy_entropy.stats.pooling import pool_covariance, pool_fisher, pool_kendall
 from canopy_entropy.store import KEY_COLUMNS, RunStore, atomic_write_json, atomic_write_table
@@ -887,6 +888,8 @@ def pool_group(g: pd.DataFrame, delta: float = 0.05) -> tuple[dict[str, float], 
         values = g[col].to_numpy(dtype=np.float64)
         if col == "corr_length_d":
             out[col] = float(pool_fisher(values, n))
+        elif col == "vendi":
+            out[col] = pool_vendi(values)  # geometric mean (SPEC section 6)
         else:
             finite = values[np.isfinite(values)]
             out[col] = float(finite.mean()) if finite.size else float("nan")
