@@ -129,7 +129,8 @@ def pooled_statistics(
     each result has shape ``[R]``; without either, the full sample is pooled (scalars).
     Means over prompts for CE*, mean length, entropy rate, H(N) and D, the geometric mean
     ``exp(mean_p log VS_p)`` for Vendi (non-finite values dropped); GenPPL = exp(mean CE* /
-    mean Nbar); BF = exp(mean Rbar); Pearson/Spearman Fisher pooled with weights max(n-3, 0), Kendall with n(n-1)/2, covariance with n-1.
+    mean Nbar); BF = exp(mean Rbar); Pearson/Spearman Fisher pooled with weights max(n-3, 0),
+    Kendall with n(n-1)/2, covariance with n-1.
     """
     n_prompts = len(next(iter(prompt_stats.values())))
     scalar = indices is None and counts is None
