@@ -16,6 +16,7 @@ from canopy_entropy.errors import CanopyError
 from canopy_entropy.metrics import (
     METRIC_COLUMNS,
     compute_metrics,
+    load_metrics_json,
     per_rollout_frame,
     write_metrics,
 )
@@ -326,3 +327,25 @@ def rollouts_table_mixed() -> pa.Table:
         entropy=[np.ones(3, np.float32), np.ones(2, np.float32), np.ones(4, np.float32)],
         eos_prob=[np.full(3, 0.2), None, np.full(4, 0.1)],
     )
+
+
+def test_json_tells_an_infinite_bound_from_an_unknown_one(tmp_path):
+    """Every rollout cut: nothing is known about the tail (bound inf); no H_max: unknown."""
+    store = RunStore(tmp_path)
+    for model in ("x", "y"):
+        t = make_rollouts({"a": [[0.5] * 3] * 4}, finish={"a": ["length"] * 4}, model=model)
+        store.write_rollouts(model, t)
+    store.write_manifest({"models": {"x": {"policy": {"max_new_tokens": 3, "top_k": 10}}}})
+    write_metrics(tmp_path, by=("model",), warn=False)
+    text = (tmp_path / "metrics" / "metrics.json").read_text()
+    doc = json.loads(text)
+    bounds = {g["key"]["model"]: g["pooled"]["truncation_bias_bound"] for g in doc["groups"]}
+    assert bounds == {"x": "inf", "y": None}
+    assert doc["groups"][0]["prompts"][0]["truncation_bias_bound"] == "inf"
+    back = load_metrics_json(tmp_path / "metrics" / "metrics.json")
+    x, y = back["groups"]
+    assert x["pooled"]["truncation_bias_bound"] == math.inf
+    assert math.isnan(y["pooled"]["truncation_bias_bound"])
+    assert x["prompts"][0]["truncation_bias_bound"] == math.inf
+    assert x["prompts"][0]["prompt_id"] == "a" and x["key"] == {"model": "x"}
+    assert x["pooled"]["ce_star"] == 1.5

@@ -39,6 +39,7 @@ from scipy.special import entr
 from scipy.stats import rankdata
 
 from canopy_entropy.errors import CanopyError
+from canopy_entropy.jsonvalues import decode_fields, json_value
 from canopy_entropy.semantic.diversity import DIVERSITY_COLUMNS as _SEMANTIC_DIVERSITY_COLUMNS
 from canopy_entropy.semantic.diversity import pool_vendi
 from canopy_entropy.stats.length_law import eos_length_entropy, hazard_law
@@ -513,7 +514,8 @@ class MetricsResult:
     notes: dict[tuple, list[str]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        """``{"groups": [{"key", "pooled", "prompts", "notes"}]}`` with NaN -> null."""
+        """``{"groups": [{"key", "pooled", "prompts", "notes"}]}``; NaN -> null, +-inf ->
+        "inf" / "-inf" (``canopy_entropy.jsonvalues``)."""
         groups = []
         by = list(self.by)
         prompt_groups = (
@@ -529,23 +531,15 @@ class MetricsResult:
             groups.append(
                 {
                     "key": {c: row[c] for c in by},
-                    "pooled": {c: _json_value(row[c]) for c in self.pooled.columns if c not in by},
+                    "pooled": {c: json_value(row[c]) for c in self.pooled.columns if c not in by},
                     "prompts": [
-                        {c: _json_value(v) for c, v in zip(pcols, rec, strict=True)}
+                        {c: json_value(v) for c, v in zip(pcols, rec, strict=True)}
                         for rec in prows[pcols].itertuples(index=False, name=None)
                     ],
                     "notes": list(self.notes.get(key, [])),
                 }
             )
         return {"groups": groups}
-
-
-def _json_value(v: Any) -> Any:
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        return float(v) if math.isfinite(v) else None
-    return v
 
 
 def per_rollout_frame(source: Any) -> pd.DataFrame:
@@ -975,5 +969,10 @@ def _merge_diversity(result: MetricsResult, path: Path, delta: float) -> Metrics
 
 
 def load_metrics_json(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a metrics.json document (helper for other stages)."""
-    return json.loads(Path(path).read_text())
+    """Read a metrics.json document (helper for other stages): in the metric fields null
+    becomes NaN and "inf" / "-inf" become infinities again."""
+    doc = json.loads(Path(path).read_text())
+    for group in doc.get("groups", []):
+        group["pooled"] = decode_fields(group.get("pooled", {}))
+        group["prompts"] = [decode_fields(p, PROMPT_KEYS) for p in group.get("prompts", [])]
+    return doc
