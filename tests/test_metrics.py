@@ -132,10 +132,16 @@ def test_greedy_single_rollout_and_constant_columns():
     # all correlations NaN -> pooled NaN; covariance: greedy (0, weight 1) and const_n (0)
     assert math.isnan(pooled["pearson"]) and math.isnan(pooled["kendall"])
     assert pooled["covariance"] == 0.0
-    # SE: three prompts, within variance from the two prompts with M > 1 is not enough
+    # SE: three prompts; the within part comes from the two prompts with M > 1
     ce = np.array([p.loc[k, "ce_star"] for k in ("const_n", "greedy", "single")])
-    assert math.isnan(pooled["ce_star_var_within"])
-    assert pooled["ce_star_se"] == pytest.approx(math.sqrt(np.var(ce, ddof=1) / 3), rel=1e-14)
+    h_const = [1.5, 0.5, 3.0, 1.0, 2.0]
+    within = (np.var(h_const, ddof=1) / 5 + 0.0 / 2) / 2 / 3
+    between = max(np.var(ce, ddof=1) - within * 3, 0) / 3
+    assert pooled["ce_star_var_within"] == pytest.approx(within, rel=1e-14)
+    assert pooled["ce_star_var_between"] == pytest.approx(between, rel=1e-14)
+    assert pooled["ce_star_se"] == pytest.approx(math.sqrt(within + between), rel=1e-14)
+    notes = result.notes[("m", "base", "t")]
+    assert any("1 prompts have one rollout" in n and "from the 2 prompts" in n for n in notes)
 
 
 def test_pooling_rules_and_decomposition():
@@ -349,3 +355,33 @@ def test_json_tells_an_infinite_bound_from_an_unknown_one(tmp_path):
     assert x["prompts"][0]["truncation_bias_bound"] == math.inf
     assert x["prompts"][0]["prompt_id"] == "a" and x["key"] == {"model": "x"}
     assert x["pooled"]["ce_star"] == 1.5
+
+
+def test_one_single_rollout_prompt_keeps_the_se_split():
+    """Dropping the M = 1 prompt's (unknown) within term; the rest of the split is intact."""
+    rng = np.random.default_rng(8)
+    prompts = {
+        f"p{k}": [rng.choice([0.25, 0.5, 1.0, 1.5], rng.integers(1, 6)).tolist() for _ in range(6)]
+        for k in range(5)
+    }
+    prompts["solo"] = [[0.5, 1.5]]
+    pooled = compute_metrics(make_rollouts(prompts), warn=False).pooled.iloc[0]
+    s2w_over_m = [np.var([sum(e) for e in prompts[f"p{k}"]], ddof=1) / 6 for k in range(5)]
+    ce = [np.mean([sum(e) for e in prompts[k]]) for k in prompts]
+    within = np.mean(s2w_over_m) / 6
+    between = max(np.var(ce, ddof=1) - np.mean(s2w_over_m), 0) / 6
+    assert pooled["ce_star_var_within"] == pytest.approx(within, rel=1e-12)
+    assert pooled["ce_star_var_between"] == pytest.approx(between, rel=1e-12)
+    assert pooled["ce_star_se"] == pytest.approx(math.sqrt(within + between), rel=1e-12)
+
+
+def test_greedy_run_gives_no_advice_to_add_prompts():
+    greedy = {f"p{k}": [[0.0] * (k + 2)] * 4 for k in range(3)}
+    result = compute_metrics(make_rollouts(greedy), warn=False)
+    pooled = result.pooled.iloc[0]
+    assert pooled["ce_star_se"] == 0 and pooled["ce_star_var_between"] == 0
+    notes = result.notes[("m", "base", "t")]
+    assert not any("add more" in n for n in notes), notes
+    assert any(n.startswith("SE is 0") for n in notes)
+    noisy = compute_metrics(make_rollouts({"a": [[0.0], [1.0]], "b": [[0.0], [3.0]]}), warn=False)
+    assert any("add more" in n for n in noisy.notes[("m", "base", "t")])

@@ -821,19 +821,26 @@ def pool_group(g: pd.DataFrame, delta: float = 0.05) -> tuple[dict[str, float], 
     h_content = h_n if math.isfinite(h_n) else h_hist
 
     # SPEC section 5: Var = s_b^2 / P + E[s_w^2 / M] / P (method of moments, s_b^2 >= 0)
-    within_mean = g["ce_star_var_within"].to_numpy()  # s_w^2 / M_p per prompt
-    var_within = float(within_mean.mean()) / P
+    within_mean = g["ce_star_var_within"].to_numpy()  # s_w^2 / M_p per prompt (NaN for M = 1)
+    known = np.isfinite(within_mean)
+    # prompts with one rollout have no within variance: estimate E[s_w^2 / M] from the others
+    var_within = float(within_mean[known].mean()) / P if known.any() else float("nan")
     if P >= 2:
         var_prompts = float(np.var(ce, ddof=1))
         if math.isfinite(var_within):
             var_between = max(var_prompts - var_within * P, 0.0) / P
             variance = var_between + var_within
-            dominant = "prompts" if var_between >= var_within else "rollouts"
-            notes.append(
-                f"SE dominated by between-prompt variance: add more {dominant}"
-                if dominant == "prompts"
-                else "SE dominated by within-prompt variance: add more rollouts per prompt"
-            )
+            if not known.all():
+                notes.append(
+                    f"{int((~known).sum())} prompts have one rollout: the within-prompt variance "
+                    f"is estimated from the {int(known.sum())} prompts with two or more"
+                )
+            if variance == 0:
+                notes.append("SE is 0: every rollout has the same total entropy (e.g. greedy)")
+            elif var_between >= var_within:
+                notes.append("SE dominated by between-prompt variance: add more prompts")
+            else:
+                notes.append("SE dominated by within-prompt variance: add more rollouts per prompt")
         else:
             var_between = float("nan")
             variance = var_prompts / P
