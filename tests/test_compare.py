@@ -83,8 +83,10 @@ def reference_pool(stats: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, 
 
     out = {
         c: mean(c)
-        for c in ("ce_star", "mean_length", "entropy_rate", "length_entropy", "diversity", "vendi")
+        for c in ("ce_star", "mean_length", "entropy_rate", "length_entropy", "diversity")
     }
+    # Vendi: geometric mean over prompts, exp(mean_p log VS_p)
+    out["vendi"] = math.exp(sum(math.log(stats["vendi"][p]) for p in rows) / len(rows))
     out["genppl"] = math.exp(out["ce_star"] / out["mean_length"])
     out["bf"] = math.exp(out["entropy_rate"])
     for col in ("pearson", "spearman"):
@@ -298,6 +300,30 @@ def test_cli_compare_json_and_one_line_error(tmp_path, monkeypatch, capsys) -> N
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "matches no variant" in err and "Traceback" not in err
+
+
+def test_cli_compare_json_round_trips_the_parquet_bit_for_bit(tmp_path, monkeypatch, capsys):
+    from canopy_entropy.jsonvalues import decode_value
+    from cli_helpers import run_cli
+
+    run = make_run(tmp_path / "run", n_prompts=4)
+    code, out, _ = run_cli(
+        ["compare", str(run), "--bootstrap", "40", "--json"], capsys, monkeypatch
+    )
+    assert code == 0
+    records = json.loads(out)["comparison"]
+    saved = pd.read_parquet(run / "compare" / "comparison.parquet")
+    assert len(records) == len(saved)
+    floats = [c for c in saved.columns if saved[c].dtype == np.float64]
+    assert "a_se" in floats and "pct_lo" in floats
+    for col in floats:
+        got = np.array([decode_value(r[col]) for r in records], dtype=np.float64)
+        want = saved[col].to_numpy()
+        assert np.array_equal(np.isnan(got), np.isnan(want)), col
+        ok = ~np.isnan(want)
+        assert np.array_equal(got[ok].view(np.int64), want[ok].view(np.int64)), col
+    # more than 10 decimals survive (pandas' to_json kept 10)
+    assert any(len(repr(r["a_se"]).split(".")[-1]) > 10 for r in records)
 
 
 def test_rate_diversity_relations_match_regression_oracles() -> None:

@@ -8,7 +8,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from canopy_entropy.semantic.diversity import diversity_tables, rollout_diversity, vendi_score
+from canopy_entropy.semantic.diversity import (
+    diversity_tables,
+    pooled_diversity,
+    rollout_diversity,
+    vendi_score,
+)
 
 
 def unit_rows(rng: np.random.Generator, m: int, dim: int) -> np.ndarray:
@@ -102,3 +107,22 @@ def test_diversity_tables_per_prompt_columns() -> None:
             np.testing.assert_allclose(got[f"diversity_len_t{k + 1}"], want, atol=1e-12)
         got_d = per_rollout[per_rollout["prompt_id"] == pid].sort_values("rollout_index")["d"]
         np.testing.assert_allclose(got_d.to_numpy(), d, atol=1e-12)
+
+
+def test_pooled_vendi_is_the_geometric_mean_and_d_the_mean() -> None:
+    rng = np.random.default_rng(5)
+    prompts = pd.DataFrame(
+        {
+            "model": np.repeat(["a", "b"], 6),
+            "task": "t",
+            "diversity": rng.uniform(0.1, 0.7, 12),
+            "vendi": rng.uniform(1.0, 20.0, 12),
+        }
+    )
+    prompts.loc[3, "vendi"] = np.nan  # a prompt without a score is left out
+    got = pooled_diversity(prompts, ["model", "task"]).set_index("model")
+    for model, sel in prompts.groupby("model"):
+        v = sel["vendi"].dropna().to_numpy()
+        assert got.loc[model, "vendi"] == pytest.approx(np.prod(v) ** (1 / len(v)), rel=1e-13)
+        assert got.loc[model, "diversity"] == pytest.approx(sel["diversity"].mean(), rel=1e-14)
+    assert got.loc["a", "vendi"] < prompts["vendi"][:6].mean()  # below the arithmetic mean

@@ -16,6 +16,7 @@ from canopy_entropy.errors import CanopyError
 from canopy_entropy.metrics import (
     METRIC_COLUMNS,
     compute_metrics,
+    load_metrics_json,
     per_rollout_frame,
     write_metrics,
 )
@@ -62,9 +63,11 @@ def test_hand_computed_prompt(prompt_a):
     stop = (h2(0.25) + h2(0.5) + (2 * h2(0.25) + h2(0.5)) + h2(0.5) + (2 * h2(0.25) + h2(0.5))) / 4
     assert row["stop_entropy"] == pytest.approx(stop, rel=1e-12)
     assert row["stop_entropy_share"] == pytest.approx(stop / 1.9375, rel=1e-12)
-    p_hat = np.array([0.25, 0.25, 0.1875, 0.125])
-    q = p_hat / p_hat.sum()
-    assert row["length_entropy"] == pytest.approx(-(q * np.log(q)).sum(), rel=1e-12)
+    # no cap known: leftover 0.1875; the fitted P(N > 4) = 1/4 * (1 - 0.5) spreads geometrically
+    # (EOS hazard 0.5 above u = 3) over 5, 6, ...; the other 0.0625 stays one outcome
+    p_hat = [0.25, 0.25, 0.1875, 0.125]
+    law = np.array([*p_hat, *(0.125 * 0.5**j for j in range(1, 200)), 0.0625])
+    assert row["length_entropy"] == pytest.approx(entr(law).sum(), rel=1e-12)
     assert row["length_entropy_hist"] == pytest.approx(math.log(4), rel=1e-15)
     assert row["content_entropy"] == pytest.approx(1.9375 - row["length_entropy"], rel=1e-14)
     s2 = 0.296875 / 3
@@ -129,10 +132,16 @@ def test_greedy_single_rollout_and_constant_columns():
     # all correlations NaN -> pooled NaN; covariance: greedy (0, weight 1) and const_n (0)
     assert math.isnan(pooled["pearson"]) and math.isnan(pooled["kendall"])
     assert pooled["covariance"] == 0.0
-    # SE: three prompts, within variance from the two prompts with M > 1 is not enough
+    # SE: three prompts; the within part comes from the two prompts with M > 1
     ce = np.array([p.loc[k, "ce_star"] for k in ("const_n", "greedy", "single")])
-    assert math.isnan(pooled["ce_star_var_within"])
-    assert pooled["ce_star_se"] == pytest.approx(math.sqrt(np.var(ce, ddof=1) / 3), rel=1e-14)
+    h_const = [1.5, 0.5, 3.0, 1.0, 2.0]
+    within = (np.var(h_const, ddof=1) / 5 + 0.0 / 2) / 2 / 3
+    between = max(np.var(ce, ddof=1) - within * 3, 0) / 3
+    assert pooled["ce_star_var_within"] == pytest.approx(within, rel=1e-14)
+    assert pooled["ce_star_var_between"] == pytest.approx(between, rel=1e-14)
+    assert pooled["ce_star_se"] == pytest.approx(math.sqrt(within + between), rel=1e-14)
+    notes = result.notes[("m", "base", "t")]
+    assert any("1 prompts have one rollout" in n and "from the 2 prompts" in n for n in notes)
 
 
 def test_pooling_rules_and_decomposition():
@@ -255,6 +264,7 @@ def test_json_document_and_write_metrics(tmp_path):
             "task": "t",
             "prompt_id": ["a", "b", "a", "b"],
             "diversity": [0.2, 0.4, 0.1, 0.3],
+            "vendi": [2.0, 8.0, 1.5, 3.0],
             "corr_length_d": [0.5, -0.2, 0.1, 0.3],
         }
     )
@@ -267,6 +277,8 @@ def test_json_document_and_write_metrics(tmp_path):
     pooled = doc["groups"][0]["pooled"]
     assert set(METRIC_COLUMNS) <= set(pooled)
     assert pooled["diversity"] == pytest.approx(0.3)
+    assert pooled["vendi"] == pytest.approx(4.0, rel=1e-15)  # geometric mean sqrt(2 * 8)
+    assert result.pooled["vendi"].iloc[1] == pytest.approx(math.sqrt(4.5), rel=1e-15)
     n = np.array([4, 5])
     z = np.arctanh([0.5, -0.2]) * np.maximum(n - 3, 0)
     assert pooled["corr_length_d"] == pytest.approx(math.tanh(z.sum() / 3))
@@ -321,3 +333,55 @@ def rollouts_table_mixed() -> pa.Table:
         entropy=[np.ones(3, np.float32), np.ones(2, np.float32), np.ones(4, np.float32)],
         eos_prob=[np.full(3, 0.2), None, np.full(4, 0.1)],
     )
+
+
+def test_json_tells_an_infinite_bound_from_an_unknown_one(tmp_path):
+    """Every rollout cut: nothing is known about the tail (bound inf); no H_max: unknown."""
+    store = RunStore(tmp_path)
+    for model in ("x", "y"):
+        t = make_rollouts({"a": [[0.5] * 3] * 4}, finish={"a": ["length"] * 4}, model=model)
+        store.write_rollouts(model, t)
+    store.write_manifest({"models": {"x": {"policy": {"max_new_tokens": 3, "top_k": 10}}}})
+    write_metrics(tmp_path, by=("model",), warn=False)
+    text = (tmp_path / "metrics" / "metrics.json").read_text()
+    doc = json.loads(text)
+    bounds = {g["key"]["model"]: g["pooled"]["truncation_bias_bound"] for g in doc["groups"]}
+    assert bounds == {"x": "inf", "y": None}
+    assert doc["groups"][0]["prompts"][0]["truncation_bias_bound"] == "inf"
+    back = load_metrics_json(tmp_path / "metrics" / "metrics.json")
+    x, y = back["groups"]
+    assert x["pooled"]["truncation_bias_bound"] == math.inf
+    assert math.isnan(y["pooled"]["truncation_bias_bound"])
+    assert x["prompts"][0]["truncation_bias_bound"] == math.inf
+    assert x["prompts"][0]["prompt_id"] == "a" and x["key"] == {"model": "x"}
+    assert x["pooled"]["ce_star"] == 1.5
+
+
+def test_one_single_rollout_prompt_keeps_the_se_split():
+    """Dropping the M = 1 prompt's (unknown) within term; the rest of the split is intact."""
+    rng = np.random.default_rng(8)
+    prompts = {
+        f"p{k}": [rng.choice([0.25, 0.5, 1.0, 1.5], rng.integers(1, 6)).tolist() for _ in range(6)]
+        for k in range(5)
+    }
+    prompts["solo"] = [[0.5, 1.5]]
+    pooled = compute_metrics(make_rollouts(prompts), warn=False).pooled.iloc[0]
+    s2w_over_m = [np.var([sum(e) for e in prompts[f"p{k}"]], ddof=1) / 6 for k in range(5)]
+    ce = [np.mean([sum(e) for e in prompts[k]]) for k in prompts]
+    within = np.mean(s2w_over_m) / 6
+    between = max(np.var(ce, ddof=1) - np.mean(s2w_over_m), 0) / 6
+    assert pooled["ce_star_var_within"] == pytest.approx(within, rel=1e-12)
+    assert pooled["ce_star_var_between"] == pytest.approx(between, rel=1e-12)
+    assert pooled["ce_star_se"] == pytest.approx(math.sqrt(within + between), rel=1e-12)
+
+
+def test_greedy_run_gives_no_advice_to_add_prompts():
+    greedy = {f"p{k}": [[0.0] * (k + 2)] * 4 for k in range(3)}
+    result = compute_metrics(make_rollouts(greedy), warn=False)
+    pooled = result.pooled.iloc[0]
+    assert pooled["ce_star_se"] == 0 and pooled["ce_star_var_between"] == 0
+    notes = result.notes[("m", "base", "t")]
+    assert not any("add more" in n for n in notes), notes
+    assert any(n.startswith("SE is 0") for n in notes)
+    noisy = compute_metrics(make_rollouts({"a": [[0.0], [1.0]], "b": [[0.0], [3.0]]}), warn=False)
+    assert any("add more" in n for n in noisy.notes[("m", "base", "t")])

@@ -39,6 +39,8 @@ LENGTH_MATCHED_SCHEMA_VERSION = "canopy-length-matched/1"
 
 # Pooled as unweighted means of the per-prompt value (GenPPL and BF derive from these).
 MEAN_COLUMNS = ("ce_star", "mean_length", "entropy_rate", "length_entropy", "diversity", "vendi")
+# ... of which these are pooled on the log scale: exp(mean_p log v_p), an effective number
+LOG_MEAN_COLUMNS = ("vendi",)
 RATIO_METRICS = (
     "ce_star",
     "genppl",
@@ -125,9 +127,10 @@ def pooled_statistics(
     matrix of prompt indices, e.g. ``[B, P]`` bootstrap draws) or the equivalent ``counts``
     (``[R, P]``: how often each prompt is drawn in each row) every row is pooled at once and
     each result has shape ``[R]``; without either, the full sample is pooled (scalars).
-    Means over prompts for CE*, mean length, entropy rate, H(N), D and Vendi (non-finite values
-    dropped); GenPPL = exp(mean CE* / mean Nbar); BF = exp(mean Rbar); Pearson/Spearman Fisher
-    pooled with weights max(n-3, 0), Kendall with n(n-1)/2, covariance with n-1.
+    Means over prompts for CE*, mean length, entropy rate, H(N) and D, the geometric mean
+    ``exp(mean_p log VS_p)`` for Vendi (non-finite values dropped); GenPPL = exp(mean CE* /
+    mean Nbar); BF = exp(mean Rbar); Pearson/Spearman Fisher pooled with weights max(n-3, 0),
+    Kendall with n(n-1)/2, covariance with n-1.
     """
     n_prompts = len(next(iter(prompt_stats.values())))
     scalar = indices is None and counts is None
@@ -141,7 +144,11 @@ def pooled_statistics(
     for col in MEAN_COLUMNS:
         if col in prompt_stats:
             names.append(col)
-            values.append(np.asarray(prompt_stats[col], dtype=np.float64))
+            value = np.asarray(prompt_stats[col], dtype=np.float64)
+            if col in LOG_MEAN_COLUMNS:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    value = np.log(value)
+            values.append(value)
             weights.append(ones)
     if "n_rollouts" in prompt_stats:
         n = np.asarray(prompt_stats["n_rollouts"], dtype=np.float64)
@@ -162,7 +169,11 @@ def pooled_statistics(
     out: dict[str, np.ndarray] = {}
     for k, col in enumerate(names):
         value = pooled[k, 0] if scalar else pooled[k]
-        out[col] = np.tanh(value) if col in ("pearson", "spearman") else value
+        if col in ("pearson", "spearman"):
+            value = np.tanh(value)
+        elif col in LOG_MEAN_COLUMNS:
+            value = np.exp(value)
+        out[col] = value
     if "ce_star" in out and "mean_length" in out:
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             out["genppl"] = np.exp(out["ce_star"] / out["mean_length"])

@@ -13,9 +13,9 @@ Conventions (see docs/metrics.md):
 * pooled values are unweighted means over prompts (SPEC section 2), correlations pooled by the
   SPEC section-3 rules, the rate/length split pooled as
   ``CE*_pool = Nbar_pool * Rbar_pool + between_cov_term + within_cov_term`` exactly;
-* ``length_entropy`` is H(N) from the EOS-hazard law, renormalised to mass 1; the mass beyond
-  the cap T (rollouts that did not stop by EOS) is one extra outcome; without cut rollouts the
-  unseen tail beyond the longest rollout is extended geometrically;
+* ``length_entropy`` is H(min(N, T)) from the EOS-hazard law on ``{1..T}`` plus the outcome
+  "cut at T" (the leftover mass); without cut rollouts part of the leftover is spread over the
+  unseen lengths up to T (``stats.length_law``); no mass is ever put beyond T;
 * ``content_entropy = ce_star - length_entropy`` (the histogram H(N) when no ``eos_prob``).
 """
 
@@ -39,8 +39,11 @@ from scipy.special import entr
 from scipy.stats import rankdata
 
 from canopy_entropy.errors import CanopyError
+from canopy_entropy.jsonvalues import decode_fields, json_value
 from canopy_entropy.run.manifest import Manifest, read_manifest
 from canopy_entropy.semantic.diversity import DIVERSITY_COLUMNS as _SEMANTIC_DIVERSITY_COLUMNS
+from canopy_entropy.semantic.diversity import pool_vendi
+from canopy_entropy.stats.length_law import eos_length_entropy, hazard_law
 from canopy_entropy.stats.pooling import pool_covariance, pool_fisher, pool_kendall
 from canopy_entropy.store import KEY_COLUMNS, RunStore, atomic_write_json, atomic_write_table
 
@@ -136,14 +139,6 @@ def binary_entropy(p: np.ndarray) -> np.ndarray:
     out = entr(p)
     out += entr(np.subtract(1.0, p, out=p))
     return out
-
-
-def _entropy_of_rows(prob: np.ndarray) -> np.ndarray:
-    """Shannon entropy (nats) of each row of a non-negative matrix after normalising it."""
-    total = prob.sum(axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        q = prob / total
-    return entr(q).sum(axis=1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -440,45 +435,6 @@ def _pearson_by_code(x: np.ndarray, y: np.ndarray, code: np.ndarray, P: int, m: 
     return r, sxy / m, cov_sample
 
 
-def _hazard_entropy(
-    hazard: list[np.ndarray],
-    m: np.ndarray,
-    all_eos: np.ndarray,
-    ended_by_eos_all: np.ndarray,
-    tail_fit: TailFit,
-) -> np.ndarray:
-    """H(N) per prompt from p_hat(n) = (1/M) sum_i 1{N_i>=n} lambda_in (SPEC section 4).
-
-    The law is renormalised to total mass 1. When some rollout did not end by EOS (cut at the
-    cap T, or a stop string), the mass 1 - sum p_hat (clipped at 0) is one extra outcome "did
-    not stop by EOS". When every rollout ended by EOS, p_hat is 0 beyond the longest rollout
-    while the true law is not; that unseen tail is extended geometrically with the hazard of
-    ``tail_fit`` (mass A = P(N > n_max)), using the grouping rule
-    H = (1 - A) H(body) + h(A) + A H(geometric) with H(geometric) = h(hazard) / hazard.
-    """
-    P = len(hazard)
-    out = np.full(P, np.nan)
-    width = max((h.size for h in hazard), default=0)
-    if width == 0:
-        return out
-    law = np.zeros((P, width + 1))
-    for g, h in enumerate(hazard):  # loop over prompts only
-        law[g, : h.size] = h
-    law[:, :width] /= m[:, None]
-    np.clip(law, 0.0, None, out=law)
-    rest = np.clip(1.0 - law[:, :width].sum(axis=1), 0.0, None)
-    law[:, width] = np.where(ended_by_eos_all, 0.0, rest)
-    body = _entropy_of_rows(law)
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        h = tail_fit.hazard
-        tail_mass = tail_fit.surv_u * np.power(1.0 - h, tail_fit.n_max - tail_fit.u)
-        ok = ended_by_eos_all & (tail_fit.exposure > 0) & (h > 0) & (h < 1)
-        tail_mass = np.where(ok, tail_mass, 0.0)
-        geometric = np.where(ok, binary_entropy(h) / np.where(ok, h, 1.0), 0.0)
-    ent = (1.0 - tail_mass) * body + binary_entropy(tail_mass) + tail_mass * geometric
-    return np.where(all_eos, ent, np.nan)
-
-
 def _histogram_entropy(length: np.ndarray, cut: np.ndarray, code: np.ndarray, m: np.ndarray):
     """Plug-in H(N) per prompt; a length reached without EOS is its own outcome."""
     P = len(m)
@@ -559,7 +515,8 @@ class MetricsResult:
     notes: dict[tuple, list[str]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        """``{"groups": [{"key", "pooled", "prompts", "notes"}]}`` with NaN -> null."""
+        """``{"groups": [{"key", "pooled", "prompts", "notes"}]}``; NaN -> null, +-inf ->
+        "inf" / "-inf" (``canopy_entropy.jsonvalues``)."""
         groups = []
         by = list(self.by)
         prompt_groups = (
@@ -575,23 +532,15 @@ class MetricsResult:
             groups.append(
                 {
                     "key": {c: row[c] for c in by},
-                    "pooled": {c: _json_value(row[c]) for c in self.pooled.columns if c not in by},
+                    "pooled": {c: json_value(row[c]) for c in self.pooled.columns if c not in by},
                     "prompts": [
-                        {c: _json_value(v) for c, v in zip(pcols, rec, strict=True)}
+                        {c: json_value(v) for c, v in zip(pcols, rec, strict=True)}
                         for rec in prows[pcols].itertuples(index=False, name=None)
                     ],
                     "notes": list(self.notes.get(key, [])),
                 }
             )
         return {"groups": groups}
-
-
-def _json_value(v: Any) -> Any:
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        return float(v) if math.isfinite(v) else None
-    return v
 
 
 def per_rollout_frame(source: Any) -> pd.DataFrame:
@@ -618,12 +567,13 @@ def _caps_and_hmax(
     truncated: np.ndarray,
     manifest: Manifest,
     h_max: float | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per prompt: the length cap T and H_max.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per prompt: the length cap T, H_max and whether T is known.
 
     T: the length of the prompt's cut rollouts (the data is authoritative), else the
-    manifest's max_new_tokens for the model, else the model's cut length, else the prompt's
-    longest rollout. H_max: --h-max, else log top_k / log vocab_size from the manifest, else NaN.
+    manifest's max_new_tokens for the model, else the model's cut length, else (not known)
+    the prompt's longest rollout. H_max: --h-max, else log top_k / log vocab_size from the
+    manifest, else NaN.
     """
     P = len(models)
     cut_len = np.full(P, -np.inf)
@@ -641,8 +591,8 @@ def _caps_and_hmax(
         )
         cap[sel] = np.where(np.isnan(cap[sel]), fallback, cap[sel])
         hmax[sel] = _h_max_for(manifest, str(model), h_max)
-    cap = np.where(np.isnan(cap), longest, cap)
-    return cap, hmax
+    known = ~np.isnan(cap)
+    return np.where(known, cap, longest), hmax, known
 
 
 def _h_max_for(manifest: Manifest, model: str, h_max: float | None) -> float:
@@ -743,10 +693,21 @@ def _assemble(
     # length law: EOS-hazard and histogram plug-in
     all_eos = np.bincount(code, has_eos, P) == m
     ended_by_eos_all = np.bincount(code, not_eos, P) == 0
-    cap, hmax = _caps_and_hmax(key_frame["model"].to_numpy(), code, N, truncated, manifest, h_max)
+    models = key_frame["model"].to_numpy()
+    cap, hmax, cap_known = _caps_and_hmax(models, code, N, truncated, manifest, h_max)
     sorted_len = np.sort(_padded(N, code, pos, (P, mmax), np.inf), axis=1)
     tail_fit = _fit_tail(N, truncated, code, m, cap, sorted_len)
-    h_hazard = _hazard_entropy(hazard, m, all_eos, ended_by_eos_all, tail_fit)
+    h_hazard = eos_length_entropy(
+        hazard_law(hazard, m),
+        m,
+        tail_fit.n_max,
+        np.where(cap_known, cap, np.inf),  # T unknown: no cap, the tail may run on
+        tail_fit.u,
+        tail_fit.surv_u,
+        tail_fit.exposure,
+        ended_by_eos_all,
+    )
+    h_hazard = np.where(all_eos, h_hazard, np.nan)
     h_hist = _histogram_entropy(red.length[order], not_eos, code, m)
     h_for_content = np.where(np.isfinite(h_hazard), h_hazard, h_hist)
 
@@ -850,19 +811,26 @@ def pool_group(g: pd.DataFrame, delta: float = 0.05) -> tuple[dict[str, float], 
     h_content = h_n if math.isfinite(h_n) else h_hist
 
     # SPEC section 5: Var = s_b^2 / P + E[s_w^2 / M] / P (method of moments, s_b^2 >= 0)
-    within_mean = g["ce_star_var_within"].to_numpy()  # s_w^2 / M_p per prompt
-    var_within = float(within_mean.mean()) / P
+    within_mean = g["ce_star_var_within"].to_numpy()  # s_w^2 / M_p per prompt (NaN for M = 1)
+    known = np.isfinite(within_mean)
+    # prompts with one rollout have no within variance: estimate E[s_w^2 / M] from the others
+    var_within = float(within_mean[known].mean()) / P if known.any() else float("nan")
     if P >= 2:
         var_prompts = float(np.var(ce, ddof=1))
         if math.isfinite(var_within):
             var_between = max(var_prompts - var_within * P, 0.0) / P
             variance = var_between + var_within
-            dominant = "prompts" if var_between >= var_within else "rollouts"
-            notes.append(
-                f"SE dominated by between-prompt variance: add more {dominant}"
-                if dominant == "prompts"
-                else "SE dominated by within-prompt variance: add more rollouts per prompt"
-            )
+            if not known.all():
+                notes.append(
+                    f"{int((~known).sum())} prompts have one rollout: the within-prompt variance "
+                    f"is estimated from the {int(known.sum())} prompts with two or more"
+                )
+            if variance == 0:
+                notes.append("SE is 0: every rollout has the same total entropy (e.g. greedy)")
+            elif var_between >= var_within:
+                notes.append("SE dominated by between-prompt variance: add more prompts")
+            else:
+                notes.append("SE dominated by within-prompt variance: add more rollouts per prompt")
         else:
             var_between = float("nan")
             variance = var_prompts / P
@@ -911,6 +879,8 @@ def pool_group(g: pd.DataFrame, delta: float = 0.05) -> tuple[dict[str, float], 
         values = g[col].to_numpy(dtype=np.float64)
         if col == "corr_length_d":
             out[col] = float(pool_fisher(values, n))
+        elif col == "vendi":
+            out[col] = pool_vendi(values)  # geometric mean (SPEC section 6)
         else:
             finite = values[np.isfinite(values)]
             out[col] = float(finite.mean()) if finite.size else float("nan")
@@ -996,5 +966,10 @@ def _merge_diversity(result: MetricsResult, path: Path, delta: float) -> Metrics
 
 
 def load_metrics_json(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a metrics.json document (helper for other stages)."""
-    return json.loads(Path(path).read_text())
+    """Read a metrics.json document (helper for other stages): in the metric fields null
+    becomes NaN and "inf" / "-inf" become infinities again."""
+    doc = json.loads(Path(path).read_text())
+    for group in doc.get("groups", []):
+        group["pooled"] = decode_fields(group.get("pooled", {}))
+        group["prompts"] = [decode_fields(p, PROMPT_KEYS) for p in group.get("prompts", [])]
+    return doc

@@ -43,10 +43,12 @@ def command(
     for note in result.notes:
         err.print(f"[yellow]note:[/] {note}", highlight=False)
     if as_json:
-        records = json.loads(result.table.to_json(orient="records"))
-        matched = json.loads(result.length_matched.to_json(orient="records"))
+        from canopy_entropy.jsonvalues import json_records  # full float64 precision
+
+        records = json_records(result.table)
+        matched = json_records(result.length_matched)
         doc = {"comparison": records, "length_matched": matched, "notes": result.notes}
-        print(json.dumps(doc, indent=2))
+        print(json.dumps(doc, indent=2, allow_nan=False))
         return
     out = Console()
     view = Table(title=f"{b} vs {a} (paired bootstrap, B={bootstrap}, 95% CI)")

@@ -2,7 +2,8 @@
 
 Per prompt with unit-norm embeddings ``e_1..e_M``: ``d_i = 1 - mean_{j != i} cos(e_i, e_j)``,
 ``D = mean_i d_i``, and the Vendi score ``exp(-sum lambda log lambda)`` over the eigenvalues of
-``K / M`` (``K`` the cosine-similarity matrix). When ``M > dim`` the ``dim x dim`` covariance
+``K / M`` (``K`` the cosine-similarity matrix); pooled over prompts, D by the mean and Vendi by
+the geometric mean. When ``M > dim`` the ``dim x dim`` covariance
 form ``E^T E / M`` has the same non-zero spectrum and is cheaper. All arithmetic in float64 on
 float32 inputs; prompts of equal size are processed as one batched stack.
 """
@@ -145,10 +146,16 @@ def diversity_tables(
     return prompts, per_rollout
 
 
+def pool_vendi(values: np.ndarray) -> float:
+    """Vendi pooled over prompts as the geometric mean ``exp(mean_p log VS_p)`` of the finite
+    scores (an effective number, as the published code pools it); NaN when none is finite."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return float(np.exp(np.log(v).mean())) if v.size else float("nan")
+
+
 def pooled_diversity(prompts: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
-    """Unweighted means over prompts of D and Vendi per group (SPEC section 2 pooling rule)."""
-    return (
-        prompts.groupby(list(by), sort=True, observed=True)[["diversity", "vendi"]]
-        .mean()
-        .reset_index()
-    )
+    """Per group: D by the unweighted mean over prompts, Vendi by the geometric mean
+    (``pool_vendi``), SPEC section 6."""
+    grouped = prompts.groupby(list(by), sort=True, observed=True)
+    return grouped.agg(diversity=("diversity", "mean"), vendi=("vendi", pool_vendi)).reset_index()
