@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -175,13 +176,13 @@ def test_page_checksums_are_verified_by_every_reader(tmp_path):
     assert verify_file(shard, SCHEMA_VERSION) is True  # the digest now agrees
     # without page-checksum verification the damaged page decodes silently
     pq.read_table(shard, columns=["entropy"])
-    with pytest.raises(StoreError, match="CRC|checksum"):
+    with pytest.raises(StoreError, match=r"CRC|checksum"):
         list(store.iter_batches(columns=["entropy"]))
-    with pytest.raises(StoreError, match="CRC|checksum"):
+    with pytest.raises(StoreError, match=r"CRC|checksum"):
         store.read_rollouts(columns=["entropy"])
-    with pytest.raises(StoreError, match=f"corrupt file {shard}"):
+    with pytest.raises(StoreError, match=re.escape(f"corrupt file {shard}")):
         read_table(shard, SCHEMA_VERSION, columns=["entropy"])
-    with pytest.raises(StoreError, match=f"corrupt file {shard}"):
+    with pytest.raises(StoreError, match=re.escape(f"corrupt file {shard}")):
         list(iter_file_batches(shard, SCHEMA_VERSION, columns=["entropy"]))
 
 
@@ -194,9 +195,11 @@ def test_stage_outputs_name_the_stage_that_rewrites_them(tmp_path):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    with pytest.raises(StoreError, match=r"pooled\.parquet .*delete it and re-run 'canopy metrics'"):
+    with pytest.raises(
+        StoreError, match=r"pooled\.parquet .*delete it and re-run 'canopy metrics'"
+    ):
         read_table(path, "canopy-metrics/1")
-    with pytest.raises(StoreError, match="cannot read .*missing"):
+    with pytest.raises(StoreError, match=r"cannot read .*missing"):
         read_table(tmp_path / "missing.parquet", "canopy-metrics/1")
     atomic_write_table(path, table, "canopy-metrics/1")
     with pytest.raises(StoreError, match="schema 'canopy-metrics/1' but 'canopy-comparison/1'"):
@@ -312,7 +315,7 @@ def test_damaged_embedding_cache_is_recomputed_and_diversity_unchanged(tmp_path)
         damaged = bytearray(good)
         damaged[pos] ^= 1 << int(rng.integers(8))
         cache.write_bytes(bytes(damaged))
-        with pytest.warns(UserWarning, match=f"embedding cache {cache} is damaged"):
+        with pytest.warns(UserWarning, match=re.escape(f"embedding cache {cache} is damaged")):
             result = embed_run(run, encoder=encoder, progress=False)
         assert result.n_reused == 0 and result.n_encoded == first.n_rollouts
         pd.testing.assert_frame_equal(

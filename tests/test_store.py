@@ -114,6 +114,8 @@ def test_corrupt_and_foreign_files_are_named(tmp_path):
         store.validate()
     with pytest.raises(StoreError, match=r"broken\.parquet"):
         list(store.iter_batches())
+    with pytest.raises(StoreError, match=r"corrupt file .*broken\.parquet"):
+        store.has_shard("broken")  # a resume check never takes a damaged shard as done
     bad.unlink()
     pq.write_table(pa.table({"x": [1, 2]}), store.rollouts_dir / "foreign.parquet")
     with pytest.raises(StoreError, match=r"foreign file .*foreign\.parquet"):
