@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -187,3 +189,25 @@ def test_cli_embed(tmp_path, encoder) -> None:
     res = CliRunner().invoke(app, ["embed", str(run), "--encoder", OFFLINE_ENCODER])
     assert res.exit_code == 0, res.output
     assert "embedded 8 rollouts" in res.output and "0 truncated" in res.output
+
+
+def test_old_unverified_cache_with_garbage_vectors_is_recomputed(tmp_path, encoder) -> None:
+    """A cache written before digests cannot be verified; vectors that are not unit-length
+    (the -8.5e29 diversity of issue 11) are caught and recomputed."""
+    run = write_run(tmp_path, TEXTS)
+    first = embed_run(run, encoder=OFFLINE_ENCODER, progress=False)
+    (path,) = (run / "semantic" / "embeddings").glob("*.parquet")
+    table = pq.read_table(path)
+    emb, _ = read_cache(run)
+    emb = emb.copy()
+    emb[2] *= 3.0e14
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
+    table = table.set_column(table.schema.get_field_index("embedding"), "embedding", vectors)
+    pq.write_table(table, path, compression="zstd")  # the old writer: no digest
+    counting = CountingEncoder(encoder)
+    with pytest.warns(UserWarning) as caught:
+        result = embed_run(run, encoder=counting, progress=False)
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "read unverified" in messages and "not unit-length" in messages
+    assert counting.texts == 8 and result.n_reused == 0
+    pd.testing.assert_frame_equal(result.prompt_diversity, first.prompt_diversity, check_exact=True)

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,14 @@ import pytest
 
 from canopy_entropy.errors import StoreError
 from canopy_entropy.run.manifest import read_manifest
-from canopy_entropy.store import ROLLOUT_SCHEMA, RunStore, rollouts_table
+from canopy_entropy.store import (
+    ROLLOUT_SCHEMA,
+    SCHEMA_VERSION,
+    RunStore,
+    clean_stale_temps,
+    rollouts_table,
+    verify_file,
+)
 from metrics_helpers import make_rollouts
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -82,17 +88,22 @@ def test_killed_writer_leaves_no_visible_partial_shard(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "0"  # one shard is complete
-        time.sleep(0.15)  # now it is somewhere inside the next write
+        assert proc.stdout.readline().strip() == "1"  # the next write has begun after this
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     store = RunStore(tmp_path)
     files = store.shard_files()
-    assert files, "the first shard must be visible"
+    assert len(files) >= 2, "the reported shards must be visible"
     store.validate()
     for path in files:
+        assert verify_file(path, SCHEMA_VERSION)  # whole and sealed with its digest
         assert pq.read_table(path).num_rows == 300
     assert store.read_rollouts(columns=["length"]).num_rows == 300 * len(files)
+    leftovers = sorted(store.rollouts_dir.glob(".*.tmp"))
+    assert all(f"@{proc.pid}" in p.name for p in leftovers)
+    assert clean_stale_temps(tmp_path) == leftovers
+    assert not list(store.rollouts_dir.glob(".*.tmp"))
 
 
 def test_corrupt_and_foreign_files_are_named(tmp_path):
@@ -100,10 +111,12 @@ def test_corrupt_and_foreign_files_are_named(tmp_path):
     store.write_rollouts("good", make_rollouts({"a": [[0.5]]}))
     bad = store.rollouts_dir / "broken.parquet"
     bad.write_bytes((store.rollouts_dir / "good.parquet").read_bytes()[:100])
-    with pytest.raises(StoreError, match=r"corrupt shard .*broken\.parquet"):
+    with pytest.raises(StoreError, match=r"corrupt file .*broken\.parquet .*delete it"):
         store.validate()
     with pytest.raises(StoreError, match=r"broken\.parquet"):
         list(store.iter_batches())
+    with pytest.raises(StoreError, match=r"corrupt file .*broken\.parquet"):
+        store.has_shard("broken")  # a resume check never takes a damaged shard as done
     bad.unlink()
     pq.write_table(pa.table({"x": [1, 2]}), store.rollouts_dir / "foreign.parquet")
     with pytest.raises(StoreError, match=r"foreign file .*foreign\.parquet"):

@@ -6,19 +6,32 @@ Layout of a run folder::
     RUN/rollouts/<shard>.parquet one row per rollout (ROLLOUT_SCHEMA)
     RUN/prompts/<shard>.parquet  one row per (model, task, prompt) (PROMPT_SCHEMA)
 
-Every shard is written to a temporary file, fsync'ed and renamed into place, so a reader never
-sees a partial shard and a killed writer leaves at most a ``.tmp`` file that is ignored. Each
-shard carries ``canopy.schema`` in its Parquet key-value metadata; a shard without it (foreign)
-or one that cannot be parsed (corrupt) is reported by path with the fix.
+Every file is written to a temporary file, fsync'ed and renamed into place, so a reader never
+sees a partial file; a killed writer leaves at most a hidden ``.tmp`` file, named after its host
+and process so that ``clean_stale_temps`` can remove it once that process is gone. Each Parquet
+file carries ``canopy.schema`` in its key-value metadata; a file without it (foreign) or one that
+cannot be parsed (corrupt) is reported by path with the fix.
+
+Content integrity: every Parquet file written by ``atomic_write_table`` carries CRC32 page
+checksums, verified on every read, and a SHA-256 digest of the whole file (the digest's own 64
+hex characters read as zeros) in the key-value entry ``canopy.digest``, checked before the file
+is trusted. A damaged file raises a one-line StoreError naming it and the fix; it never yields
+changed numbers. Files written before digests existed (no ``canopy.digest``) are still read, but
+*unverified*: the readers emit one warning naming how many such files a folder holds.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
 import re
+import socket
 import tempfile
+import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +47,30 @@ SCHEMA_VERSION = "canopy-rollouts/1"
 PROMPT_SCHEMA_VERSION = "canopy-prompts/1"
 FINISH_REASONS = ("eos", "length", "stop")
 META_KEY = b"canopy.schema"
+DIGEST_KEY = b"canopy.digest"
+# A second entry saying the file has a digest, so no single damaged byte makes it look older.
+INTEGRITY_KEY = b"canopy.integrity"
+_INTEGRITY = b"sha256 of the whole file, with the recorded hex read as zeros"
+_DIGEST_PREFIX = b"sha256:"
+_DIGEST_LEN = 64  # hex characters of a SHA-256
+_DIGEST_PLACEHOLDER = b"0" * _DIGEST_LEN
+# The digest is the last key-value entry of the footer; only created_by and the column orders
+# follow it, so it lies within this many bytes of the end of the file.
+_DIGEST_WINDOW = 1 << 16
+_CHUNK = 1 << 20
+
+# The fix named when a file of a schema family is damaged: the stage that rewrites it.
+_REWRITTEN_BY = {
+    "canopy-rollouts": "re-run the generation or the import that wrote it",
+    "canopy-prompts": "re-run the generation or the import that wrote it",
+    "canopy-metrics": "re-run 'canopy metrics'",
+    "canopy-embeddings": "re-run 'canopy embed'",
+    "canopy-prompt-diversity": "re-run 'canopy embed'",
+    "canopy-rollout-diversity": "re-run 'canopy embed'",
+    "canopy-comparison": "re-run 'canopy compare'",
+    "canopy-length-matched": "re-run 'canopy compare'",
+    "canopy-regression-panel": "re-run 'canopy regress'",
+}
 
 ROLLOUT_SCHEMA = pa.schema(
     [
@@ -83,13 +120,81 @@ def slug(*parts: str) -> str:
     return f"{readable}-{hashlib.sha1(raw.encode()).hexdigest()[:10]}"
 
 
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:32] or "host"
+_TEMP_NAME = re.compile(
+    r"^\.(?P<target>.+)\.(?P<host>[A-Za-z0-9_-]+)@(?P<pid>\d+)(?:\+(?P<start>\d+))?"
+    r"\.[A-Za-z0-9_]+\.tmp$"
+)
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks) of process ``pid`` from /proc; None if not there."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()  # the command name may hold spaces
+    return fields[0], fields[19]
+
+
+@functools.cache  # keyed by pid, so a forked child computes its own
+def _writer_tag(pid: int) -> str:
+    """``host@pid+start``: who writes a temp file, so a later run can tell if it still lives."""
+    stat = _proc_stat(pid)
+    return f"{_HOST}@{pid}" + (f"+{stat[1]}" if stat else "")
+
+
+def _writer_alive(pid: int, start: str | None) -> bool:
+    """Whether the process that wrote a temp file on this host may still be writing it."""
+    if start is not None:  # /proc known: same pid and start time, and not a zombie
+        stat = _proc_stat(pid)
+        return stat is not None and stat[1] == start and stat[0] not in ("Z", "X")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _temp_file(path: Path) -> tuple[int, str]:
-    """A temp file beside ``path`` with the permissions a plain ``open`` would give (umask)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """A temp file beside ``path``, named after its writer, with the permissions a plain
+    ``open`` would give (umask)."""
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.{_writer_tag(os.getpid())}.", suffix=".tmp"
+    )
     umask = os.umask(0)
     os.umask(umask)
     os.fchmod(fd, 0o666 & ~umask)
     return fd, tmp
+
+
+def clean_stale_temps(root: str | os.PathLike[str], stale_after: float = 86400.0) -> list[Path]:
+    """Delete the temp files that dead writers left under ``root``; return what was removed.
+
+    A temp file written on this host is removed once its writer process is gone (a live
+    concurrent writer's file is never touched). One from another host, or with a name from
+    before writers were recorded, cannot be checked and is removed only when it has not been
+    modified for ``stale_after`` seconds.
+    """
+    removed: list[Path] = []
+    now = time.time()
+    for path in sorted(Path(root).rglob(".*.tmp")):
+        match = _TEMP_NAME.match(path.name)
+        try:
+            if not path.is_file():
+                continue
+            if match and match["host"] == _HOST:
+                if _writer_alive(int(match["pid"]), match["start"]):
+                    continue
+            elif now - path.stat().st_mtime < stale_after:
+                continue
+            path.unlink()
+        except FileNotFoundError:  # its writer renamed or removed it meanwhile
+            continue
+        removed.append(path)
+    return removed
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -119,7 +224,8 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_write_table(path: Path, table: pa.Table, schema_version: str) -> None:
-    """Write a Parquet file atomically, tagging it with ``schema_version``."""
+    """Write a Parquet file atomically, tagged with ``schema_version``, with page checksums
+    and a whole-file content digest (checked by ``verify_file`` before the file is trusted)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(table.schema.metadata or {})
@@ -128,8 +234,21 @@ def atomic_write_table(path: Path, table: pa.Table, schema_version: str) -> None
     fd, tmp = _temp_file(path)
     os.close(fd)
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        with pq.ParquetWriter(
+            tmp, table.schema, compression="zstd", write_page_checksum=True
+        ) as writer:
+            writer.write_table(table)
+            writer.add_key_value_metadata(
+                {INTEGRITY_KEY: _INTEGRITY, DIGEST_KEY: _DIGEST_PREFIX + _DIGEST_PLACEHOLDER}
+            )
         with open(tmp, "rb+") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            offset = _digest_offset(fh, size)
+            assert offset is not None, "pyarrow dropped the digest entry"
+            digest = _content_digest(fh, size, offset)
+            fh.seek(offset)
+            fh.write(digest)
+            fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
@@ -137,6 +256,190 @@ def atomic_write_table(path: Path, table: pa.Table, schema_version: str) -> None
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+class _Damaged(Exception):
+    """Internal: a file's bytes are not what its writer wrote."""
+
+
+class CorruptFileError(StoreError):
+    """A canopy file that is damaged or cannot be parsed; ``reason`` says how, without the fix."""
+
+    def __init__(self, path: Path, reason: str, schema_tag: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"corrupt file {path} ({reason}); {_fix(schema_tag)}")
+
+
+def _digest_offset(fh: Any, size: int) -> int | None:
+    """Offset of the recorded digest's hex characters, or None for a file without a digest."""
+    if size < 12:
+        raise _Damaged("too short to be a Parquet file")
+    start = max(0, size - _DIGEST_WINDOW)
+    fh.seek(start)
+    tail = fh.read(size - start)
+    if tail[-4:] != b"PAR1":
+        raise _Damaged("no Parquet end marker")
+    key = tail.rfind(DIGEST_KEY)
+    if key < 0:
+        if INTEGRITY_KEY in tail:
+            raise _Damaged("its digest entry is missing")
+        return None
+    # after the key: a Thrift field header and length byte, then the value
+    value = tail.find(_DIGEST_PREFIX, key + len(DIGEST_KEY), key + len(DIGEST_KEY) + 12)
+    end = value + len(_DIGEST_PREFIX) + _DIGEST_LEN
+    if value < 0 or end > len(tail) - 8:
+        raise _Damaged("malformed digest entry")
+    return start + value + len(_DIGEST_PREFIX)
+
+
+def _content_digest(fh: Any, size: int, offset: int) -> bytes:
+    """SHA-256 (hex) of the file with the digest's own characters read as the placeholder."""
+    digest = hashlib.sha256()
+    view = memoryview(bytearray(_CHUNK))
+
+    def feed(start: int, stop: int) -> None:
+        fh.seek(start)
+        while start < stop:
+            n = fh.readinto(view[: min(stop - start, _CHUNK)])
+            if not n:
+                raise _Damaged("the file shrank while it was read")
+            digest.update(view[:n])
+            start += n
+
+    feed(0, offset)
+    digest.update(_DIGEST_PLACEHOLDER)
+    feed(offset + _DIGEST_LEN, size)
+    return digest.hexdigest().encode()
+
+
+def _fix(schema_tag: str) -> str:
+    return "delete it and " + _REWRITTEN_BY.get(
+        schema_tag.split("/", 1)[0], "re-run the stage that wrote it"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+def verify_file(path: str | os.PathLike[str], schema_tag: str) -> bool:
+    """Check a canopy Parquet file before it is trusted: content digest, footer, schema tag.
+
+    Returns True when the content matched its digest, False for a file written before digests
+    were recorded (readable, unverified). Raises StoreError naming the file and the fix when it
+    is damaged, unreadable, foreign or of another schema.
+    """
+    path = Path(path)
+    try:
+        fh = open(path, "rb")
+    except OSError as exc:
+        raise StoreError(
+            f"cannot read {path} ({exc.strerror}); check that it exists and is readable"
+        ) from exc
+    try:
+        with fh:
+            size = os.fstat(fh.fileno()).st_size
+            offset = _digest_offset(fh, size)
+            if offset is not None:
+                fh.seek(offset)
+                if fh.read(_DIGEST_LEN) != _content_digest(fh, size, offset):
+                    raise _Damaged("its bytes differ from those recorded when it was written")
+        meta = pq.read_metadata(path)
+    except (_Damaged, pa.ArrowException, OSError) as exc:
+        raise CorruptFileError(path, _first_line(exc), schema_tag) from exc
+    tag = (meta.metadata or {}).get(META_KEY)
+    if tag is None:
+        raise StoreError(
+            f"foreign file {path}: not written by canopy-entropy; move it out of the run folder"
+        )
+    if tag.decode(errors="replace") != schema_tag:
+        raise StoreError(
+            f"file {path} has schema '{tag.decode(errors='replace')}' but '{schema_tag}' was "
+            "expected; it belongs to another store version or folder"
+        )
+    return offset is not None
+
+
+def _warn_unverified(paths: Sequence[Path], n_files: int) -> None:
+    if paths:
+        where = (
+            paths[0] if n_files == 1 else f"{len(paths)} of {n_files} files in {paths[0].parent}"
+        )
+        warnings.warn(
+            f"{where}: no content digest (written by an older canopy-entropy), read unverified; "
+            "write it again (re-run its stage, regenerate or re-import) to protect it",
+            stacklevel=3,
+        )
+
+
+def _verified_format() -> ds.ParquetFileFormat:
+    """Parquet format for datasets that checks every page's CRC while decoding."""
+    return ds.ParquetFileFormat(
+        default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True)
+    )
+
+
+def verified_dataset(
+    paths: Sequence[str | os.PathLike[str]], schema: pa.Schema, schema_tag: str
+) -> ds.Dataset:
+    """A pyarrow dataset over canopy Parquet files, each checked by ``verify_file`` first and
+    page checksums verified while scanning (wrap scans with ``scan_errors``)."""
+    paths = [Path(p) for p in paths]
+    _warn_unverified([p for p in paths if not verify_file(p, schema_tag)], len(paths))
+    return ds.dataset([str(p) for p in paths], schema=schema, format=_verified_format())
+
+
+@contextlib.contextmanager
+def scan_errors(paths: Sequence[str | os.PathLike[str]], schema_tag: str) -> Iterator[None]:
+    """Turn a failure while scanning a verified dataset into a StoreError naming the file."""
+    try:
+        yield
+    except (pa.ArrowException, OSError) as exc:
+        paths = [Path(p) for p in paths]
+        for path in paths:
+            verify_file(path, schema_tag)  # raises for the file that changed since it was opened
+        where = paths[0].parent if paths else "the dataset"
+        raise StoreError(
+            f"could not read the files in {where} ({_first_line(exc)}); {_fix(schema_tag)}"
+        ) from exc
+
+
+def read_table(
+    path: str | os.PathLike[str], schema_tag: str, columns: Sequence[str] | None = None
+) -> pa.Table:
+    """Read (columns of) one canopy Parquet file, verified; the reader every stage uses."""
+    path = Path(path)
+    if not verify_file(path, schema_tag):
+        _warn_unverified([path], 1)
+    try:
+        return pq.read_table(
+            path, columns=list(columns) if columns else None, page_checksum_verification=True
+        )
+    except (pa.ArrowException, OSError) as exc:
+        raise CorruptFileError(path, _first_line(exc), schema_tag) from exc
+
+
+def iter_file_batches(
+    path: str | os.PathLike[str],
+    schema_tag: str,
+    columns: Sequence[str] | None = None,
+    batch_size: int = 4096,
+    use_threads: bool = True,
+) -> Iterator[pa.RecordBatch]:
+    """Stream record batches of one canopy Parquet file, verified (bounded memory)."""
+    path = Path(path)
+    if not verify_file(path, schema_tag):
+        _warn_unverified([path], 1)
+    try:
+        reader = pq.ParquetFile(path, page_checksum_verification=True)
+        yield from reader.iter_batches(
+            batch_size=batch_size,
+            columns=list(columns) if columns else None,
+            use_threads=use_threads,
+        )
+    except (pa.ArrowException, OSError) as exc:
+        raise CorruptFileError(path, _first_line(exc), schema_tag) from exc
 
 
 def _fsync_dir(path: Path) -> None:
@@ -246,11 +549,11 @@ class RunStore:
         return self.rollouts_dir / f"{name}.parquet"
 
     def has_shard(self, name: str) -> bool:
-        """True when a complete, valid shard ``name`` exists (a corrupt one raises)."""
+        """True when a complete, intact shard ``name`` exists (a damaged one raises)."""
         path = self.shard_path(name)
         if not path.exists():
             return False
-        _check_shard(path, SCHEMA_VERSION)
+        verify_file(path, SCHEMA_VERSION)
         return True
 
     def write_rollouts(self, name: str, table: pa.Table) -> Path:
@@ -278,65 +581,47 @@ class RunStore:
         return sorted(p for p in self.prompts_dir.glob("*.parquet") if not p.name.startswith("."))
 
     def validate(self) -> None:
-        """Check every shard's footer and schema tag; raise StoreError naming a bad file."""
-        for path in self.shard_files():
-            _check_shard(path, SCHEMA_VERSION)
-        for path in self.prompt_files():
-            _check_shard(path, PROMPT_SCHEMA_VERSION)
+        """Verify every shard (digest, footer, schema tag); raise StoreError naming a bad file."""
+        files = self.shard_files()
+        _warn_unverified([p for p in files if not verify_file(p, SCHEMA_VERSION)], len(files))
+        files = self.prompt_files()
+        unverified = [p for p in files if not verify_file(p, PROMPT_SCHEMA_VERSION)]
+        _warn_unverified(unverified, len(files))
 
     def dataset(self) -> ds.Dataset:
-        """A pyarrow dataset over all rollout shards (validated), for streaming scans."""
+        """A pyarrow dataset over all rollout shards (verified), for streaming scans; page
+        checksums are checked while scanning (``iter_batches`` names a file that fails)."""
         files = self.shard_files()
         if not files:
             raise StoreError(
                 f"no rollouts in {self.root}; generate some with 'canopy generate' or "
                 "'canopy import'"
             )
-        for path in files:
-            _check_shard(path, SCHEMA_VERSION)
-        return ds.dataset([str(p) for p in files], schema=ROLLOUT_SCHEMA, format="parquet")
+        return verified_dataset(files, ROLLOUT_SCHEMA, SCHEMA_VERSION)
 
     def iter_batches(
         self, columns: Sequence[str] | None = None, filter: Any = None, batch_size: int = 4096
     ) -> Iterator[pa.RecordBatch]:
         """Stream record batches (bounded memory) over all shards."""
-        yield from self.dataset().to_batches(
-            columns=list(columns) if columns else None, filter=filter, batch_size=batch_size
-        )
+        dataset = self.dataset()
+        with scan_errors(self.shard_files(), SCHEMA_VERSION):
+            yield from dataset.to_batches(
+                columns=list(columns) if columns else None, filter=filter, batch_size=batch_size
+            )
 
     def read_rollouts(self, columns: Sequence[str] | None = None, filter: Any = None) -> pa.Table:
         """Read (a projection of) all rollouts into one table."""
-        return self.dataset().to_table(columns=list(columns) if columns else None, filter=filter)
+        dataset = self.dataset()
+        with scan_errors(self.shard_files(), SCHEMA_VERSION):
+            return dataset.to_table(columns=list(columns) if columns else None, filter=filter)
 
     def read_prompts(self) -> pa.Table:
         files = self.prompt_files()
         if not files:
             return PROMPT_SCHEMA.empty_table()
-        for path in files:
-            _check_shard(path, PROMPT_SCHEMA_VERSION)
-        return ds.dataset(
-            [str(p) for p in files], schema=PROMPT_SCHEMA, format="parquet"
-        ).to_table()
-
-
-def _check_shard(path: Path, expected: str) -> None:
-    try:
-        meta = pq.read_metadata(path)
-    except Exception as exc:
-        raise StoreError(
-            f"corrupt shard {path}: {exc}; delete this file and re-run to regenerate it"
-        ) from exc
-    kv = meta.metadata or {}
-    tag = kv.get(META_KEY)
-    if tag is None:
-        raise StoreError(
-            f"foreign file {path}: not written by canopy-entropy; move it out of the run folder"
-        )
-    if tag.decode() != expected:
-        raise StoreError(
-            f"shard {path} has schema '{tag.decode()}' but '{expected}' was expected; "
-            "it belongs to another store version or folder"
-        )
+        dataset = verified_dataset(files, PROMPT_SCHEMA, PROMPT_SCHEMA_VERSION)
+        with scan_errors(files, PROMPT_SCHEMA_VERSION):
+            return dataset.to_table()
 
 
 def iter_tables(tables: Iterable[pa.Table]) -> pa.Table:

@@ -31,6 +31,7 @@ from canopy_entropy.store import (
     RunStore,
     atomic_write_json,
     atomic_write_table,
+    read_table,
     slug,
 )
 
@@ -185,19 +186,33 @@ def encode_texts(
 
 
 def _read_cache(path: Path, encoder: str, prefix: str) -> pa.Table | None:
-    """A valid cached shard for this encoder and prefix, or None (missing/corrupt/mismatched)."""
+    """The cached shard for this encoder and prefix, or None (missing or another encoder's).
+
+    The file is verified like every store file; a damaged one, or one holding vectors that
+    are not finite unit vectors (an unverified cache from an older version), is recomputed
+    with a warning, never trusted.
+    """
     if not path.exists():
         return None
     try:
-        table = pq.read_table(path)
-    except Exception:
+        table = read_table(path, EMBED_SCHEMA_VERSION)
+    except StoreError as exc:
+        reason = getattr(exc, "reason", str(exc))
+        warnings.warn(f"embedding cache {path} is damaged ({reason}); recomputing it", stacklevel=2)
         return None
     meta = table.schema.metadata or {}
-    if meta.get(b"canopy.schema", b"").decode() != EMBED_SCHEMA_VERSION:
-        return None
     if meta.get(b"canopy.encoder", b"").decode() != encoder:
         return None
     if json.loads(meta.get(b"canopy.prefix", b"null")) != prefix:
+        return None
+    vecs = table.column("embedding").combine_chunks()
+    flat = vecs.flatten().to_numpy(zero_copy_only=False).reshape(-1, vecs.type.list_size)
+    if not np.all(np.abs(np.einsum("ij,ij->i", flat, flat) - 1.0) < 1e-3):  # NaN fails too
+        warnings.warn(
+            f"embedding cache {path} holds vectors that are not unit-length (damaged); "
+            "recomputing it",
+            stacklevel=2,
+        )
         return None
     return table
 
