@@ -229,10 +229,10 @@ def test_metrics_doc_pooling_example_is_what_the_code_computes():
 
 def test_metrics_doc_length_law_example_is_what_the_code_computes(tmp_path):
     rows = [
-        {"prompt_id": "q", "entropy": [1.0, 0.5], "eos_prob": [0.1, 0.6], "finish_reason": "eos"},
+        {"prompt_id": "q", "entropy": [1.0, 1.5], "eos_prob": [0.1, 0.6], "finish_reason": "eos"},
         {
             "prompt_id": "q",
-            "entropy": [0.8, 0.7, 0.6],
+            "entropy": [0.8, 0.9, 1.2],
             "eos_prob": [0.2, 0.3, 0.4],
             "finish_reason": "length",
         },

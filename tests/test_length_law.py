@@ -10,6 +10,7 @@ from scipy.special import entr
 
 from canopy_entropy.metrics import compute_metrics
 from canopy_entropy.reference import FiniteStateLM
+from canopy_entropy.run.manifest import Manifest, ModelRecord, PolicyRecord, write_manifest
 from canopy_entropy.stats.length_law import capped_length_entropy, geometric_run_entropy
 from canopy_entropy.store import RunStore
 from metrics_helpers import make_rollouts
@@ -25,7 +26,8 @@ def capped_store(tmp_path, eos, finish, cap):
         {"p": [[0.5] * len(e) for e in eos]}, eos={"p": eos}, finish={"p": finish}
     )
     store.write_rollouts("s", table)
-    store.write_manifest({"models": {"m": {"policy": {"max_new_tokens": cap}}}})
+    record = ModelRecord("m", "m", "base", "m", "import", policy=PolicyRecord(max_new_tokens=cap))
+    write_manifest(store.root, Manifest(models={"m": record}))
     return store
 
 

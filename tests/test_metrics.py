@@ -20,6 +20,7 @@ from canopy_entropy.metrics import (
     per_rollout_frame,
     write_metrics,
 )
+from canopy_entropy.run.manifest import Manifest, ModelRecord, PolicyRecord, write_manifest
 from canopy_entropy.store import RunStore, atomic_write_table
 from metrics_helpers import make_rollouts
 
@@ -341,7 +342,9 @@ def test_json_tells_an_infinite_bound_from_an_unknown_one(tmp_path):
     for model in ("x", "y"):
         t = make_rollouts({"a": [[0.5] * 3] * 4}, finish={"a": ["length"] * 4}, model=model)
         store.write_rollouts(model, t)
-    store.write_manifest({"models": {"x": {"policy": {"max_new_tokens": 3, "top_k": 10}}}})
+    policy = PolicyRecord(max_new_tokens=3, top_k=10)
+    record = ModelRecord("x", "x", "base", "x", "import", policy=policy)
+    write_manifest(tmp_path, Manifest(models={"x": record}))
     write_metrics(tmp_path, by=("model",), warn=False)
     text = (tmp_path / "metrics" / "metrics.json").read_text()
     doc = json.loads(text)
