@@ -99,6 +99,59 @@ HOSTILE = [
         12,
     ),
     (lambda t: t + '[compare]\non = "family"\n', "compare.on = 'family' must be", 11),
+    # options tables: a misspelled or unknown option is an error, never a silent default
+    (
+        lambda t: t + '[regress]\noptions = { nsims = 10, meen = "D ~ R_sc" }\n',
+        "unknown option 'nsims' in [regress] options; did you mean 'nsim'?",
+        11,
+    ),
+    (
+        lambda t: t + '[regress]\noptions = { nsim = "ten" }\n',
+        "[regress] options.nsim must be an integer, got 'ten'",
+        11,
+    ),
+    (
+        lambda t: t + "[compare]\noptions = { bootstraps = 10 }\n",
+        "unknown option 'bootstraps' in [compare] options; valid options: none",
+        11,
+    ),
+    (
+        lambda t: t + '[embed]\noptions = { devise = "cpu" }\n',
+        "did you mean 'device'?",
+        11,
+    ),
+    (
+        lambda t: t + "[engine]\noptions = { batch_sise = 4 }\n",
+        "engine 'hf' has no option 'batch_sise'; did you mean 'batch_size'?",
+        11,
+    ),
+    (
+        lambda t: t.replace(
+            'variant = "base"', 'variant = "base"\nengine_options = { revison = "x" }'
+        ),
+        "models[0].engine_options: engine 'hf' has no option 'revison'; did you mean 'revision'?",
+        7,
+    ),
+    (
+        lambda t: t + "[plots]\nformats = ['png', 'gif']\n",
+        "plots.formats = 'gif' is not one of",
+        11,
+    ),
+    # nonsense values
+    (lambda t: t.replace("rollouts = 2", "temperature = inf"), "must be a finite number", 9),
+    (lambda t: t.replace("rollouts = 2", "top_p = nan"), "must be a finite number", 9),
+    (lambda t: t.replace("rollouts = 2", 'stop = [""]'), "must not contain an empty string", 9),
+    (
+        lambda t: t.replace("rollouts = 2", "seed = 1180591620717411303424"),
+        "generation.seed = 1180591620717411303424 must be in [0, 2**63)",
+        9,
+    ),
+    (lambda t: t.replace("rollouts = 2", "seed = -3"), "must be in [0, 2**63)", 9),
+    (
+        lambda t: t + '[compare]\na = "base"\nb = "base"\n',
+        "compare.a and compare.b are both 'base'",
+        12,
+    ),
 ]
 
 
@@ -253,3 +306,48 @@ def test_hostile_prompt_file_via_cli(tmp_path, model_dir, capsys, monkeypatch, l
     assert code == 2 and "Traceback" not in err
     assert message in " ".join(err.split())
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_stage_options_are_parameters_of_the_stage_functions():
+    """config.STAGE_OPTIONS and the runner's stage table say the same thing as the functions."""
+    import inspect
+
+    from canopy_entropy.config import STAGE_OPTIONS
+    from canopy_entropy.runner import STAGE_TABLE, stage_function
+
+    for stage in STAGE_TABLE:
+        params = inspect.signature(stage_function(stage)).parameters
+        for name in STAGE_OPTIONS.get(stage.name, {}):
+            assert name in params, (stage.name, name)
+        cfg = load_config(demo_config_path(), check_models=False)
+        for name in stage.options(cfg):
+            assert name in params, (stage.name, name)
+
+
+def test_check_accepts_valid_configs_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    for path in [demo_config_path(), REPO / "configs" / "paper.toml"]:
+        args = ["run", str(path), "--check", "--out", str(tmp_path / "run")]
+        if path.name == "paper.toml":
+            (tmp_path / "p").mkdir(exist_ok=True)
+            for task in ("math", "coding", "completion", "stories"):
+                lines = [f'{{"prompt": "Say hi {i}."}}\n' for i in range(100)]
+                (tmp_path / "p" / f"{task}.jsonl").write_text("".join(lines))
+            args += ["--prompts-dir", str(tmp_path / "p")]
+            monkeypatch.setattr("canopy_entropy.config.check_model_available", lambda *a: None)
+        code, out, err = run_cli(args, capsys, monkeypatch)
+        assert code == 0, err
+        text = " ".join(out.split())
+        assert "is valid; the run would do:" in text and "stage report:" in text
+        assert not (tmp_path / "run").exists()
+    assert "model gemma3-270m (base, family gemma3-270m)" in " ".join(
+        run_cli(["run", "--check", "--out", str(tmp_path / "r")], capsys, monkeypatch)[1].split()
+    )
+
+
+@pytest.mark.parametrize(("edit", "message", "line"), HOSTILE[-14:])
+def test_check_rejects_invalid_configs(
+    tmp_path, model_dir, capsys, monkeypatch, edit, message, line
+):
+    path = _write(tmp_path, edit(GOOD).replace("{model}", str(model_dir)))
+    code, _, err = run_cli(["run", str(path), "--check"], capsys, monkeypatch)
+    assert code == 2 and message in " ".join(err.split()), err

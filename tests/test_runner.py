@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,9 @@ from rich.console import Console
 from canopy_entropy import runner
 from canopy_entropy.config import load_config, parse_config
 from canopy_entropy.run.manifest import read_manifest
+from canopy_entropy.runner.summary import TRUNCATION_WARN_RATE
 from canopy_entropy.store import RunStore
+from canopy_entropy.tasks import load_task_prompts
 from cli_helpers import run_cli
 from process_helpers import kill_after_commits
 
@@ -80,24 +84,12 @@ def reference_run(tiny_config, tmp_path_factory):
     return out, {r.name: r for r in results}
 
 
-def _available(stage: runner.Stage) -> bool:
-    try:
-        runner.stage_function(stage)
-    except runner.StageUnavailable:
-        return False
-    return True
-
-
-def test_end_to_end_produces_every_available_artefact(reference_run):
+def test_end_to_end_produces_every_artefact(reference_run):
     out, results = reference_run
-    assert not [r for r in results.values() if r.status == "failed"], results
+    assert {r.status for r in results.values()} == {"done"}, results
     for stage in runner.STAGE_TABLE:
-        if _available(stage):
-            assert results[stage.name].status == "done", results[stage.name]
-            for rel in stage.outputs:
-                assert (out / rel).exists(), rel
-        else:
-            assert results[stage.name].status == "not available"
+        for rel in stage.outputs:
+            assert (out / rel).exists(), rel
     assert (out / "config.toml").exists() and (out / "manifest.json").exists()
     again = parse_config((out / "config.toml").read_text(), "config.toml", out)
     assert again.name == "tiny" and again.generation.rollouts == N_ROLLOUTS
@@ -139,7 +131,7 @@ def test_rerun_skips_and_force_redoes(reference_run, tiny_config):
     out, _ = reference_run
     cfg = load_config(tiny_config)
     results = {r.name: r for r in runner.run_experiment(cfg, out)}
-    assert {r.status for r in results.values()} <= {"skipped", "not available"}
+    assert {r.status for r in results.values()} == {"skipped"}
     before = (out / "metrics" / "pooled.parquet").read_bytes()
     results = {
         r.name: r
@@ -224,29 +216,45 @@ def test_default_config_is_the_demo(tmp_path, capsys, monkeypatch):
 def test_truncation_is_said_loudly(reference_run, tiny_config):
     out, _ = reference_run
     pooled = pd.read_parquet(out / "metrics" / "pooled.parquet")
-    note = runner._truncation_note(out, load_config(tiny_config))
-    heavy = int((pooled["truncation_rate"] > 0.1).sum())
+    note = runner.truncation_note(out, load_config(tiny_config))
+    heavy = int((pooled["truncation_rate"] > TRUNCATION_WARN_RATE).sum())
     assert heavy >= 1  # the tiny model runs into its 24-token cap
     assert note is not None and "lower bounds" in note and f"{heavy} of {len(pooled)}" in note
-    assert runner._truncation_note(out, load_config(tiny_config), limit=1.0) is None
+    assert runner.truncation_note(out, load_config(tiny_config), limit=1.0) is None
 
 
-def test_unknown_stage_and_unavailable_module(tmp_path, capsys, monkeypatch):
+def test_unknown_stage(tmp_path, capsys, monkeypatch):
     code, _, err = run_cli(
         ["run", "--stages", "metrix", "--out", str(tmp_path)], capsys, monkeypatch
     )
     assert code == 2 and "unknown stage 'metrix' in --stages; did you mean 'metrics'?" in err
-    ghost = runner.Stage("ghost", "canopy_entropy.not_built_yet:run", (), ())
-    with pytest.raises(runner.StageUnavailable, match="not part of this installation"):
-        runner.stage_function(ghost)
+
+
+def test_a_stage_that_cannot_import_fails_the_run(
+    reference_run, tiny_config, monkeypatch, tmp_path
+):
+    """An ImportError in a stage module is a failed stage (exit 1), never 'not available'."""
+    out = tmp_path / "copy"
+    shutil.copytree(reference_run[0], out)
+    table = tuple(
+        dataclasses.replace(s, target="canopy_entropy.no_such_module:run")
+        if s.name == "compare"
+        else s
+        for s in runner.STAGE_TABLE
+    )
+    monkeypatch.setattr("canopy_entropy.runner.core.STAGE_TABLE", table)
+    cfg = load_config(tiny_config)
+    results = {r.name: r for r in runner.run_experiment(cfg, out, force=["compare"])}
+    assert results["compare"].status == "failed"
+    assert "cannot import canopy_entropy.no_such_module" in results["compare"].detail
+    assert [n for n, r in results.items() if r.status == "failed"] == ["compare"]
+    assert not (out / "compare" / "comparison.parquet").exists()  # no stale result left
 
 
 def test_family_note_only_when_families_differ(tiny_config):
-    assert runner._family_note(load_config(tiny_config)) is None
+    assert runner.family_note(load_config(tiny_config)) is None
     demo = load_config(REPO / "configs" / "demo.toml", check_models=False)
-    assert "gemma3-270m" in runner._family_note(demo) and "smollm2-135m" in runner._family_note(
-        demo
-    )
+    assert "gemma3-270m" in runner.family_note(demo) and "smollm2-135m" in runner.family_note(demo)
 
 
 def test_prompts_dir_override(tmp_path, capsys, monkeypatch):
@@ -257,8 +265,6 @@ def test_prompts_dir_override(tmp_path, capsys, monkeypatch):
     demo = load_config(REPO / "configs" / "demo.toml", check_models=False)
     plain = runner.with_prompts_dir(demo, tmp_path)
     assert plain.prompts.source == "jsonl"
-    assert (
-        runner.load_task_prompts("math", source="jsonl", path=plain.prompts.path)[0].text == "2+2?"
-    )
+    assert load_task_prompts("math", source="jsonl", path=plain.prompts.path)[0].text == "2+2?"
     code, _, err = run_cli(["run", "--prompts-dir", str(tmp_path / "nope")], capsys, monkeypatch)
     assert code == 2 and "is not a folder" in err

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import re
 import sys
@@ -23,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from canopy_entropy.engines.registry import ENGINES, engine_options_problem
 from canopy_entropy.errors import ConfigError
+from canopy_entropy.run.layout import VARIANTS
 from canopy_entropy.tasks.catalog import SAMPLING, SOURCES, TASK_NAMES
 
 if sys.version_info >= (3, 11):
@@ -31,9 +34,16 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-VARIANTS = ("base", "instruct")
-ENGINES = ("hf", "vllm", "openai")
 STAGES = ("generate", "embed", "metrics", "tables", "compare", "regress", "plots", "report")
+# What a stage's ``[section] options`` table may hold (name -> type), passed to the stage as
+# keyword arguments; anything else is a config error. tests/test_config.py checks each name is
+# a parameter of the stage's function.
+STAGE_OPTIONS: dict[str, dict[str, type]] = {
+    "embed": {"device": str},
+    "compare": {},
+    "regress": {"nsim": int, "seed": int, "reference": dict, "mean": str, "precision": str},
+}
+FIGURE_FORMATS = ("png", "pdf", "svg")
 OFFLINE_ALIASES = ("gemma3-270m", "smollm2-135m-instruct")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -120,6 +130,14 @@ class RegressConfig:
 
 
 @dataclass
+class PlotsConfig:
+    """Figures (and the report's copies of them)."""
+
+    formats: list[str] = field(default_factory=lambda: ["png", "pdf"])
+    min_active: int = 5  # running-rate curves stop where fewer rollouts are still active
+
+
+@dataclass
 class ExperimentConfig:
     """A whole study. Build it with ``load_config`` / ``parse_config``."""
 
@@ -134,6 +152,7 @@ class ExperimentConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     regress: RegressConfig = field(default_factory=RegressConfig)
+    plots: PlotsConfig = field(default_factory=PlotsConfig)
     source: str = ""  # the file it came from (not written back)
 
     def prompts_for(self, task: str) -> PromptsConfig:
@@ -211,6 +230,8 @@ def _get(ctx: _Ctx, data: dict, key: str, kind: type, default: Any, table: str, 
     ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
+    if kind is float and ok and not math.isfinite(value):
+        ctx.fail(f"{_name(table, key)} = {value!r} must be a finite number", table, key, index)
     if kind is list:
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
     if kind is dict:
@@ -252,7 +273,8 @@ def _parse_generation(ctx: _Ctx, data: dict) -> GenerationConfig:
     _check(ctx, 0 <= g.min_p < 1, t, "min_p", g.min_p, "must be in [0, 1); use 0 for no cut")
     _check(ctx, g.max_new_tokens >= 1, t, "max_new_tokens", g.max_new_tokens, "must be >= 1")
     _check(ctx, g.batch_size >= 0, t, "batch_size", g.batch_size, "must be >= 0 (0 = auto)")
-    _check(ctx, g.seed >= 0, t, "seed", g.seed, "must be >= 0")
+    _check(ctx, 0 <= g.seed < 2**63, t, "seed", g.seed, "must be in [0, 2**63)")
+    _check(ctx, all(g.stop), t, "stop", g.stop, "must not contain an empty string")
     return g
 
 
@@ -272,6 +294,9 @@ def _parse_engine(ctx: _Ctx, data: dict) -> EngineConfig:
             t,
             "name",
         )
+    problem = engine_options_problem(e.name, e.options)
+    if problem:
+        ctx.fail(f"[engine] options: {problem}", t, "options")
     dtypes = ("auto", "float32", "bfloat16", "float16")
     _check(ctx, e.dtype in dtypes, t, "dtype", e.dtype, f"is not one of {list(dtypes)}")
     _check(
@@ -414,6 +439,7 @@ _TOP_KEYS = [
     "embed",
     "compare",
     "regress",
+    "plots",
 ]
 
 
@@ -431,7 +457,7 @@ def parse_config(
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{ctx.source}: not valid TOML ({exc}); fix the syntax") from exc
     _check_keys(ctx, data, _TOP_KEYS, "")
-    for key in ("generation", "engine", "prompts", "embed", "compare", "regress"):
+    for key in ("generation", "engine", "prompts", "embed", "compare", "regress", "plots"):
         if key in data and not isinstance(data[key], dict):
             ctx.fail(f"'{key}' must be a table ([{key}]), got {data[key]!r}", "", key)
 
@@ -496,6 +522,12 @@ def parse_config(
                 i,
             )
         seen[m.label] = i
+    for i, m in enumerate(cfg.models):
+        problem = engine_options_problem(
+            cfg.engine.name, {**cfg.engine.options, **m.engine_options}
+        )
+        if problem:
+            ctx.fail(f"models[{i}].engine_options: {problem}", "models", "engine_options", i)
     if check_models:
         for i, m in enumerate(cfg.models):
             problem = check_model_available(m, cfg.engine.name)
@@ -508,7 +540,7 @@ def parse_config(
         encoder=_get(ctx, emb, "encoder", str, "", "embed"),
         prefix=_get(ctx, emb, "prefix", str, None, "embed"),
         batch_size=_get(ctx, emb, "batch_size", int, 64, "embed"),
-        options=_get(ctx, emb, "options", dict, {}, "embed"),
+        options=_stage_options(ctx, emb, "embed"),
     )
     _check(
         ctx, cfg.embed.batch_size >= 1, "embed", "batch_size", cfg.embed.batch_size, "must be >= 1"
@@ -523,7 +555,7 @@ def parse_config(
         by=_get(ctx, cmp_, "by", list, ["family", "task"], "compare"),
         bootstrap=_get(ctx, cmp_, "bootstrap", int, 2000, "compare"),
         seed=_get(ctx, cmp_, "seed", int, 0, "compare"),
-        options=_get(ctx, cmp_, "options", dict, {}, "compare"),
+        options=_stage_options(ctx, cmp_, "compare"),
     )
     on = cfg.compare.on
     _check(ctx, on in ("variant", "model"), "compare", "on", on, "must be 'variant' or 'model'")
@@ -532,6 +564,12 @@ def parse_config(
         value = getattr(cfg.compare, key)
         rule = f"must be one of {list(sides)}" + (" (model labels)" if on == "model" else "")
         _check(ctx, value in sides, "compare", key, value, rule)
+    if cfg.compare.a == cfg.compare.b:
+        ctx.fail(
+            f"compare.a and compare.b are both {cfg.compare.a!r}; compare two different sides",
+            "compare",
+            "b",
+        )
     by_ok = ("model", "variant", "family", "task")
     for col in cfg.compare.by:
         _check(ctx, col in by_ok, "compare", "by", col, f"is not one of {list(by_ok)}")
@@ -548,9 +586,42 @@ def parse_config(
     _check_keys(ctx, reg, [f.name for f in dataclasses.fields(RegressConfig)], "regress")
     cfg.regress = RegressConfig(
         diagnostics=_get(ctx, reg, "diagnostics", bool, True, "regress"),
-        options=_get(ctx, reg, "options", dict, {}, "regress"),
+        options=_stage_options(ctx, reg, "regress"),
+    )
+
+    plots = data.get("plots", {})
+    _check_keys(ctx, plots, [f.name for f in dataclasses.fields(PlotsConfig)], "plots")
+    cfg.plots = PlotsConfig(
+        formats=_get(ctx, plots, "formats", list, ["png", "pdf"], "plots"),
+        min_active=_get(ctx, plots, "min_active", int, 5, "plots"),
+    )
+    for f in cfg.plots.formats:
+        _check(
+            ctx, f in FIGURE_FORMATS, "plots", "formats", f, f"is not one of {list(FIGURE_FORMATS)}"
+        )
+    _check(ctx, bool(cfg.plots.formats), "plots", "formats", [], "must name at least one format")
+    _check(
+        ctx, cfg.plots.min_active >= 1, "plots", "min_active", cfg.plots.min_active, "must be >= 1"
     )
     return cfg
+
+
+def _stage_options(ctx: _Ctx, data: dict, section: str) -> dict[str, Any]:
+    """``[section] options``: only the names the stage declares, each of its declared type."""
+    options = _get(ctx, data, "options", dict, {}, section)
+    spec = STAGE_OPTIONS[section]
+    for key, value in options.items():
+        if key not in spec:
+            valid = ", ".join(sorted(spec)) or "none"
+            close = difflib.get_close_matches(key, list(spec), n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'?" if close else f"valid options: {valid}"
+            ctx.fail(f"unknown option '{key}' in [{section}] options; {hint}", section, "options")
+        kind = spec[key]
+        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+        if not ok:
+            want = _TYPE_NAMES.get(kind, "a table")
+            ctx.fail(f"[{section}] options.{key} must be {want}, got {value!r}", section, "options")
+    return dict(options)
 
 
 def load_config(path: str | Path, check_models: bool = True) -> ExperimentConfig:
@@ -594,6 +665,7 @@ def config_dict(cfg: ExperimentConfig) -> dict[str, Any]:
         "embed": embed,
         "compare": dataclasses.asdict(cfg.compare),
         "regress": dataclasses.asdict(cfg.regress),
+        "plots": dataclasses.asdict(cfg.plots),
         "models": [dataclasses.asdict(m) for m in cfg.models],
     }
 

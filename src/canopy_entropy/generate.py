@@ -188,11 +188,11 @@ def generate_run(
         stream = "" if common_random_numbers else label
         # Engines with continuous batching (vLLM, HTTP servers) take many prompts per call;
         # shards are still written per prompt, so resuming works the same way.
-        chunk = int(getattr(eng, "prompts_per_call", 16)) if hasattr(eng, "sample_many") else 1
+        chunk = max(1, int(eng.prompts_per_call))
         n_done = 0
         for c0 in range(0, len(todo), chunk):
             group = todo[c0 : c0 + chunk]
-            chat = bool(getattr(eng, "chat", False))  # chat APIs take the user text itself
+            chat = eng.chat  # chat APIs take the user text itself
             requests = [
                 (
                     prompts[i].text if chat else rendered[i][1],
@@ -207,10 +207,7 @@ def generate_run(
                 )
                 for i in group
             ]
-            if chunk == 1:
-                batches = [eng.sample(*requests[0], resolved)]
-            else:
-                batches = eng.sample_many(requests, resolved)
+            batches = eng.sample_many(requests, resolved)
             for i, batch in zip(group, batches, strict=True):
                 prompt = prompts[i]
                 table = _batch_table(batch, run, label, variant, family, prompt)

@@ -37,6 +37,14 @@ def command(
             "--prompts-dir", help="Folder of <task>.jsonl prompt files replacing the config's."
         ),
     ] = None,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Validate the config, every stage's options, the prompts and the run folder, "
+            "print the plan (models, tasks, prompts, rollouts, stages) and stop.",
+        ),
+    ] = False,
 ) -> None:
     """Run every stage of a study from one config file, resumably, into one results folder.
 
@@ -46,16 +54,18 @@ def command(
     """
     from canopy_entropy.cli.main import EXIT_FAILED
     from canopy_entropy.config import demo_config_path, load_config
-    from canopy_entropy.runner import default_out_dir, run_experiment, with_prompts_dir
+    from canopy_entropy.runner import default_out_dir, plan_run, run_experiment, with_prompts_dir
 
     cfg = load_config(config if config is not None else demo_config_path())
     if prompts_dir is not None:
         cfg = with_prompts_dir(cfg, prompts_dir)
-    results = run_experiment(
-        cfg,
-        out if out is not None else default_out_dir(cfg),
-        stages=[stages] if stages else None,
-        force=force,
-    )
+    target = out if out is not None else default_out_dir(cfg)
+    if check:
+        plan = plan_run(cfg, target, stages=[stages] if stages else None, force=force)
+        typer.echo(f"config {cfg.source or 'demo'} is valid; the run would do:")
+        for line in plan.lines():
+            typer.echo(f"  {line}")
+        return
+    results = run_experiment(cfg, target, stages=[stages] if stages else None, force=force)
     if any(r.status == "failed" for r in results):
         raise typer.Exit(EXIT_FAILED)

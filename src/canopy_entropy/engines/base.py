@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -103,6 +104,10 @@ class Engine:
     """
 
     name = "base"
+    # option name -> type accepted from ``[engine] options`` (empty: the constructor's keywords)
+    OPTIONS: ClassVar[dict[str, Any]] = {}
+    prompts_per_call = 1  # prompts ``generate`` hands to one ``sample_many`` call
+    chat = False  # True: the engine takes the user's text and applies the chat template itself
     tokenizer: object = None
     eos_token_ids: tuple[int, ...] = ()
     vocab_size: int = 0
@@ -121,6 +126,15 @@ class Engine:
         policy: DecodingPolicy,
     ) -> RolloutBatch:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def sample_many(
+        self,
+        requests: list[tuple[Any, np.ndarray, np.ndarray]],
+        policy: DecodingPolicy,
+    ) -> list[RolloutBatch]:
+        """Sample several prompts, each ``(prompt, seeds, rollout_indices)``; engines with
+        continuous batching override this to keep every batch slot busy."""
+        return [self.sample(p, seeds, idx, policy) for p, seeds, idx in requests]
 
     def close(self) -> None:
         """Release resources (GPU memory, servers)."""

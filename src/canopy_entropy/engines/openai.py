@@ -132,6 +132,7 @@ class OpenAIEngine(Engine):
     name = "openai"
     # option name -> accepted type, for validating engine options before construction
     OPTIONS: ClassVar[dict[str, Any]] = typing.get_type_hints(OpenAIOptions)
+    prompts_per_call = 16  # requests run concurrently; the server batches them
 
     def __init__(self, model: str, **options: Any) -> None:
         opts = OpenAIOptions.parse(options)

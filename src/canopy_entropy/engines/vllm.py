@@ -289,6 +289,7 @@ class VLLMEngine(Engine):
     """
 
     name = "vllm"
+    prompts_per_call = 16  # prompts per call: vLLM batches their rollouts continuously
 
     def __init__(
         self,

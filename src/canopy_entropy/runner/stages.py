@@ -1,0 +1,169 @@
+"""The stage table of ``canopy run``: what each stage calls, reads, writes and is given.
+
+Stages run in order: generate -> embed -> metrics -> tables -> compare -> regress -> plots ->
+report. Each names its function as ``"module:function"``, imported when the stage runs; an import
+failure is a failed stage (with the reason), never a silently skipped one. Each stage gets
+explicit keyword arguments built from the typed config (``options``): the config parser has
+already refused any option a stage does not declare (``config.STAGE_OPTIONS``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from canopy_entropy.config import STAGES, ExperimentConfig, config_dict
+from canopy_entropy.errors import CanopyError
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: what it calls, what it reads and writes, which stages it needs."""
+
+    name: str
+    target: str  # "module:function", imported when the stage runs
+    inputs: tuple[str, ...]  # run-folder paths whose state the outputs depend on
+    outputs: tuple[str, ...]  # paths that exist (intact) when the stage is done
+    needs: tuple[str, ...] = ()  # stages whose outputs must be there first
+    needs_pair: bool = False  # only meaningful with both compared sides present
+    options: Callable[[ExperimentConfig], dict[str, Any]] = lambda cfg: {}
+    config_key: str = ""  # config section that changes the results (part of the fingerprint)
+    what: str = ""
+
+    def settings(self, cfg: ExperimentConfig) -> Any:
+        """The config part that changes this stage's results (fingerprinted)."""
+        return config_dict(cfg).get(self.config_key) if self.config_key else None
+
+
+class StageImportError(CanopyError):
+    """A stage's module or function cannot be imported (a broken or partial installation)."""
+
+
+def _embed_options(cfg: ExperimentConfig) -> dict[str, Any]:
+    kw: dict[str, Any] = {"encoder": cfg.embed.encoder or None, "batch_size": cfg.embed.batch_size}
+    if cfg.embed.prefix is not None:
+        kw["prefix"] = cfg.embed.prefix
+    return {**kw, **cfg.embed.options}
+
+
+def _compare_options(cfg: ExperimentConfig) -> dict[str, Any]:
+    c = cfg.compare
+    return {"a": c.a, "b": c.b, "by": tuple(c.by), "n_boot": c.bootstrap, "seed": c.seed,
+            "a_key": c.on, **c.options}  # fmt: skip
+
+
+def _plots_options(cfg: ExperimentConfig) -> dict[str, Any]:
+    return {"formats": tuple(cfg.plots.formats), "min_active": cfg.plots.min_active}
+
+
+STAGE_TABLE: tuple[Stage, ...] = (
+    Stage(
+        "generate",
+        "canopy_entropy.generate:generate_run",
+        inputs=(),
+        outputs=("rollouts",),
+        what="sample rollouts with per-step entropies",
+    ),
+    Stage(
+        "embed",
+        "canopy_entropy.semantic:embed_run",
+        inputs=("rollouts",),
+        outputs=("semantic/prompt_diversity.parquet", "semantic/rollout_diversity.parquet"),
+        needs=("generate",),
+        options=_embed_options,
+        config_key="embed",
+        what="semantic diversity and Vendi score",
+    ),
+    Stage(
+        "metrics",
+        "canopy_entropy.metrics:write_metrics",
+        inputs=("manifest.json", "rollouts", "semantic/prompt_diversity.parquet"),
+        outputs=("metrics/prompts.parquet", "metrics/pooled.parquet", "metrics/metrics.json"),
+        needs=("generate",),
+        what="CE*, GenPPL, BF, correlations, decompositions, error bounds",
+    ),
+    Stage(
+        "tables",
+        "canopy_entropy.runner.summary:write_tables",
+        inputs=("metrics/pooled.parquet",),
+        outputs=("tables/metrics.csv", "tables/metrics.md"),
+        needs=("metrics",),
+        what="pooled metrics per model x task (CSV, Markdown)",
+    ),
+    Stage(
+        "compare",
+        "canopy_entropy.compare:compare_run",
+        inputs=("rollouts", "metrics", "semantic/rollout_diversity.parquet"),
+        outputs=("compare/comparison.parquet",),
+        needs=("metrics",),
+        needs_pair=True,
+        options=_compare_options,
+        config_key="compare",
+        what="paired bootstrap comparison of the two sides",
+    ),
+    Stage(
+        "regress",
+        "canopy_entropy.stats.regression:regress_run",
+        inputs=("metrics/prompts.parquet", "semantic/prompt_diversity.parquet"),
+        outputs=("regression/result.json",),
+        needs=("metrics", "embed"),
+        needs_pair=True,
+        options=lambda cfg: {"diagnostics": cfg.regress.diagnostics, **cfg.regress.options},
+        config_key="regress",
+        what="Beta mixed-effects regression of diversity on entropy rate",
+    ),
+    Stage(
+        "plots",
+        "canopy_entropy.plots:make_figures",
+        inputs=("manifest.json", "rollouts", "metrics", "semantic", "compare", "regression"),
+        outputs=("figures",),
+        needs=("metrics",),
+        options=_plots_options,
+        config_key="plots",
+        what="figures",
+    ),
+    Stage(
+        "report",
+        "canopy_entropy.report:build_report",
+        inputs=("manifest.json", "metrics", "semantic", "compare", "regression", "figures"),
+        outputs=("report.html",),
+        needs=("metrics",),
+        # embed the figures of the plots stage as they are; draw them only when there are none
+        options=lambda cfg: {"figures": None, **_plots_options(cfg)},
+        config_key="plots",
+        what="self-contained HTML report",
+    ),
+)
+assert tuple(s.name for s in STAGE_TABLE) == STAGES
+
+
+def stage_named(name: str) -> Stage:
+    """The STAGE_TABLE entry called ``name``."""
+    return next(s for s in STAGE_TABLE if s.name == name)
+
+
+def stage_function(stage: Stage) -> Callable[..., Any]:
+    """Import the function a stage calls; StageImportError (with the reason) when it cannot."""
+    module_name, func_name = stage.target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or str(exc)
+        raise StageImportError(
+            f"stage '{stage.name}' cannot import {module_name} ({missing}: {exc}); reinstall "
+            "canopy-entropy with the extras this stage needs (pip install -e '.[all]')"
+        ) from exc
+    fn = getattr(module, func_name, None)
+    if fn is None:
+        raise StageImportError(
+            f"stage '{stage.name}': {module_name} has no {func_name}(); the installation is "
+            "inconsistent, reinstall canopy-entropy"
+        )
+    return fn
+
+
+def stage_outputs(run_dir: Path, stage: Stage) -> list[Path]:
+    return [run_dir / rel for rel in stage.outputs]
