@@ -37,7 +37,8 @@ import pyarrow.parquet as pq
 from bench_metrics import build
 from canopy_entropy import store as st
 from canopy_entropy.errors import StoreError
-from canopy_entropy.metrics import _READ_COLUMNS, compute_metrics
+from canopy_entropy.metrics import compute_metrics
+from canopy_entropy.metrics.columns import _READ_COLUMNS
 from canopy_entropy.reference import FiniteStateLM
 
 

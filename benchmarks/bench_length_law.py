@@ -25,7 +25,8 @@ import time
 import numpy as np
 from scipy.special import entr
 
-from canopy_entropy.metrics import _fit_tail, binary_entropy
+from canopy_entropy.metrics import binary_entropy
+from canopy_entropy.metrics.prompt_stats import _fit_tail
 from canopy_entropy.reference import FiniteStateLM
 from canopy_entropy.stats.length_law import (
     capped_length_entropy,
