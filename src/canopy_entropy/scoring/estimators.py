@@ -186,8 +186,9 @@ def prompt_correctness(
     """
     prompt_cols = list(prompt_cols)
     _require(frame, [*prompt_cols, correct_col])
-    codes, uniques = pd.MultiIndex.from_frame(frame[prompt_cols]).factorize(sort=True)
-    out = uniques.to_frame(index=False)
+    grouped = frame.groupby(prompt_cols, sort=True)
+    codes = grouped.ngroup().to_numpy()
+    out = grouped.size().reset_index()[prompt_cols]
     n_groups = len(out)
     correct = _correct(frame, correct_col)
     n = np.bincount(codes, minlength=n_groups)
