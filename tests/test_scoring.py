@@ -133,6 +133,7 @@ CHOICE_CASES = [
     ("The answer is (E)", "B", False),  # E is not an option
     ("Berlin", "2", True),  # HellaSwag stores the label as "2"
     ("the answer is a city in France", "B", False),
+    ("A dog barks loudly.", "A", False),  # an opening article is no letter
     ("", "A", False),
 ]
 

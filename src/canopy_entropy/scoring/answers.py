@@ -159,7 +159,7 @@ _CHOICE_PHRASE = re.compile(
     r"\s*[:=]?\s*(?i:(?:option|choice)\s+)?"
     r"(?:[(\[]\s*([A-Za-z])\s*[)\]]|([A-Z])(?![\w'])|([a-z])(?=\s*(?:$|[.,;!\n])))"
 )
-_LEADING_LETTER = re.compile(r"^\W*?[(\[]?([A-Z])(?:[)\].:]|\s*$|\s+[-–:]|\)?\s)")
+_LEADING_LETTER = re.compile(r"^\W*?[(\[]?([A-Z])(?:[)\].:]|\s*$|\s+[-–:])")
 _PAREN_LETTER = re.compile(r"[(\[]([A-Z])[)\]]")
 
 

@@ -10,17 +10,19 @@ What each run guarantees:
 * an address-space limit (``RLIMIT_AS``, soft = hard, so it cannot be raised again), a CPU-time
   limit slightly above the wall-clock limit (it also stops a child that left the process
   group), a 64 MiB file-size limit and no core dumps, inherited by everything it starts;
+* output to files (so at most the file-size limit), of which the last 4000 characters return;
 * a fresh temporary working directory (also ``HOME`` and ``TMPDIR``), deleted afterwards;
 * a clean environment: only ``PATH``, locale, thread-count and Python settings; no proxy
   variables, tokens or keys of the calling process;
 * Internet sockets (AF_INET, AF_INET6, raw packets) and host-name lookups refused from Python,
-  in the child and in every Python process it starts (a ``sitecustomize`` module on
-  ``PYTHONPATH``); local Unix sockets (asyncio's self-pipe) still work.
+  in the child and in the Python processes it starts with its environment (a
+  ``sitecustomize`` module on ``PYTHONPATH``); local Unix sockets (asyncio's self-pipe) still work.
 
 What it does not guarantee: it is not a security sandbox. Code that runs a non-Python program
-(``curl``), uses ``ctypes`` or undoes the patch can reach the network, and the code can read
-and write any file the user can. For untrusted code, run the scoring in a container or VM
-without network (or under ``unshare -rn``).
+(``curl``), starts Python with another environment, uses ``ctypes`` or undoes the patch can
+reach the network; it can read and write any file the user can; the number of processes it
+starts is not limited (a fork bomb is stopped only by the group kill at the deadline). For
+untrusted code, run the scoring in a container or VM without network (or ``unshare -rn``).
 
 Test conventions (HumanEval / BigCodeBench style): ``tests`` is Python run after ``program``
 in the same ``__main__`` namespace: plain ``assert`` statements, a ``check(candidate)``
@@ -185,6 +187,11 @@ def _environment(workdir: str, guard_dir: str) -> dict[str, str]:
     return env
 
 
+def _tail(fh) -> str:
+    fh.seek(max(0, os.fstat(fh.fileno()).st_size - _TAIL))
+    return fh.read().decode("utf-8", "replace")[-_TAIL:]
+
+
 def _kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
@@ -237,26 +244,30 @@ def run_code(
         argv = [str(python or sys.executable), os.path.join(guard_dir, "_canopy_harness.py"), done]
         if entry_point is not None:
             argv.append(entry_point)
-        proc = subprocess.Popen(
-            argv,
-            cwd=workdir,
-            env=_environment(workdir, guard_dir),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        timed_out = False
-        try:
-            out, err = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_group(proc.pid)
-            out, err = proc.communicate()
-        finally:
-            _kill_group(proc.pid)
-        stdout = out.decode("utf-8", "replace")[-_TAIL:]
-        stderr = err.decode("utf-8", "replace")[-_TAIL:]
+        # output goes to files (capped by the file-size limit), never into this process
+        with (
+            open(os.path.join(root, "stdout"), "w+b") as out,
+            open(os.path.join(root, "stderr"), "w+b") as err,
+        ):
+            proc = subprocess.Popen(
+                argv,
+                cwd=workdir,
+                env=_environment(workdir, guard_dir),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+            timed_out = False
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                _kill_group(proc.pid)
+                proc.wait()
+            finally:
+                _kill_group(proc.pid)
+            stdout, stderr = _tail(out), _tail(err)
         code = proc.returncode
         if timed_out or code in (-signal.SIGXCPU, -signal.SIGKILL):
             status = "timeout"

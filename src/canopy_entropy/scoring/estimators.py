@@ -49,7 +49,10 @@ def pass_at_k(n, c, k: int):
         raise ScoringError(f"correct counts c={c!r} must lie between 0 and n={n!r}")
     if k < 1 or np.any(n_arr < k):
         raise ScoringError(f"pass@k needs 1 <= k <= n; k={k} with n={n!r}")
-    flat_n, flat_c = n_arr.ravel(), c_arr.ravel()
+    # one row per distinct (n, c): prompts usually share n, so this is at most n + 1 rows
+    (flat_n, flat_c), inverse = np.unique(
+        np.stack([n_arr.ravel(), c_arr.ravel()]), axis=1, return_inverse=True
+    )
     width = int(flat_c.max(initial=0))
     j = np.arange(width)
     i = flat_n[:, None] - j[None, :]  # n, n-1, ..., n-c+1
@@ -57,7 +60,7 @@ def pass_at_k(n, c, k: int):
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(use, np.log1p(-k / np.where(use, i, 2 * k)), 0.0)
     out = np.where(flat_n - flat_c < k, 1.0, 0.0 - np.expm1(terms.sum(axis=1)))
-    out = out.reshape(n_arr.shape)
+    out = out[inverse.ravel()].reshape(n_arr.shape)
     return float(out) if out.ndim == 0 else out
 
 

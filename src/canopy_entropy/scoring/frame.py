@@ -67,6 +67,10 @@ def score_frame(
     rollout (e.g. ``{"options": "choices"}``). Equal (response, reference, options) are scored
     once; ``workers`` > 1 scores in threads (for slow scorers such as ``code_passes``).
     """
+    if not 0.0 < threshold <= 1.0:
+        raise ScoringError(f"threshold={threshold!r} must lie in (0, 1]")
+    if not isinstance(workers, int) or workers < 1:
+        raise ScoringError(f"workers={workers!r} must be a positive whole number")
     frame = rollouts.to_pandas() if isinstance(rollouts, pa.Table) else rollouts
     fn = load_scorer(scorer) if isinstance(scorer, str) else scorer
     name = scorer_name(fn)
@@ -94,9 +98,8 @@ def score_frame(
         (r, _hashable(ref), *(_hashable(per_row[kw][i]) for kw in option_cols))
         for i, (r, ref) in enumerate(zip(responses, references, strict=True))
     ]
-    codes, unique = pd.factorize(pd.Series(keys, dtype=object))
-    first = np.full(len(unique), -1)
-    first[codes[::-1]] = np.arange(len(codes))[::-1]
+    codes, _ = pd.factorize(pd.Series(keys, dtype=object))
+    first = np.unique(codes, return_index=True)[1]  # the first row of each distinct key
     extract = getattr(fn, "extract", None)
 
     def one(row: int) -> tuple[float, str | None]:
