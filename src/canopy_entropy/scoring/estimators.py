@@ -17,8 +17,9 @@ import numpy as np
 import pandas as pd
 
 from canopy_entropy.scoring.answers import ScoringError
+from canopy_entropy.store import KEY_COLUMNS
 
-PROMPT_KEYS = ("model", "variant", "family", "task", "prompt_id")
+PROMPT_KEYS = (*KEY_COLUMNS, "prompt_id")
 DEFAULT_BY = ("model", "variant", "task")
 DEFAULT_MEASURES = ("rate", "H", "surprisal", "rse")
 
