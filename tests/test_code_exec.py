@@ -123,7 +123,8 @@ def test_infinite_loop_and_its_children_are_killed(tmp_path):
     pids = tmp_path / "pids.json"
     program = f"""
 import json, os, subprocess, sys
-child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+# a sleeping child uses no CPU time: only the process-group kill can end it
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(10**6)"])
 with open({str(pids)!r}, "w") as fh:
     json.dump([os.getpid(), child.pid], fh)
 while True:
