@@ -139,6 +139,21 @@ while True:
         assert _gone(pid), f"process {pid} survived the timeout"
 
 
+def test_children_left_behind_by_passing_code_are_killed(tmp_path):
+    pid_file = tmp_path / "pid"
+    program = f"""
+import subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(10**6)"])
+open({str(pid_file)!r}, "w").write(str(child.pid))
+"""
+    assert _run(program).passed
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + GENEROUS_S
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone(pid), f"process {pid} outlived the run"
+
+
 def test_memory_hog_is_stopped():
     hog = """
 blocks = []
