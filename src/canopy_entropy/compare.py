@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from scipy.special import ndtr, ndtri
 
 from canopy_entropy.errors import CanopyError, ConfigError
+from canopy_entropy.stats.correlation import pearson_from_sums
 from canopy_entropy.stats.pooling import (
     FISHER_CLIP,
     pool_fisher,
@@ -374,12 +375,9 @@ def grouped_pearson(g: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[np.nda
         sxy = np.bincount(g, weights=xc * yc, minlength=k)
         sxx = np.bincount(g, weights=xc * xc, minlength=k)
         syy = np.bincount(g, weights=yc * yc, minlength=k)
-        den = np.sqrt(sxx * syy)
-        # a side is constant when its spread is at rounding level of its magnitude
-        tiny_x = sxx <= (1e-12 * np.bincount(g, weights=x * x, minlength=k))
-        tiny_y = syy <= (1e-12 * np.bincount(g, weights=y * y, minlength=k))
-        rho = np.where((den > 0) & ~tiny_x & ~tiny_y, sxy / den, np.nan)
-    return np.clip(rho, -1.0, 1.0), n
+    sqx = np.bincount(g, weights=x * x, minlength=k)
+    sqy = np.bincount(g, weights=y * y, minlength=k)
+    return pearson_from_sums(sxy, sxx, syy, sqx, sqy), n
 
 
 def grouped_midranks(g: np.ndarray, x: np.ndarray) -> np.ndarray:

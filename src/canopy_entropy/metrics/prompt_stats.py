@@ -9,6 +9,7 @@ import numpy as np
 from scipy.special import entr
 
 from canopy_entropy.run.manifest import Manifest
+from canopy_entropy.stats.correlation import pearson_from_sums
 
 
 def _padded(values: np.ndarray, code: np.ndarray, pos: np.ndarray, shape, fill) -> np.ndarray:
@@ -45,9 +46,8 @@ def _pearson_by_code(x: np.ndarray, y: np.ndarray, code: np.ndarray, P: int, m: 
     sxy = np.bincount(code, dx * dy, P)
     sxx = np.bincount(code, dx * dx, P)
     syy = np.bincount(code, dy * dy, P)
+    r = pearson_from_sums(sxy, sxx, syy, np.bincount(code, x * x, P), np.bincount(code, y * y, P))
     with np.errstate(invalid="ignore", divide="ignore"):
-        r = np.clip(sxy / np.sqrt(sxx * syy), -1.0, 1.0)
-        r = np.where((sxx > 0) & (syy > 0), r, np.nan)
         cov_sample = np.where(m > 1, sxy / (m - 1), np.nan)
     return r, sxy / m, cov_sample
 

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from canopy_entropy.stats.correlation import pearson
+
 PROMPT_KEYS = ("model", "variant", "family", "task", "prompt_id")
 DIVERSITY_COLUMNS = (
     "diversity",
@@ -79,18 +81,6 @@ def _length_tercile_labels(lengths: np.ndarray, rollout_index: np.ndarray) -> np
     return labels
 
 
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson correlation; NaN when either side is constant or has fewer than two values."""
-    if len(x) < 2:
-        return float("nan")
-    xc = x - x.mean()
-    yc = y - y.mean()
-    den = np.sqrt((xc * xc).sum() * (yc * yc).sum())
-    if not den > 0:
-        return float("nan")
-    return float((xc * yc).sum() / den)
-
-
 def diversity_tables(
     keys: pd.DataFrame, embeddings: np.ndarray
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -129,7 +119,7 @@ def diversity_tables(
         d = rollout_diversity(e)
         d_all[rows] = d
         prompt_rows["diversity"][g] = d.mean() if len(d) >= 2 else np.nan
-        prompt_rows["corr_length_d"][g] = _pearson(lengths[rows].astype(np.float64), d)
+        prompt_rows["corr_length_d"][g] = pearson(lengths[rows].astype(np.float64), d)
         terciles = _length_tercile_labels(lengths[rows], ridx[rows])
         for k in range(3):
             sub = e[terciles == k]
