@@ -23,10 +23,9 @@ from canopy_entropy.compare import (
     match_lengths,
     paired_bootstrap,
     pooled_statistics,
-    prompt_statistics,
 )
 from canopy_entropy.errors import ConfigError
-from canopy_entropy.metrics import compute_metrics
+from canopy_entropy.metrics import compute_metrics, write_metrics
 from canopy_entropy.stats.pooling import (
     pool_covariance,
     pool_fisher,
@@ -35,6 +34,12 @@ from canopy_entropy.stats.pooling import (
 )
 from canopy_entropy.store import RunStore
 from semantic_fixtures import make_run
+
+
+def measured(run):
+    """The run with its metrics saved (compare reads them, never recomputes them)."""
+    write_metrics(run, warn=False)
+    return run
 
 
 def random_prompt_stats(rng: np.random.Generator, p: int) -> dict[str, np.ndarray]:
@@ -173,7 +178,7 @@ def test_identical_models_differ_by_exactly_zero_in_every_replicate(tmp_path) ->
     for metric in rep.a_reps:
         np.testing.assert_array_equal(rep.a_reps[metric], rep.b_reps[metric])
     run = make_run(tmp_path / "run", copy_of="base", n_prompts=5)
-    result = compare_run(run, n_boot=200)
+    result = compare_run(measured(run), n_boot=200)
     t = result.table
     assert (t["diff"] == 0).all() and (t["diff_se"] == 0).all()
     assert (t.loc[t.kind == "ratio", "pct"] == 0).all()
@@ -184,7 +189,7 @@ def test_identical_models_differ_by_exactly_zero_in_every_replicate(tmp_path) ->
 
 def test_full_sample_values_match_independent_computation(tmp_path) -> None:
     run = make_run(tmp_path / "run", n_prompts=5, n_rollouts=7, seed=2)
-    result = compare_run(run, n_boot=100)
+    result = compare_run(measured(run), n_boot=100)
     table = RunStore(run).read_rollouts().to_pandas()
     sub = table[(table.variant == "instruct") & (table.task == "story")]
     ce, nbar, rbar, pear, spear, kend, cov, ns = [], [], [], [], [], [], [], []
@@ -227,7 +232,7 @@ def test_full_sample_values_match_independent_computation(tmp_path) -> None:
 
 def test_prompts_missing_on_one_side_are_dropped_with_a_note(tmp_path) -> None:
     run = make_run(tmp_path / "run", n_prompts=5, drop_prompts={"instruct": ["p1"]})
-    result = compare_run(run, n_boot=50, by=("task",))
+    result = compare_run(measured(run), n_boot=50, by=("task",))
     assert (result.table["n_prompts"] == 4).all()
     assert any("1 prompts present on only one side" in n for n in result.notes)
 
@@ -275,7 +280,7 @@ def test_length_matching_keeps_identical_per_bin_counts() -> None:
 
 def test_bad_options_are_config_errors(tmp_path) -> None:
     run = make_run(tmp_path / "run", n_prompts=3)
-    prompts = prompt_statistics(run)
+    prompts = write_metrics(run, warn=False).prompts
     with pytest.raises(ConfigError, match="matches no variant"):
         compare_prompts(prompts, a="chat")
     with pytest.raises(ConfigError, match="cannot group by"):
@@ -291,6 +296,10 @@ def test_cli_compare_json_and_one_line_error(tmp_path, monkeypatch, capsys) -> N
 
     run = make_run(tmp_path / "run", n_prompts=3)
     monkeypatch.setattr(sys, "argv", ["canopy", "compare", str(run), "--bootstrap", "50", "--json"])
+    with pytest.raises(SystemExit) as exit_info:  # no saved metrics yet: says what to run
+        main()
+    assert exit_info.value.code == 2 and "canopy metrics" in capsys.readouterr().err
+    measured(run)
     main()
     records = json.loads(capsys.readouterr().out)["comparison"]
     assert {r["metric"] for r in records} >= {"ce_star", "genppl", "bf", "pearson"}
@@ -306,7 +315,7 @@ def test_cli_compare_json_round_trips_the_parquet_bit_for_bit(tmp_path, monkeypa
     from canopy_entropy.jsonvalues import decode_value
     from cli_helpers import run_cli
 
-    run = make_run(tmp_path / "run", n_prompts=4)
+    run = measured(make_run(tmp_path / "run", n_prompts=4))
     code, out, _ = run_cli(
         ["compare", str(run), "--bootstrap", "40", "--json"], capsys, monkeypatch
     )
@@ -394,9 +403,9 @@ def test_count_matrix_pooling_equals_stats_pooling_on_gathered_arrays(p, b, seed
 def test_pooled_over_tasks_pairs_on_task_and_prompt_id(tmp_path) -> None:
     # prompt ids repeat across tasks: with --by '' a prompt is (family, task, prompt_id)
     run = make_run(tmp_path / "run", n_prompts=3, tasks=("math", "story"))
-    pooled = compare_run(run, n_boot=50, by=())
+    pooled = compare_run(measured(run), n_boot=50, by=())
     assert (pooled.table["n_prompts"] == 6).all()
-    per_task = compare_run(run, n_boot=50, by=("task",)).table
+    per_task = compare_run(measured(run), n_boot=50, by=("task",)).table
     ce = per_task[per_task.metric == "ce_star"]["a"].mean()
     assert pooled.table.set_index("metric").loc["ce_star", "a"] == pytest.approx(ce, rel=1e-12)
     lm = pooled.length_matched

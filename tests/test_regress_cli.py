@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from canopy_entropy.cli.regress import command
 from canopy_entropy.errors import CanopyError
-from canopy_entropy.stats.regression import build_panel, regress_run, zscore
+from canopy_entropy.metrics.result import MetricsResult, metrics_inputs
+from canopy_entropy.stats.regression import panel_from_frames, regress_panel, zscore
 from regress_helpers import DATA, PUBLISHED_MEAN, PUBLISHED_PRECISION, make_panel, stored_glmmtmb
 
 
@@ -33,8 +34,8 @@ def invoke(*args: str):
     return CliRunner().invoke(_app(), ["regress", *args])
 
 
-def make_run(root, n_prompts: int = 12, seed: int = 9):
-    """A run folder with metrics/prompts.parquet and semantic/prompt_diversity.parquet."""
+def make_frames(n_prompts: int = 12, seed: int = 9):
+    """Per-prompt metrics and diversity frames with known generating parameters."""
     raw = make_panel(seed=seed, n_prompts=n_prompts, raw=True)
     frame = pd.DataFrame(
         {
@@ -47,17 +48,30 @@ def make_run(root, n_prompts: int = 12, seed: int = 9):
             "mean_length": 1.0 / (0.004 + 0.001 * (raw.invN + 5.0)),
         }
     )
-    (root / "metrics").mkdir(parents=True)
-    (root / "semantic").mkdir(parents=True)
-    frame.assign(ce_star=1.0).to_parquet(root / "metrics" / "prompts.parquet")
     div = frame[["model", "variant", "family", "task", "prompt_id"]].assign(diversity=raw.D)
-    div.iloc[::-1].to_parquet(root / "semantic" / "prompt_diversity.parquet")
-    return frame, raw
+    return frame, div.iloc[::-1], raw
 
 
-def test_build_panel_joins_and_zscores(tmp_path):
-    frame, raw = make_run(tmp_path)
-    panel = build_panel(tmp_path)
+def make_run(root, with_diversity: bool = True):
+    """A run folder whose saved metrics (written by MetricsResult.save, current) carry D."""
+    frame, div, _ = make_frames()
+    keys = ["model", "variant", "family", "task", "prompt_id"]
+    prompts = frame.merge(div, on=keys) if with_diversity else frame
+    settings = {"by": ["model", "variant", "task"], "delta": 0.05, "h_max": None}
+    pooled = prompts.groupby(settings["by"], as_index=False)[["entropy_rate"]].mean()
+    root.mkdir(parents=True, exist_ok=True)
+    MetricsResult(
+        prompts=prompts,
+        pooled=pooled,
+        by=tuple(settings["by"]),
+        settings=settings,
+        inputs=metrics_inputs(root, settings),
+    ).save(root)
+
+
+def test_panel_joins_and_zscores():
+    frame, div, raw = make_frames()
+    panel = panel_from_frames(frame, div)
     assert len(panel) == len(frame)
     merged = panel.merge(
         frame.assign(D_expected=raw.D.to_numpy()), on=["model", "task", "prompt_id"]
@@ -69,11 +83,11 @@ def test_build_panel_joins_and_zscores(tmp_path):
     assert panel.prompt.iloc[0] == f"{panel.task.iloc[0]}/{panel.prompt_id.iloc[0]}"
 
 
-def test_regress_run_writes_every_output(tmp_path):
-    make_run(tmp_path)
+def test_regress_panel_writes_every_output(tmp_path):
+    frame, div, _ = make_frames()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        payload = regress_run(tmp_path, diagnostics=True, nsim=250, seed=0)
+        payload = regress_panel(panel_from_frames(frame, div), tmp_path, True, 250, 0)
     out = tmp_path / "regression"
     result = json.loads((out / "result.json").read_text())
     assert result["converged"] is True
@@ -83,7 +97,8 @@ def test_regress_run_writes_every_output(tmp_path):
     assert result["slope_ratio"]["estimate"] == pytest.approx(
         1 + result["mean"]["R_sc:variantinstruct"]["estimate"] / result["mean"]["R_sc"]["estimate"]
     )
-    assert payload["loglik"] == pytest.approx(result["loglik"])
+    assert payload.summary["loglik"] == pytest.approx(result["loglik"])
+    assert payload.fit.loglik == pytest.approx(result["loglik"])
     diag = json.loads((out / "diagnostics.json").read_text())
     assert diag["nsim"] == 250 and 0 <= diag["unconditional"]["ks"]["p"] <= 1
     assert pq.read_table(out / "diagnostics.parquet").num_rows == result["nobs"]
@@ -183,7 +198,10 @@ def test_cli_user_errors_are_canopy_errors(args, message):
     assert "\n" not in str(res.exception)
 
 
-def test_run_without_diversity_says_what_to_run(tmp_path):
+def test_run_without_metrics_or_diversity_says_what_to_run(tmp_path):
     res = invoke(str(tmp_path))
     assert isinstance(res.exception, CanopyError)
-    assert "canopy embed" in str(res.exception)
+    assert "canopy metrics" in str(res.exception)
+    make_run(tmp_path / "nodiv", with_diversity=False)
+    res = invoke(str(tmp_path / "nodiv"))
+    assert isinstance(res.exception, CanopyError) and "canopy embed" in str(res.exception)

@@ -24,19 +24,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 from scipy.special import ndtr, ndtri
 
 from canopy_entropy.errors import CanopyError, ConfigError
+from canopy_entropy.metrics.result import MetricsResult, current_metrics
+from canopy_entropy.run.layout import artefact_path, schema_of
 from canopy_entropy.stats.correlation import pearson_from_sums
 from canopy_entropy.stats.pooling import (
     FISHER_CLIP,
     pool_fisher,
 )
-from canopy_entropy.store import KEY_COLUMNS, RunStore, atomic_write_table, atomic_write_text
-
-COMPARISON_SCHEMA_VERSION = "canopy-comparison/1"
-LENGTH_MATCHED_SCHEMA_VERSION = "canopy-length-matched/1"
+from canopy_entropy.store import KEY_COLUMNS, atomic_write_table, atomic_write_text, read_table
 
 # Pooled as unweighted means of the per-prompt value (GenPPL and BF derive from these).
 MEAN_COLUMNS = ("ce_star", "mean_length", "entropy_rate", "length_entropy", "diversity", "vendi")
@@ -352,14 +350,6 @@ def summarise_replicates(rep: PairedReplicates) -> list[dict[str, float | str]]:
 # --------------------------------------------------------------------------------------------
 # per-rollout and per-prompt statistics from a run folder
 # --------------------------------------------------------------------------------------------
-def rollout_frame(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
-    """One row per rollout: keys, rollout_index, length N, total entropy H and rate r = H / N."""
-    from canopy_entropy.metrics import per_rollout_frame
-
-    frame = per_rollout_frame(RunStore(run_dir))
-    return frame.rename(columns={"rate": "r"})
-
-
 def _group_ids(frame: pd.DataFrame, cols: Sequence[str]) -> np.ndarray:
     return frame.groupby(list(cols), sort=True, observed=True).ngroup().to_numpy()
 
@@ -401,33 +391,46 @@ def grouped_midranks(g: np.ndarray, x: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def prompt_statistics(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
-    """Per-prompt sufficient statistics of a run (``canopy metrics``), with D and Vendi merged
-    in from ``RUN/semantic/prompt_diversity.parquet`` when ``canopy embed`` has run."""
-    from canopy_entropy.metrics import compute_metrics
-    from canopy_entropy.semantic.embed import read_prompt_diversity
-
-    prompts = compute_metrics(RunStore(run_dir), warn=False).prompts.copy()
-    div = read_prompt_diversity(run_dir)
-    if div is not None:
-        prompts = prompts.drop(columns=[c for c in ("diversity", "vendi") if c in prompts])
-        prompts = prompts.merge(
-            div[[*PROMPT_KEYS, "diversity", "vendi"]], on=list(PROMPT_KEYS), how="left"
-        )
-    return prompts
-
-
 # --------------------------------------------------------------------------------------------
 # the comparison
 # --------------------------------------------------------------------------------------------
 @dataclass
 class CompareResult:
-    """Tidy comparison table, length-matched table, notes and written paths."""
+    """A paired comparison: the tidy table (one row per group x metric), the length-matched
+    re-analysis and notes. ``save`` writes RUN/compare/; ``load`` reads it back."""
 
     table: pd.DataFrame
     length_matched: pd.DataFrame
     notes: list[str] = field(default_factory=list)
-    paths: dict[str, Path] = field(default_factory=dict)
+    by: tuple[str, ...] = ()
+
+    def save(self, run_dir: str | os.PathLike[str]) -> dict[str, Path]:
+        """Write comparison.parquet/.csv, length_matched.parquet and the wide tables."""
+        run = Path(run_dir)
+        paths: dict[str, Path] = {}
+        for name, frame in (("compare.table", self.table), ("compare.length_matched",
+                                                             self.length_matched)):  # fmt: skip
+            path = artefact_path(run, name)
+            atomic_write_table(path, pa.Table.from_pandas(frame, preserve_index=False),
+                               schema_of(name))  # fmt: skip
+            paths[name] = path
+        csv = artefact_path(run, "compare.table").with_suffix(".csv")
+        atomic_write_text(csv, self.table.to_csv(index=False))
+        paths["comparison.csv"] = csv
+        for p in write_tables(run, comparison_tables(self.table, self.by)):
+            paths[p.name] = p
+        return paths
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike[str]) -> CompareResult:
+        """Read RUN/compare/ (verified)."""
+        frames = {
+            name: read_table(artefact_path(run_dir, name), schema_of(name)).to_pandas()
+            for name in ("compare.table", "compare.length_matched")
+        }
+        table = frames["compare.table"]
+        by = tuple(c for c in table.columns if c not in TIDY_COLUMNS)
+        return cls(table=table, length_matched=frames["compare.length_matched"], by=by)
 
 
 def _validate_sides(prompts: pd.DataFrame, a: str, b: str, a_key: str) -> None:
@@ -770,6 +773,43 @@ def write_tables(run_dir: Path, tables: dict[str, pd.DataFrame]) -> list[Path]:
     return paths
 
 
+def compare(
+    metrics: MetricsResult,
+    a: str = "base",
+    b: str = "instruct",
+    by: Sequence[str] = ("family", "task"),
+    n_boot: int = 2000,
+    seed: int = 0,
+    on: str = "variant",
+) -> CompareResult:
+    """Compare side ``a`` with side ``b`` (values of the key ``on``: variants, or model labels
+    with ``on="model"``) per ``by`` group: a paired prompt bootstrap of every metric and the
+    length-matched re-analysis, from a metrics result (nothing is read or written)."""
+    if a == b:
+        raise ConfigError(f"both sides are {a!r}; compare two different sides")
+    table, notes = compare_prompts(metrics.prompts, a=a, b=b, by=by, n_boot=n_boot, seed=seed,
+                                   a_key=on)  # fmt: skip
+    if table.empty:
+        hint = (
+            " (the sides are different families: compare by model with on='model')"
+            if on == "variant" and "family" in by
+            else ""
+        )
+        raise CanopyError(
+            f"no group has at least two prompts on both '{a}' and '{b}'{hint}; check by and the "
+            "sides"
+        )
+    if metrics.rollouts is None:
+        raise CanopyError(
+            "these metrics have no per-rollout table (saved by an older version); recompute them "
+            "with 'canopy metrics'"
+        )
+    matched = length_matched_analysis(metrics.rollouts, a, b, by, a_key=on, seed=seed)
+    if "diversity" not in metrics.prompts.columns:
+        notes.append("no semantic diversity in this run; run 'canopy embed' to compare D and Vendi")
+    return CompareResult(table=table, length_matched=matched, notes=notes, by=tuple(by))
+
+
 def compare_run(
     run_dir: str | os.PathLike[str],
     a: str = "base",
@@ -779,35 +819,7 @@ def compare_run(
     seed: int = 0,
     a_key: str = "variant",
 ) -> CompareResult:
-    """Compare side ``a`` with side ``b`` (values of ``a_key``) per by-group and write outputs."""
-    run = Path(run_dir)
-    prompts = prompt_statistics(run)
-    table, notes = compare_prompts(prompts, a=a, b=b, by=by, n_boot=n_boot, seed=seed, a_key=a_key)
-    if table.empty:
-        raise CanopyError(
-            f"no by-group has at least two prompts on both '{a}' and '{b}'; check --by and the run"
-        )
-    out_dir = run / "compare"
-    paths: dict[str, Path] = {}
-    arrow = pa.Table.from_pandas(table, preserve_index=False)
-    atomic_write_table(out_dir / "comparison.parquet", arrow, COMPARISON_SCHEMA_VERSION)
-    atomic_write_text(out_dir / "comparison.csv", table.to_csv(index=False))
-    paths["comparison"] = out_dir / "comparison.parquet"
-
-    rollouts = rollout_frame(run)
-    div_path = run / "semantic" / "rollout_diversity.parquet"
-    if div_path.exists():
-        div = pq.read_table(div_path, columns=[*PROMPT_KEYS, "rollout_index", "d"]).to_pandas()
-        rollouts = rollouts.merge(div, on=[*PROMPT_KEYS, "rollout_index"], how="left")
-    matched = length_matched_analysis(rollouts, a, b, by, a_key=a_key, seed=seed)
-    atomic_write_table(
-        out_dir / "length_matched.parquet",
-        pa.Table.from_pandas(matched, preserve_index=False),
-        LENGTH_MATCHED_SCHEMA_VERSION,
-    )
-    paths["length_matched"] = out_dir / "length_matched.parquet"
-    for p in write_tables(run, comparison_tables(table, by)):
-        paths[p.name] = p
-    if "diversity" not in prompts.columns:
-        notes.append("no semantic diversity in this run; run 'canopy embed' to compare D and Vendi")
-    return CompareResult(table=table, length_matched=matched, notes=notes, paths=paths)
+    """The compare stage: compare the run's saved metrics and write RUN/compare/."""
+    result = compare(current_metrics(run_dir), a=a, b=b, by=by, n_boot=n_boot, seed=seed, on=a_key)
+    result.save(run_dir)
+    return result

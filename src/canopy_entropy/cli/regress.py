@@ -134,7 +134,7 @@ def command(
                 reference=ref or None,
                 mean=mean or reg.PUBLISHED_MEAN,
                 precision=precision or reg.PUBLISHED_PRECISION,
-            )
+            ).summary
         else:
             if not mean:
                 raise CanopyError("--panel needs --mean 'RESPONSE ~ TERMS', e.g. 'D ~ R_sc'")
@@ -149,14 +149,17 @@ def command(
                     ref,
                     mean,
                     precision or "~ 1",
-                )
+                ).summary
             else:
-                from canopy_entropy.stats.beta_glmm import fit_beta_glmm
-                from canopy_entropy.stats.dharma import run_diagnostics
-
-                result = fit_beta_glmm(data, mean, precision or "~ 1", reference=ref)
-                diag = run_diagnostics(result, nsim, seed).to_json() if diagnostics else None
-                payload = reg.result_json(result, diag)
+                payload = reg.regress(
+                    data,
+                    diagnostics=bool(diagnostics),
+                    nsim=nsim,
+                    seed=seed,
+                    reference=ref,
+                    mean=mean,
+                    precision=precision or "~ 1",
+                ).summary
     for w in caught:
         if issubclass(w.category, ConvergenceWarning):
             err.print(f"[bold red]WARNING: {w.message}[/]", highlight=False, soft_wrap=True)

@@ -31,7 +31,9 @@ from canopy_entropy.metrics.pool import pool_group
 from canopy_entropy.metrics.result import (
     MetricsResult,
     compute_metrics,
+    current_metrics,
     load_metrics_json,
+    run_metrics,
     write_metrics,
 )
 from canopy_entropy.metrics.scan import binary_entropy, per_rollout_frame, segment_sums
@@ -46,9 +48,11 @@ __all__ = [
     "MetricsResult",
     "binary_entropy",
     "compute_metrics",
+    "current_metrics",
     "load_metrics_json",
     "per_rollout_frame",
     "pool_group",
+    "run_metrics",
     "segment_sums",
     "write_metrics",
 ]

@@ -3,8 +3,10 @@ run folder."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,15 +15,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 from scipy.stats import rankdata
 
-from canopy_entropy.errors import CanopyError
+from canopy_entropy.errors import CanopyError, StoreError
 from canopy_entropy.jsonvalues import decode_fields, json_value
 from canopy_entropy.metrics.columns import (
     DEFAULT_BY,
     METRIC_COLUMNS,
-    METRICS_SCHEMA_VERSION,
     PROMPT_KEYS,
 )
 from canopy_entropy.metrics.pool import _extra_columns, _pool, _warn_notes, pool_group
@@ -35,9 +35,11 @@ from canopy_entropy.metrics.prompt_stats import (
     _tail_sum,
 )
 from canopy_entropy.metrics.scan import _as_store, _reduce, _Reduced
+from canopy_entropy.run.freshness import input_fingerprint
+from canopy_entropy.run.layout import GROUP_KEYS, artefact_path, schema_of
 from canopy_entropy.run.manifest import Manifest, read_manifest
 from canopy_entropy.stats.length_law import eos_length_entropy, hazard_law
-from canopy_entropy.store import KEY_COLUMNS, atomic_write_json, atomic_write_table
+from canopy_entropy.store import KEY_COLUMNS, atomic_write_json, atomic_write_table, read_table
 
 
 @dataclass
@@ -48,6 +50,70 @@ class MetricsResult:
     pooled: pd.DataFrame
     by: tuple[str, ...]
     notes: dict[tuple, list[str]] = field(default_factory=dict)
+    # one row per rollout: keys, rollout_index, length, finish_reason, H, r, surprisal,
+    # stop_entropy (and d, the rollout's semantic distance, when diversity was merged)
+    rollouts: pd.DataFrame | None = None
+    settings: dict[str, Any] = field(default_factory=dict)  # by, delta, h_max
+    inputs: str = ""  # fingerprint of the run-folder inputs it was computed from
+
+    def save(self, run_dir: str | os.PathLike[str]) -> list[Path]:
+        """Write RUN/metrics/ (prompts, pooled, rollouts Parquet; metrics.json) atomically."""
+        paths = []
+        for name, frame in (
+            ("metrics.prompts", self.prompts),
+            ("metrics.pooled", self.pooled),
+            ("metrics.rollouts", self.rollouts),
+        ):
+            if frame is None:
+                continue
+            path = artefact_path(run_dir, name)
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            atomic_write_table(path, table, schema_of(name))
+            paths.append(path)
+        doc = {"by": list(self.by), "settings": self.settings, "inputs": self.inputs}
+        path = artefact_path(run_dir, "metrics.json")
+        atomic_write_json(path, {**doc, **self.to_json()})
+        return [*paths, path]
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike[str]) -> MetricsResult:
+        """Read a saved result (verified); StoreError naming the file when damaged."""
+        json_path = artefact_path(run_dir, "metrics.json")
+        if not json_path.exists():
+            raise CanopyError(
+                f"{run_dir} has no saved metrics; run 'canopy metrics {run_dir}' (or the metrics "
+                "stage) first"
+            )
+        try:
+            doc = json.loads(json_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StoreError(
+                f"{json_path} is damaged ({exc}); re-run 'canopy metrics {run_dir}'"
+            ) from exc
+        frames = {}
+        for name in ("metrics.prompts", "metrics.pooled", "metrics.rollouts"):
+            path = artefact_path(run_dir, name)
+            if name == "metrics.rollouts" and not path.exists():
+                frames[name] = None  # written by versions before the per-rollout table
+                continue
+            frames[name] = read_table(path, schema_of(name)).to_pandas()
+        by = tuple(doc.get("by") or [c for c in GROUP_KEYS if c in frames["metrics.pooled"]])
+        notes = {
+            tuple(g["key"][c] for c in by): list(g.get("notes", [])) for g in doc.get("groups", [])
+        }
+        return cls(
+            prompts=frames["metrics.prompts"],
+            pooled=frames["metrics.pooled"],
+            by=by,
+            notes=notes,
+            rollouts=frames["metrics.rollouts"],
+            settings=dict(doc.get("settings") or {}),
+            inputs=str(doc.get("inputs") or ""),
+        )
+
+    def is_fresh(self, run_dir: str | os.PathLike[str]) -> bool:
+        """True when the run folder's inputs are what this result was computed from."""
+        return bool(self.inputs) and self.inputs == metrics_inputs(run_dir, self.settings)
 
     def to_json(self) -> dict[str, Any]:
         """``{"groups": [{"key", "pooled", "prompts", "notes"}]}``; NaN -> null, +-inf ->
@@ -107,59 +173,94 @@ def compute_metrics(
     return _assemble(red, by, delta, h_max, manifest, warn)
 
 
-def write_metrics(
+METRICS_INPUTS = (
+    "manifest.json",
+    "rollouts",
+    "semantic/prompt_diversity.parquet",
+    "semantic/rollout_diversity.parquet",
+)
+
+
+def metrics_inputs(run_dir: str | os.PathLike[str], settings: dict[str, Any]) -> str:
+    """Fingerprint of what the metrics of ``run_dir`` are computed from (files and settings)."""
+    return input_fingerprint(run_dir, METRICS_INPUTS, settings)
+
+
+def run_metrics(
     run_dir: str | os.PathLike[str],
     by: Sequence[str] = DEFAULT_BY,
-    **kw: Any,
+    delta: float = 0.05,
+    h_max: float | None = None,
+    *,
+    warn: bool = True,
 ) -> MetricsResult:
-    """Compute metrics for a run folder and write RUN/metrics/{prompts,pooled}.parquet and
-    metrics.json atomically; merge RUN/semantic/prompt_diversity.parquet when present."""
+    """The metrics of a run folder with its semantic diversity merged in (when the embed stage
+    ran), computed in memory: nothing is written."""
     run = Path(run_dir)
-    store = _as_store(run)
-    warn = kw.pop("warn", True)
-    result = compute_metrics(store, by=by, warn=False, **kw)
-    div_path = run / "semantic" / "prompt_diversity.parquet"
-    if div_path.exists():
-        result = _merge_diversity(result, div_path, kw.get("delta", 0.05))
+    settings = {"by": list(by), "delta": delta, "h_max": h_max}
+    inputs = metrics_inputs(run, settings)
+    result = compute_metrics(run, by=by, delta=delta, h_max=h_max, warn=False)
+    result = merge_diversity(result, run, delta)
+    result.settings, result.inputs = settings, inputs
     if warn:
         _warn_notes(result.notes)
-    out = run / "metrics"
-    atomic_write_table(
-        out / "prompts.parquet",
-        pa.Table.from_pandas(result.prompts, preserve_index=False),
-        METRICS_SCHEMA_VERSION,
-    )
-    atomic_write_table(
-        out / "pooled.parquet",
-        pa.Table.from_pandas(result.pooled, preserve_index=False),
-        METRICS_SCHEMA_VERSION,
-    )
-    atomic_write_json(out / "metrics.json", result.to_json())
     return result
 
 
-def _merge_diversity(result: MetricsResult, path: Path, delta: float) -> MetricsResult:
+def write_metrics(
+    run_dir: str | os.PathLike[str],
+    by: Sequence[str] = DEFAULT_BY,
+    delta: float = 0.05,
+    h_max: float | None = None,
+    *,
+    warn: bool = True,
+) -> MetricsResult:
+    """Compute a run folder's metrics (diversity merged) and save them to RUN/metrics/."""
+    result = run_metrics(run_dir, by=by, delta=delta, h_max=h_max, warn=warn)
+    result.save(run_dir)
+    return result
 
-    try:
-        div = pq.read_table(path).to_pandas()
-    except Exception as exc:
-        raise CanopyError(
-            f"cannot read {path} ({exc}); delete it and re-run 'canopy embed'"
-        ) from exc
-    missing = [c for c in PROMPT_KEYS if c not in div.columns]
-    if missing:
-        raise CanopyError(f"{path} lacks key columns {missing}; re-run 'canopy embed'")
+
+def merge_diversity(
+    result: MetricsResult, run_dir: str | os.PathLike[str], delta: float
+) -> MetricsResult:
+    """Merge RUN/semantic/'s per-prompt diversity into the prompts (and re-pool) and each
+    rollout's distance d into the rollouts; a prompt whose diversity was computed from another
+    set of rollouts (its count differs) gets none, with a note."""
+    prompt_path = artefact_path(run_dir, "semantic.prompts")
+    if not prompt_path.exists():
+        return result
+    div = read_table(prompt_path, schema_of("semantic.prompts")).to_pandas()
+    keys = list(PROMPT_KEYS)
+    missing = [c for c in keys if c not in div.columns]
+    if missing or div.duplicated(keys).any():
+        raise StoreError(
+            f"{prompt_path} lacks key columns {missing} or repeats a prompt; re-run 'canopy embed'"
+        )
+    counts = result.prompts[[*keys, "n_rollouts"]].merge(
+        div[[*keys, "n_rollouts"]], on=keys, how="inner", suffixes=("", "_div")
+    )
+    stale = counts[counts["n_rollouts"] != counts["n_rollouts_div"]][keys]
+    notes = dict(result.notes)
+    if len(stale):
+        div = div.merge(stale.assign(_stale=True), on=keys, how="left")
+        div = div[div["_stale"].isna()].drop(columns="_stale")
+        msg = (
+            f"semantic diversity of {len(stale)} prompts was computed from other rollouts (their "
+            "count changed since): left out; re-run 'canopy embed'"
+        )
+        warnings.warn(msg, stacklevel=2)
+        notes = {k: [*v, msg] for k, v in notes.items()}
     numeric = [
         c
         for c in div.columns
-        if c not in PROMPT_KEYS
+        if c not in keys
+        and c != "n_rollouts"
         and pd.api.types.is_numeric_dtype(div[c])
         and c not in result.prompts.columns
     ]
-    if div.duplicated(list(PROMPT_KEYS)).any():
-        raise CanopyError(f"{path} has duplicate prompt rows; re-run 'canopy embed'")
     prompts = result.prompts.merge(
-        div[[*PROMPT_KEYS, *numeric]], on=list(PROMPT_KEYS), how="left", validate="one_to_one"
+        div[[*keys, *numeric]], on=keys, how="left", validate="one_to_one"
     )
     by = list(result.by)
     grouped = prompts.groupby(by, sort=True) if by else [((), prompts)]
@@ -168,7 +269,28 @@ def _merge_diversity(result: MetricsResult, path: Path, delta: float) -> Metrics
         key = key if isinstance(key, tuple) else (key,)
         rows.append({**dict(zip(by, key, strict=True)), **pool_group(g, delta)[0]})
     pooled = pd.DataFrame(rows, columns=[*by, *METRIC_COLUMNS, *_extra_columns(prompts)])
-    return MetricsResult(prompts=prompts, pooled=pooled, by=result.by, notes=result.notes)
+    rollouts = result.rollouts
+    rollout_path = artefact_path(run_dir, "semantic.rollouts")
+    if rollouts is not None and rollout_path.exists():
+        cols = [*keys, "rollout_index", "d"]
+        d = read_table(rollout_path, schema_of("semantic.rollouts"), cols).to_pandas()
+        d = d.merge(div[keys], on=keys, how="inner")  # stale prompts left out
+        rollouts = rollouts.merge(d, on=[*keys, "rollout_index"], how="left")
+    return dataclasses.replace(
+        result, prompts=prompts, pooled=pooled, notes=notes, rollouts=rollouts
+    )
+
+
+def current_metrics(run_dir: str | os.PathLike[str]) -> MetricsResult:
+    """The run's saved metrics when they are current (later stages read these, never
+    recompute them); a one-line error naming the command when they are missing or stale."""
+    metrics = MetricsResult.load(run_dir)
+    if not metrics.is_fresh(run_dir):
+        raise CanopyError(
+            f"the saved metrics of {run_dir} are older than the rollouts or diversity they come "
+            f"from; run 'canopy metrics {run_dir}' first"
+        )
+    return metrics
 
 
 def load_metrics_json(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -303,4 +425,12 @@ def _assemble(
     pooled, notes = _pool(prompts, by, delta, red.approximate, hmax)
     if warn:
         _warn_notes(notes)
-    return MetricsResult(prompts=prompts, pooled=pooled, by=by, notes=notes)
+    rollouts = key_frame.iloc[code].reset_index(drop=True)
+    rollouts["rollout_index"] = ridx
+    rollouts["length"] = red.length[order]
+    rollouts["finish_reason"] = finish
+    rollouts["H"] = H
+    rollouts["r"] = r
+    rollouts["surprisal"] = surprisal
+    rollouts["stop_entropy"] = stop
+    return MetricsResult(prompts=prompts, pooled=pooled, by=by, notes=notes, rollouts=rollouts)

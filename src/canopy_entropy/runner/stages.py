@@ -80,8 +80,18 @@ STAGE_TABLE: tuple[Stage, ...] = (
     Stage(
         "metrics",
         "canopy_entropy.metrics:write_metrics",
-        inputs=("manifest.json", "rollouts", "semantic/prompt_diversity.parquet"),
-        outputs=("metrics/prompts.parquet", "metrics/pooled.parquet", "metrics/metrics.json"),
+        inputs=(
+            "manifest.json",
+            "rollouts",
+            "semantic/prompt_diversity.parquet",
+            "semantic/rollout_diversity.parquet",
+        ),
+        outputs=(
+            "metrics/prompts.parquet",
+            "metrics/pooled.parquet",
+            "metrics/rollouts.parquet",
+            "metrics/metrics.json",
+        ),
         needs=("generate",),
         what="CE*, GenPPL, BF, correlations, decompositions, error bounds",
     ),
@@ -96,8 +106,8 @@ STAGE_TABLE: tuple[Stage, ...] = (
     Stage(
         "compare",
         "canopy_entropy.compare:compare_run",
-        inputs=("rollouts", "metrics", "semantic/rollout_diversity.parquet"),
-        outputs=("compare/comparison.parquet",),
+        inputs=("metrics",),
+        outputs=("compare/comparison.parquet", "compare/length_matched.parquet"),
         needs=("metrics",),
         needs_pair=True,
         options=_compare_options,
@@ -107,8 +117,8 @@ STAGE_TABLE: tuple[Stage, ...] = (
     Stage(
         "regress",
         "canopy_entropy.stats.regression:regress_run",
-        inputs=("metrics/prompts.parquet", "semantic/prompt_diversity.parquet"),
-        outputs=("regression/result.json",),
+        inputs=("metrics",),
+        outputs=("regression/result.json", "regression/panel.parquet"),
         needs=("metrics", "embed"),
         needs_pair=True,
         options=lambda cfg: {"diagnostics": cfg.regress.diagnostics, **cfg.regress.options},

@@ -449,6 +449,25 @@ class BetaGLMMResult:
         p = 2 * stats.norm.sf(np.abs(z))
         return pd.DataFrame({"estimate": est, "se": se, "z": z, "p": p}, index=names)
 
+    def summary(self) -> pd.DataFrame:
+        """Every coefficient: ``part`` (mean on the logit scale, precision on the log scale),
+        term, estimate, SE, z and p."""
+        parts = [("mean", self.mean_table()), ("precision", self.precision_table())]
+        return pd.concat(
+            [t.rename_axis("term").reset_index().assign(part=name) for name, t in parts],
+            ignore_index=True,
+        )[["part", "term", "estimate", "se", "z", "p"]]
+
+    def conf_int(self, level: float = 0.95) -> pd.DataFrame:
+        """Wald intervals ``estimate +- z_(1+level)/2 * SE`` for every coefficient."""
+        if not 0 < level < 1:
+            raise CanopyError(f"level must be in (0, 1), got {level}")
+        out = self.summary()
+        z = float(stats.norm.ppf(0.5 + level / 2))
+        return out.assign(lo=out["estimate"] - z * out["se"], hi=out["estimate"] + z * out["se"])[
+            ["part", "term", "lo", "hi"]
+        ]
+
     def mean_table(self) -> pd.DataFrame:
         """Mean-model coefficients (logit scale) with SE, z and p."""
         return self._table(0, self.mean_names)

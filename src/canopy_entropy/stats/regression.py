@@ -8,23 +8,31 @@ RUN/regression/*, RUN/tables/regression.* and the diagnostic figures.
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from canopy_entropy.errors import CanopyError
+from canopy_entropy.run.layout import artefact_path, schema_of
 from canopy_entropy.stats.beta_glmm import CLIP, BetaGLMMResult, fit_beta_glmm
-from canopy_entropy.store import atomic_write_json, atomic_write_table, atomic_write_text
+from canopy_entropy.store import (
+    atomic_write_json,
+    atomic_write_table,
+    atomic_write_text,
+    read_table,
+)
 
 PUBLISHED_MEAN = (
     "D ~ R_sc * variant + ns(invN_sc, df = 4) * variant + task + (1 | prompt) + (1 | family)"
 )
 PUBLISHED_PRECISION = "~ variant * task + ns(invN_sc, df = 3) + R_sc * variant + family"
-PANEL_SCHEMA_VERSION = "canopy-regression-panel/1"
 KEYS = ["model", "variant", "family", "task", "prompt_id"]
 
 
@@ -35,26 +43,6 @@ def zscore(values: np.ndarray) -> np.ndarray:
     if not np.isfinite(sd) or sd == 0:
         raise CanopyError("cannot z-score a constant column (all values equal); need variation")
     return (values - values.mean()) / sd
-
-
-def _read_parquet(path: Path) -> pd.DataFrame:
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_table(path).to_pandas()
-    except Exception as exc:
-        raise CanopyError(f"cannot read {path} ({exc}); re-create it") from exc
-
-
-def _prompt_metrics(run: Path) -> pd.DataFrame:
-    path = run / "metrics" / "prompts.parquet"
-    if not path.exists():
-        try:
-            from canopy_entropy.metrics import write_metrics
-        except ImportError as exc:
-            raise CanopyError(f"{path} is missing; run 'canopy metrics {run}' first") from exc
-        write_metrics(run)
-    return _read_parquet(path)
 
 
 def panel_from_frames(metrics: pd.DataFrame, diversity: pd.DataFrame) -> pd.DataFrame:
@@ -109,14 +97,21 @@ def panel_from_frames(metrics: pd.DataFrame, diversity: pd.DataFrame) -> pd.Data
 
 
 def build_panel(run_dir: str | Path) -> pd.DataFrame:
-    """The regression panel of a run folder (metrics computed first when missing)."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise CanopyError(f"run folder {run} does not exist")
-    div_path = run / "semantic" / "prompt_diversity.parquet"
-    if not div_path.exists():
-        raise CanopyError(f"{div_path} is missing; run 'canopy embed {run}' first")
-    return panel_from_frames(_prompt_metrics(run), _read_parquet(div_path))
+    """The regression panel of a run folder, from its saved (current) metrics, which hold the
+    merged semantic diversity."""
+    from canopy_entropy.metrics import current_metrics
+
+    return panel_from_metrics(current_metrics(run_dir))
+
+
+def panel_from_metrics(metrics: Any) -> pd.DataFrame:
+    """The regression panel of a ``MetricsResult`` whose prompts carry diversity ``D``."""
+    if "diversity" not in metrics.prompts.columns:
+        raise CanopyError(
+            "these metrics have no semantic diversity; run 'canopy embed' and then "
+            "'canopy metrics' on the run"
+        )
+    return panel_from_frames(metrics.prompts, metrics.prompts)
 
 
 def default_reference(panel: pd.DataFrame, reference: dict[str, str] | None) -> dict[str, str]:
@@ -244,6 +239,100 @@ def write_tables(result: BetaGLMMResult, out_dir: Path, stem: str = "regression"
     atomic_write_text(out_dir / f"{stem}.tex", table_latex(table))
 
 
+@dataclass
+class RegressionResult:
+    """A regression of a run: the saved summary (coefficients, SEs, random-effect SDs,
+    log-likelihood, AIC, slope ratio, formula, reference levels, diagnostics), the panel, the
+    fitted mean curves and residuals; ``fit`` is the fitted model (in memory only)."""
+
+    summary: dict[str, Any]
+    panel: pd.DataFrame
+    curves: pd.DataFrame | None = None
+    residuals: pd.DataFrame | None = None
+    fit: BetaGLMMResult | None = None
+
+    def coefficients(self, part: str = "mean") -> pd.DataFrame:
+        """The ``mean`` or ``precision`` coefficient table (estimate, se, z, p by term)."""
+        if part not in ("mean", "precision"):
+            raise CanopyError(f"part must be 'mean' or 'precision', not {part!r}")
+        return pd.DataFrame.from_dict(self.summary[part], orient="index").rename_axis("term")
+
+    def save(self, run_dir: str | Path) -> None:
+        """Write RUN/regression/ (result.json, panel, curves, diagnostics) atomically."""
+        out = {
+            "regression.panel": self.panel,
+            "regression.curves": self.curves,
+            "regression.residuals": self.residuals,
+        }
+        for name, frame in out.items():
+            path = artefact_path(run_dir, name)
+            if frame is None:
+                path.unlink(missing_ok=True)  # never leave an earlier fit's file beside this one
+                continue
+            atomic_write_table(path, pa.Table.from_pandas(frame, preserve_index=False),
+                               schema_of(name))  # fmt: skip
+        diag = self.summary.get("diagnostics")
+        diag_path = artefact_path(run_dir, "regression.diagnostics")
+        if diag is None:
+            diag_path.unlink(missing_ok=True)
+        else:
+            atomic_write_json(diag_path, diag)
+        atomic_write_json(artefact_path(run_dir, "regression.result"), self.summary)
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> RegressionResult:
+        """Read RUN/regression/ (verified)."""
+        path = artefact_path(run_dir, "regression.result")
+        if not path.exists():
+            raise CanopyError(f"{run_dir} has no regression; run 'canopy regress {run_dir}' first")
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CanopyError(f"{path} is damaged ({exc}); re-run 'canopy regress'") from exc
+
+        def frame(name: str) -> pd.DataFrame | None:
+            p = artefact_path(run_dir, name)
+            return read_table(p, schema_of(name)).to_pandas() if p.exists() else None
+
+        return cls(summary=summary, panel=frame("regression.panel"),
+                   curves=frame("regression.curves"), residuals=frame("regression.residuals"))  # fmt: skip
+
+
+def regress(
+    panel: pd.DataFrame,
+    *,
+    diagnostics: bool = True,
+    nsim: int = 250,
+    seed: int = 0,
+    reference: dict[str, str] | None = None,
+    mean: str = PUBLISHED_MEAN,
+    precision: str = PUBLISHED_PRECISION,
+) -> RegressionResult:
+    """Fit the Beta mixed model (default: the published specification) on a panel, with
+    DHARMa-style diagnostics; nothing is written."""
+    from canopy_entropy.stats.dharma import run_diagnostics
+
+    ref = default_reference(panel, reference)
+    result = fit_beta_glmm(panel, mean, precision, reference=ref)
+    diag = run_diagnostics(result, nsim=nsim, seed=seed) if diagnostics else None
+    summary = result_json(result, diag.to_json() if diag is not None else None)
+    summary["formula"] = {"mean": mean, "precision": precision}
+    summary["reference"] = ref
+    curves = None
+    if {"R_sc", "invN_sc", "task", "variant"} <= set(panel.columns):
+        try:  # only when the mean model uses no other columns
+            curves = mean_curves(result, panel)
+        except CanopyError:
+            curves = None
+    return RegressionResult(
+        summary=summary,
+        panel=panel,
+        curves=curves,
+        residuals=diag.residuals if diag is not None else None,
+        fit=result,
+    )
+
+
 def regress_run(
     run_dir: str | Path,
     diagnostics: bool = True,
@@ -252,11 +341,10 @@ def regress_run(
     reference: dict[str, str] | None = None,
     mean: str = PUBLISHED_MEAN,
     precision: str = PUBLISHED_PRECISION,
-) -> dict:
-    """Fit the published specification on a run and write every regression output."""
+) -> RegressionResult:
+    """The regress stage: fit on the run's saved metrics and write every regression output."""
     run = Path(run_dir)
-    panel = build_panel(run)
-    return regress_panel(panel, run, diagnostics, nsim, seed, reference, mean, precision)
+    return regress_panel(build_panel(run), run, diagnostics, nsim, seed, reference, mean, precision)
 
 
 def regress_panel(
@@ -268,51 +356,20 @@ def regress_panel(
     reference: dict[str, str] | None = None,
     mean: str = PUBLISHED_MEAN,
     precision: str = PUBLISHED_PRECISION,
-) -> dict:
-    """Fit on a ready panel and write RUN/regression, RUN/tables and RUN/figures outputs."""
+) -> RegressionResult:
+    """Fit on a ready panel and write RUN/regression, RUN/tables and the diagnostic figures."""
     from canopy_entropy.stats.dharma import plot_diagnostics, run_diagnostics
 
-    ref = default_reference(panel, reference)
-    result = fit_beta_glmm(panel, mean, precision, reference=ref)
-    out = run / "regression"
-    diag_json = None
+    result = regress(panel, diagnostics=False, reference=reference, mean=mean, precision=precision)
     if diagnostics:
-        diag = run_diagnostics(result, nsim=nsim, seed=seed)
-        diag_json = diag.to_json()
-        atomic_write_json(out / "diagnostics.json", diag_json)
-        atomic_write_table(
-            out / "diagnostics.parquet",
-            pa.Table.from_pandas(diag.residuals, preserve_index=False),
-            PANEL_SCHEMA_VERSION,
-        )
+        diag = run_diagnostics(result.fit, nsim=nsim, seed=seed)
+        result.summary["diagnostics"] = diag.to_json()
+        result.residuals = diag.residuals
         plot_diagnostics(diag, run / "figures", "regression")
-    else:  # never leave diagnostics of an earlier fit next to this one
-        stale = [out / "diagnostics.json", out / "diagnostics.parquet"]
-        stale += [
-            run / "figures" / f"regression_{k}.{e}" for k in ("qq", "resid") for e in ("png", "pdf")
-        ]
-        for path in stale:
-            path.unlink(missing_ok=True)
-    payload = result_json(result, diag_json)
-    payload["formula"] = {"mean": mean, "precision": precision}
-    payload["reference"] = ref
-    atomic_write_json(out / "result.json", payload)
-    atomic_write_table(
-        out / "panel.parquet",
-        pa.Table.from_pandas(panel, preserve_index=False),
-        PANEL_SCHEMA_VERSION,
-    )
-    curves = None
-    if {"R_sc", "invN_sc", "task", "variant"} <= set(panel.columns):
-        try:  # only when the mean model uses no other columns
-            curves = mean_curves(result, panel)
-        except CanopyError:
-            curves = None
-    if curves is not None:
-        atomic_write_table(
-            out / "curves.parquet",
-            pa.Table.from_pandas(curves, preserve_index=False),
-            PANEL_SCHEMA_VERSION,
-        )
-    write_tables(result, run / "tables")
-    return payload
+    else:  # never leave diagnostics figures of an earlier fit next to this one
+        for k in ("qq", "resid"):
+            for e in ("png", "pdf"):
+                (run / "figures" / f"regression_{k}.{e}").unlink(missing_ok=True)
+    result.save(run)
+    write_tables(result.fit, run / "tables")
+    return result
