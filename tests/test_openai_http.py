@@ -483,7 +483,7 @@ def test_seed_probe(ignore_seed):
 def test_options_are_declared_and_checked():
     assert set(OpenAIEngine.OPTIONS) == {f.name for f in dataclasses.fields(OpenAIOptions)}
     assert OpenAIEngine.OPTIONS["timeout"] is float
-    with pytest.raises(ConfigError, match=r"unknown option 'timout'.*did you mean 'timeout'"):
+    with pytest.raises(ConfigError, match=r"no option 'timout'.*did you mean 'timeout'"):
         get_engine("openai", "canned", base_url="http://127.0.0.1:9/v1", timout=5)
     with pytest.raises(ConfigError, match="option 'concurrency' must be int"):
         get_engine("openai", "canned", base_url="http://127.0.0.1:9/v1", concurrency="8")
