@@ -422,3 +422,32 @@ def test_rse_file_schema(tmp_path):
         "model", "variant", "family", "task", "prompt_id",
         "rse", "rse_normalized", "rse_clusters", "rse_m", "rse_failures",
     ]  # fmt: skip
+
+
+def test_cli(monkeypatch, capsys, tmp_path):
+    import canopy_entropy.engines.registry as registry
+    from canopy_entropy.cli import semantic_entropy as cli_mod
+    from cli_helpers import run_cli
+
+    assert cli_mod.DEFAULT_JUDGE == rse_mod.DEFAULT_JUDGE
+    made = []
+
+    def fake_get_engine(name, model, **options):
+        made.append((name, model, options))
+        return StubJudge()
+
+    monkeypatch.setattr(registry, "get_engine", fake_get_engine)
+    run = write_run(tmp_path / "run", {"p": ["a one", "a two", "b three"]})
+    custom = overrides(tmp_path)["math"]
+    args = ["semantic-entropy", str(run), "--judge", "judge-x", "--m", "3", "--device", "cpu"]
+    code, out, err = run_cli([*args, "--judge-prompt", f"math={custom}"], capsys, monkeypatch)
+    assert code == 0, err
+    assert made == [("hf", "judge-x", {"device": "cpu"})]
+    assert "judge hf:judge-x: 1 prompts, m = 3; 6 judge calls" in out
+    expected = entropy_of_sizes([2, 1])
+    assert f"RSE = {expected:.4f}" in out
+    assert read_rse(run)["rse"].iloc[0] == pytest.approx(expected)
+    code, _, err = run_cli([*args, "--judge-prompt", "math"], capsys, monkeypatch)
+    assert code == 2 and "error: --judge-prompt 'math' must look like TASK=FILE" in err
+    code, _, err = run_cli([*args, "--base-url", "http://x"], capsys, monkeypatch)
+    assert code == 2 and "apply to --engine openai only" in err
