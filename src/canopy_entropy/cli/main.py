@@ -45,6 +45,10 @@ COMMANDS = {
         "embed",
         "Embed rollout texts (cached) and write per-prompt diversity, Vendi and length terciles.",
     ),
+    "semantic-entropy": (
+        "semantic_entropy",
+        "Relaxed semantic entropy: an LLM judge clusters each prompt's rollouts (cached, resumable).",
+    ),
     "compare": (
         "compare",
         "Compare two models (paired prompt bootstrap): CE*, GenPPL, BF, rho, D with SEs and CIs.",
