@@ -5,15 +5,15 @@ reference token of each position into ``p_t``, ``log p_t``, the entropy ``H_t``,
 ``R_t = |{v : p(v) >= p_t}|`` (ties counted), the expected rank ``E[R_t] = sum_k k p_(k)`` of
 a token drawn from the distribution itself, and the relative rank ``log(R_t / E[R_t])``.
 
-Speed and memory: the expected rank needs the probabilities of each position in sorted order,
-so positions are processed in chunks of ``rows_per_chunk(vocab, chunk_bytes)`` rows, the
-chunk's working set (about ``BYTES_PER_ENTRY`` bytes per vocabulary entry) staying within
-``chunk_bytes`` whatever the number of positions. Per chunk, in float32 on the tensor's device:
-``log_softmax`` once, the rank as ``(logp >= logp_t).sum(-1)`` (log-probabilities compare
-exactly where float32 probabilities could round equal), and ``E[R]`` as one matrix-vector
-product of the sorted probabilities with ``1..V`` (no cumulative sums). The sort is NumPy's
-SIMD sort of values only on CPU (several times faster than ``torch.sort``, no index array) and
-``torch.sort`` on accelerators.
+Speed and memory: the expected rank needs each position's probabilities in sorted order, so
+positions are processed in chunks of ``rows_per_chunk(vocab, chunk_bytes)`` rows, the chunk's
+working set (about ``BYTES_PER_ENTRY`` bytes per vocabulary entry; half the rows when a
+sampling policy is scored too) staying within ``chunk_bytes`` whatever the number of positions.
+Per chunk, in float32 on the tensor's device: ``log_softmax`` once, the rank as
+``(logp >= logp_t).sum(-1)`` (log-probabilities compare exactly where float32 probabilities
+could round equal), and ``E[R]`` as one matrix-vector product of the sorted probabilities with
+``1..V`` (no cumulative sums). The sort is NumPy's SIMD sort of values only on CPU (several
+times faster than ``torch.sort``, no index array) and ``torch.sort`` on accelerators.
 
 ``score_run`` runs a causal LM teacher-forced over prompt + reference answer (one forward pass
 per answer, answers batched with right padding) and writes ``RUN/diagnostics/tokens.parquet``
@@ -90,7 +90,7 @@ def _chunk_stats(logits, targets):
     logp = x - lse
     del x
     probs = torch.exp(logp)
-    entropy = torch.where(probs > 0, probs * -logp, 0.0).sum(dim=-1)
+    entropy = (probs * -logp).nansum(dim=-1)  # the NaNs are 0 * inf of excluded tokens
     logp_t = logp.gather(1, targets[:, None])
     rank = (logp >= logp_t).sum(dim=-1)
     del logp
@@ -215,14 +215,14 @@ def _sha256_file(path: Path) -> str:
 
 
 @dataclass
-class _Encoded:
+class EncodedAnswer:
     prompt_ids: list[int]
     answer_ids: list[int]
 
 
 def encode_answers(
     tokenizer: Any, answers: Sequence[ReferenceAnswer], variant: str, context_length: int | None
-) -> list[_Encoded]:
+) -> list[EncodedAnswer]:
     """Token ids of each prompt (``render_prompt``: raw or chat template) and answer (no
     special tokens), checked against the model's context."""
     from canopy_entropy.prompting import render_prompt
@@ -246,7 +246,7 @@ def encode_answers(
                 f"({len(prompt_ids)} + {len(answer_ids)}), more than the model's context of "
                 f"{context_length}; shorten the answer or drop that line"
             )
-        out.append(_Encoded(prompt_ids, answer_ids))
+        out.append(EncodedAnswer(prompt_ids, answer_ids))
     return out
 
 
@@ -310,7 +310,7 @@ def _is_oom(exc: BaseException) -> bool:
 
 def teacher_force(
     model: Any,
-    encoded: Sequence[_Encoded],
+    encoded: Sequence[EncodedAnswer],
     *,
     policy: DecodingPolicy | None = None,
     batch_size: int = 8,
@@ -337,7 +337,8 @@ def teacher_force(
     flat = {"token_ids": np.concatenate([np.asarray(e.answer_ids, np.int32) for e in encoded])}
     flat.update({n: np.empty(int(offsets[-1]), _dtype(n)) for n in names})
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].prompt_ids) - lengths[i])
-    rows = rows_per_chunk(head.layer.weight.shape[0], chunk_bytes)
+    # the policy's renormalisation needs about as many [rows, vocab] temporaries again
+    rows = rows_per_chunk(head.layer.weight.shape[0], chunk_bytes // (2 if policy else 1))
     start = 0
     with torch.inference_mode():
         while start < len(order):
