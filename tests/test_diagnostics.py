@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -257,16 +258,18 @@ def test_answer_summaries_are_the_means_of_the_stored_tokens(scored):
     }
 
 
-def test_rescoring_a_label_replaces_its_rows_and_keeps_the_others(scored, tiny_model):
-    score_run(scored, model=str(tiny_model), answers=ANSWERS[:2], variant="base", device="cpu",
+def test_rescoring_a_label_replaces_its_rows_and_keeps_the_others(scored, tiny_model, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(scored, run)  # the shared fixture stays as it was
+    score_run(run, model=str(tiny_model), answers=ANSWERS[:2], variant="base", device="cpu",
               model_label="tiny-base", family="tiny", policy=POLICY)  # fmt: skip
     answers = read_table(
-        scored / "diagnostics" / "answers.parquet", ANSWERS_SCHEMA_VERSION
+        run / "diagnostics" / "answers.parquet", ANSWERS_SCHEMA_VERSION
     ).to_pandas()
     assert sorted(answers[answers["model"] == "tiny-base"]["prompt_id"]) == ["q1", "q2"]
     assert (answers["model"] == "tiny-instruct").sum() == len(ANSWERS)
     with pytest.raises(CanopyError, match="scored with or without a sampling policy"):
-        score_run(scored, model=str(tiny_model), answers=ANSWERS[:1], device="cpu", model_label="x")
+        score_run(run, model=str(tiny_model), answers=ANSWERS[:1], device="cpu", model_label="x")
 
 
 def test_batching_and_chunking_do_not_change_the_numbers(tiny_model, tmp_path):
@@ -384,3 +387,55 @@ def test_calibration_figure_accepts_one_row_per_token_and_names_missing_columns(
     assert norm.vcenter == 0.0 and norm(0.0) == pytest.approx(0.5)  # diverging around 0
     with pytest.raises(CanopyError, match="lacks \\['policy_p'"):
         fig_token_calibration(frame, prefix="policy_")
+
+
+# -- paired comparison -------------------------------------------------------------------------
+
+
+def test_paired_bootstrap_of_two_models_matches_an_explicit_resampling_loop(scored):
+    from canopy_entropy.compare import bootstrap_indices
+    from canopy_entropy.diagnostics import compare_answers
+
+    answers = read_table(
+        scored / "diagnostics" / "answers.parquet", ANSWERS_SCHEMA_VERSION
+    ).to_pandas()
+    answers = answers[answers["prompt_id"] != "q3"]
+    answers = pd.concat([answers, answers[(answers["model"] == "tiny-instruct")].iloc[[0]]
+                         .assign(prompt_id="lonely")])  # fmt: skip
+    with pytest.warns(UserWarning, match="1 answers have no partner"):
+        table = compare_answers(answers, "tiny-base", "tiny-instruct", n_boot=300, seed=4)
+    base, inst = (
+        answers[answers["model"] == m].set_index(["task", "prompt_id"])
+        for m in ("tiny-base", "tiny-instruct")
+    )
+    for task in ("math", "story", "(all)"):
+        keys = sorted(k for k in base.index if k in inst.index and task in (k[0], "(all)"))
+        for stat in ("mean_nll", "mean_relative_rank", "share_above_expected"):
+            va = base.loc[keys, stat].to_numpy()
+            vb = inst.loc[keys, stat].to_numpy()
+            idx = bootstrap_indices(len(keys), 300, 4, ("tiny-base", "tiny-instruct", task))
+            reps = np.array([np.mean(vb[i] - va[i]) for i in idx])
+            row = table[(table["task"] == task) & (table["statistic"] == stat)].iloc[0]
+            assert row["prompts"] == len(keys)
+            assert row["diff"] == pytest.approx(vb.mean() - va.mean())
+            assert row["se"] == pytest.approx(np.std(reps, ddof=1), rel=1e-9)
+            assert (row["ci_lo"], row["ci_hi"]) == pytest.approx(
+                tuple(np.quantile(reps, [0.025, 0.975]))
+            )
+    with pytest.raises(CanopyError, match="no scored answers of model 'nope'"):
+        compare_answers(answers, "tiny-base", "nope")
+
+
+def test_a_model_whose_logits_are_not_its_output_layer_is_refused(tiny_model, tmp_path):
+    """The chunked output layer is checked against the model's own logits at the last position:
+    a logit transform the head does not know (here a soft cap the Llama forward never applies)
+    is a one-line error, not silently different numbers."""
+    from canopy_entropy.engines.hf import HFEngine
+
+    engine = HFEngine(str(tiny_model), device="cpu")
+    engine.model.config.final_logit_softcapping = 1.0
+    with pytest.raises(CanopyError, match="not supported by 'score'"):
+        score_run(
+            tmp_path / "run", model=str(tiny_model), answers=ANSWERS[:1], engine_instance=engine
+        )
+    assert not (tmp_path / "run").exists()

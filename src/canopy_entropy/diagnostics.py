@@ -279,14 +279,20 @@ class _Head:
         def hook(_module, _args, output):
             captured["h"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
-        handle = self.model.get_decoder().register_forward_hook(hook)
-        try:
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                use_cache=False,
-                logits_to_keep=1,
+        get_decoder = getattr(self.model, "get_decoder", None)
+        decoder = get_decoder() if get_decoder is not None else None
+        if decoder is None:
+            raise CanopyError(
+                f"{type(self.model).__name__} exposes no decoder (get_decoder), which "
+                "teacher-forced scoring needs; this architecture is not supported by 'score'"
             )
+        handle = decoder.register_forward_hook(hook)
+        try:
+            kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+            try:
+                out = self.model(**kwargs, logits_to_keep=1)
+            except TypeError:  # remote-code models without logits_to_keep
+                out = self.model(**kwargs)
         finally:
             handle.remove()
         hidden = captured["h"]
@@ -607,3 +613,50 @@ def pooled_summary(answers: Any, by: Sequence[str] = ("model", "variant", "task"
         pooled.index = pooled.index.reorder_levels(list(by))
         per = pd.concat([per, pooled]).sort_index(level=outer, sort_remaining=False)
     return per.reset_index()
+
+
+SUMMARY_STATISTICS = ("mean_nll", "mean_entropy", "mean_relative_rank", "share_above_expected")
+
+
+def compare_answers(answers: Any, a: str, b: str, n_boot: int = 2000, seed: int = 0):
+    """Paired prompt bootstrap of B - A (model labels) on the per-answer summaries.
+
+    Pairs the two models' answers on (task, prompt_id); per task and over all tasks ("(all)")
+    the same ``compare.bootstrap_indices`` rows resample both sides. Returns one row per
+    (task, statistic): the unweighted means a, b, diff = b - a, its bootstrap SE and 95%
+    percentile interval, and the number of paired prompts.
+    """
+    import warnings
+
+    import pandas as pd
+
+    from canopy_entropy.compare import CI_LEVEL, bootstrap_indices, resample_counts
+
+    sides = {m: answers[answers["model"] == m] for m in (a, b)}
+    for m, rows in sides.items():
+        if rows.empty:
+            raise ConfigError(f"no scored answers of model '{m}'; score it first or fix the label")
+    pairs = sides[a].merge(sides[b], on=["task", "prompt_id"], suffixes=("_a", "_b"))
+    pairs = pairs.sort_values(["task", "prompt_id"], ignore_index=True)  # order-free replicates
+    if pairs.empty:
+        raise ConfigError(f"models '{a}' and '{b}' share no (task, prompt_id); score the same file")
+    unpaired = len(sides[a]) + len(sides[b]) - 2 * len(pairs)
+    if unpaired:
+        warnings.warn(
+            f"{unpaired} answers have no partner in the other model; left out", stacklevel=2
+        )
+    alpha = (1.0 - CI_LEVEL) / 2.0
+    rows = []
+    groups = [(t, g) for t, g in pairs.groupby("task", sort=True)] + [("(all)", pairs)]
+    for task, group in groups:
+        counts = resample_counts(
+            bootstrap_indices(len(group), n_boot, seed, (a, b, task)), len(group)
+        )
+        for stat in SUMMARY_STATISTICS:
+            va, vb = (group[f"{stat}_{s}"].to_numpy(np.float64) for s in ("a", "b"))
+            reps = counts @ (vb - va) / len(group)
+            rows.append({"task": task, "statistic": stat, "prompts": len(group), "a": va.mean(),
+                         "b": vb.mean(), "diff": vb.mean() - va.mean(),
+                         "se": reps.std(ddof=1) if n_boot > 1 else np.nan,
+                         "ci_lo": np.quantile(reps, alpha), "ci_hi": np.quantile(reps, 1 - alpha)})  # fmt: skip
+    return pd.DataFrame(rows)
