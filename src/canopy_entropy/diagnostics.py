@@ -423,7 +423,8 @@ def answer_summaries(offsets: np.ndarray, flat: dict[str, np.ndarray], prefix: s
 
 @dataclass
 class ScoreSummary:
-    """What one ``score_run`` call did; ``answers`` is this model's per-answer table (pandas)."""
+    """What one ``score_run`` call did; ``answers`` is this model's per-answer table (pandas),
+    ``elapsed_s`` the teacher-forced scoring time (model loading not included)."""
 
     run_dir: str
     model_label: str
@@ -534,13 +535,13 @@ def score_run(
     family = family or label
     run = run_name or Path(run_dir).resolve().name
     eng = engine_instance
-    start = time.perf_counter()
     try:
         if eng is None:
             from canopy_entropy.engines.hf import HFEngine
 
             eng = HFEngine(model, device=device, dtype=dtype)
         encoded = encode_answers(eng.tokenizer, answers, variant, eng.context_length)
+        start = time.perf_counter()  # scoring time, without loading the model
         offsets, flat = teacher_force(
             eng.model,
             encoded,
@@ -549,11 +550,11 @@ def score_run(
             chunk_bytes=chunk_bytes,
             progress=None if progress is None else lambda k: progress(k, len(encoded)),
         )
+        elapsed = time.perf_counter() - start
         facts = eng.describe()
     finally:
         if engine_instance is None and eng is not None:
             eng.close()
-    elapsed = time.perf_counter() - start
     n = len(answers)
     keys = {"model": [label] * n, "variant": [variant] * n, "family": [family] * n,
             "task": [a.task for a in answers], "prompt_id": [a.id for a in answers]}  # fmt: skip

@@ -138,7 +138,7 @@ def command(
     )
     console.print(
         f"{summary.model_label}: {len(frame)} answers, {summary.tokens:,} tokens "
-        f"({summary.tokens_per_s:,.0f} tok/s) -> {summary.paths[0].parent} "
+        f"({summary.tokens_per_s:,.0f} tok/s scoring) -> {summary.paths[0].parent} "
         f"({time.perf_counter() - started:.1f} s)",
         highlight=False,
     )
