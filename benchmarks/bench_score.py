@@ -10,8 +10,9 @@ process so that peak RSS is its own:
   everything, ``(sorted * k).sum``.
 
 The naive one runs on ``--naive-positions`` positions (default: all on CUDA, 512 on CPU where
-4,096 would need about 14 GB: 2.4 GB of full float32 logits plus about 2.7 MB per position). The two are checked to
-agree on the positions both computed. Run with one thread as the tests do:
+4,096 would need about 14 GB: 2.4 GB of full float32 logits plus about 2.7 MB per position).
+The two are checked to agree on the positions both computed. Run with one thread as the tests
+do:
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_score.py [--device cuda]
 """
