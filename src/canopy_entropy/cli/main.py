@@ -41,6 +41,10 @@ COMMANDS = {
         "metrics",
         "Compute CE*, GenPPL, BF, rho(N, r), decompositions and error bounds for a run.",
     ),
+    "score": (
+        "score",
+        "Teacher-forced token diagnostics of reference answers: p, H, rank, log(R/E[R]).",
+    ),
     "embed": (
         "embed",
         "Embed rollout texts (cached) and write per-prompt diversity, Vendi and length terciles.",
