@@ -37,7 +37,6 @@ from canopy_entropy.stats.regression import (
     KEYS,
     PUBLISHED_MEAN,
     PUBLISHED_PRECISION,
-    build_panel,
     default_reference,
     zscore,
 )
@@ -324,10 +323,11 @@ def vendi_panel_from_frames(panel: pd.DataFrame, diversity: pd.DataFrame) -> pd.
 
 def vendi_panel(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
     """The Vendi regression panel of a run (after ``canopy embed``)."""
-    run = Path(run_dir)
-    panel = build_panel(run)
-    diversity = pd.read_parquet(run / "semantic" / "prompt_diversity.parquet")
-    return vendi_panel_from_frames(panel, diversity)
+    from canopy_entropy.metrics import current_metrics
+    from canopy_entropy.stats.regression import panel_from_metrics
+
+    metrics = current_metrics(run_dir)  # its prompts carry the merged vendi and n_rollouts
+    return vendi_panel_from_frames(panel_from_metrics(metrics), metrics.prompts)
 
 
 def rse_panel_from_frames(metrics: pd.DataFrame, rse: pd.DataFrame) -> pd.DataFrame:
@@ -375,15 +375,15 @@ def rse_panel_from_frames(metrics: pd.DataFrame, rse: pd.DataFrame) -> pd.DataFr
 
 def rse_panel(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
     """The RSE regression panel of a run (after ``canopy semantic-entropy``)."""
+    from canopy_entropy.metrics import current_metrics
     from canopy_entropy.semantic.rse import read_rse
-    from canopy_entropy.stats.regression import _prompt_metrics
 
     run = Path(run_dir)
     rse = read_rse(run)
     if rse is None:
         raise CanopyError(f"{run / 'semantic' / 'rse.parquet'} is missing; run "
                           f"'canopy semantic-entropy {run}' first")  # fmt: skip
-    return rse_panel_from_frames(_prompt_metrics(run), rse)
+    return rse_panel_from_frames(current_metrics(run).prompts, rse)
 
 
 def fit_vendi(panel: pd.DataFrame, reference: dict[str, str] | None = None) -> BetaGLMMResult:
