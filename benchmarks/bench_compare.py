@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from canopy_entropy.compare import compare_prompts
+from canopy_entropy.comparison import compare_prompts
 
 
 def synthetic_prompts(

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats as sps
 
-from canopy_entropy.compare import (
+from canopy_entropy.comparison import (
     bootstrap_indices,
     compare_prompts,
     compare_run,
@@ -336,7 +336,7 @@ def test_cli_compare_json_round_trips_the_parquet_bit_for_bit(tmp_path, monkeypa
 
 
 def test_rate_diversity_relations_match_regression_oracles() -> None:
-    from canopy_entropy.compare import _relation_stats
+    from canopy_entropy.comparison.length_matched import _relation_stats
 
     rng = np.random.default_rng(12)
     rows = []

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from canopy_entropy.compare import grouped_pearson
+from canopy_entropy.comparison import grouped_pearson
 from canopy_entropy.metrics.prompt_stats import _pearson_by_code
 from canopy_entropy.stats.correlation import CONSTANT_TOLERANCE, pearson
 

@@ -393,7 +393,7 @@ def test_calibration_figure_accepts_one_row_per_token_and_names_missing_columns(
 
 
 def test_paired_bootstrap_of_two_models_matches_an_explicit_resampling_loop(scored):
-    from canopy_entropy.compare import bootstrap_indices
+    from canopy_entropy.comparison import bootstrap_indices
     from canopy_entropy.diagnostics import compare_answers
 
     answers = read_table(

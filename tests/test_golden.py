@@ -22,21 +22,8 @@ REL = {"regression": 1e-5}
 
 
 @pytest.fixture(scope="module")
-def golden_numbers(tmp_path_factory):
-    import torch
-
-    from canopy_entropy.config import load_config
-    from canopy_entropy.runner import run_experiment
-
-    root = tmp_path_factory.mktemp("golden")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(tiny_run.THREADS)  # float32 kernels split work by thread count
-    try:
-        results = run_experiment(load_config(tiny_run.write_config(root)), root / "run")
-    finally:
-        torch.set_num_threads(threads)
-    assert all(r.status == "done" for r in results), results
-    return tiny_run.collect_numbers(root / "run")
+def golden_numbers(golden_run):
+    return tiny_run.collect_numbers(golden_run)
 
 
 @pytest.mark.parametrize(

@@ -298,7 +298,7 @@ def test_report_redraws_figures_only_when_stale(tmp_path):
 def test_pipeline_reference_run_metrics_compare_figures_report(tmp_path):
     """Real upstream stages (metrics, compare) on the exact reference model feed the figures
     and the report; pooled groups without a family column still get family colours."""
-    from canopy_entropy.compare import compare_run
+    from canopy_entropy.comparison import compare_run
     from canopy_entropy.metrics import write_metrics
     from canopy_entropy.plots.figures import make_figures
     from canopy_entropy.reference import FiniteStateLM

@@ -631,7 +631,7 @@ def compare_answers(answers: Any, a: str, b: str, n_boot: int = 2000, seed: int 
 
     import pandas as pd
 
-    from canopy_entropy.compare import CI_LEVEL, bootstrap_indices, resample_counts
+    from canopy_entropy.comparison import CI_LEVEL, bootstrap_indices, resample_counts
 
     sides = {m: answers[answers["model"] == m] for m in (a, b)}
     for m, rows in sides.items():

@@ -31,7 +31,7 @@ def command(
 
     Writes RUN/compare/. Method and the length-matched analysis: docs/semantic-compare.md.
     """
-    from canopy_entropy.compare import compare_run
+    from canopy_entropy.comparison import compare_run
 
     if not run.is_dir():
         raise CanopyError(f"run folder {run} does not exist; pass the folder 'canopy run' wrote")

@@ -17,7 +17,7 @@ from scipy.special import entr
 
 from canopy_entropy.errors import CanopyError
 from canopy_entropy.metrics.columns import _KEY_SEPARATOR, _READ_COLUMNS, PROMPT_KEYS
-from canopy_entropy.store import SCHEMA_VERSION, RunStore, iter_file_batches
+from canopy_entropy.store import ROLLOUT_SCHEMA, SCHEMA_VERSION, RunStore, iter_file_batches
 
 
 def segment_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -79,7 +79,11 @@ class _Reduced:
 
 def _iter_source_batches(source: Any, batch_size: int):
     if isinstance(source, pd.DataFrame):  # rollouts as a DataFrame of ROLLOUT_SCHEMA columns
-        source = pa.Table.from_pandas(source, preserve_index=False)
+        table = pa.Table.from_pandas(source, preserve_index=False)
+        types = {f.name: f.type for f in ROLLOUT_SCHEMA}
+        source = pa.table(
+            {c: table[c].cast(types[c]) if c in types else table[c] for c in table.column_names}
+        )
     if isinstance(source, pa.Table):
         missing = [c for c in _READ_COLUMNS if c not in source.column_names]
         needed = [c for c in missing if c not in ("eos_prob", "logprob", "entropy_upper")]

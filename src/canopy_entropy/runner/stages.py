@@ -105,7 +105,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
     ),
     Stage(
         "compare",
-        "canopy_entropy.compare:compare_run",
+        "canopy_entropy.comparison:compare_run",
         inputs=("metrics",),
         outputs=("compare/comparison.parquet", "compare/length_matched.parquet"),
         needs=("metrics",),

@@ -1,0 +1,83 @@
+"""What the comparison compares and how each metric pools: one definition for the bootstrap,
+the tables and the figures."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from canopy_entropy.store import KEY_COLUMNS
+
+# Pooled as unweighted means of the per-prompt value (GenPPL and BF derive from these).
+
+
+# Pooled as unweighted means of the per-prompt value (GenPPL and BF derive from these).
+MEAN_COLUMNS = ("ce_star", "mean_length", "entropy_rate", "length_entropy", "diversity", "vendi")
+
+
+# ... of which these are pooled on the log scale: exp(mean_p log v_p), an effective number
+LOG_MEAN_COLUMNS = ("vendi",)
+
+
+RATIO_METRICS = (
+    "ce_star",
+    "genppl",
+    "bf",
+    "entropy_rate",
+    "mean_length",
+    "length_entropy",
+    "diversity",
+    "vendi",
+)
+
+
+CORRELATION_METRICS = ("pearson", "spearman", "kendall", "covariance")
+
+
+METRIC_SETS = {
+    "entropy": ("ce_star", "genppl", "bf", "entropy_rate", "mean_length", "length_entropy"),
+    "correlation": CORRELATION_METRICS,
+    "diversity": ("diversity", "vendi"),
+}
+
+
+PROMPT_KEYS = (*KEY_COLUMNS, "prompt_id")
+
+
+CI_LEVEL = 0.95
+
+
+TIDY_COLUMNS = (
+    "metric",
+    "kind",
+    "a",
+    "b",
+    "a_se",
+    "b_se",
+    "diff",
+    "diff_se",
+    "diff_lo",
+    "diff_hi",
+    "pct",
+    "pct_se",
+    "pct_lo",
+    "pct_hi",
+    "ratio_lo",
+    "ratio_hi",
+    "n_prompts",
+    "a_label",
+    "b_label",
+    "a_lo",
+    "a_hi",
+    "b_lo",
+    "b_hi",
+)
+
+
+def pairing_columns(by: Sequence[str], a_key: str) -> list[str]:
+    """Columns identifying the same prompt on both sides, beyond the by-columns.
+
+    A prompt is (family, task, prompt_id) when comparing variants of a family, and
+    (task, prompt_id) when comparing models by name (they may belong to different families).
+    """
+    cols = ["family", "task"] if a_key == "variant" else ["task"]
+    return [c for c in cols if c not in by] + ["prompt_id"]
