@@ -128,6 +128,9 @@ def test_splitmix64_matches_published_value_and_python_reference():
         (dict(temperature=-1.0), "temperature must be >= 0"),
         (dict(min_p=1.0), "min_p must be in"),
         (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+        (dict(temperature=float("inf")), "temperature must be a finite number"),
+        (dict(top_p=float("nan")), "top_p must be a finite number"),
+        (dict(stop_strings=("",)), "a stop string is empty"),
     ],
 )
 def test_policy_validation_messages(kw, match):

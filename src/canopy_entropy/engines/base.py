@@ -8,6 +8,7 @@ of prompt ``p`` depends only on ``rollout_seed(run_seed, p, i)``.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -34,6 +35,11 @@ class DecodingPolicy:
     stop_strings: tuple[str, ...] = ()
 
     def validate(self) -> DecodingPolicy:
+        for name in ("temperature", "top_p", "min_p"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number (got {getattr(self, name)})")
+        if any(not s for s in self.stop_strings):
+            raise ConfigError("a stop string is empty, which would stop every rollout at once")
         if self.temperature < 0:
             raise ConfigError(
                 f"temperature must be >= 0 (got {self.temperature}); use 0 for greedy"
