@@ -333,7 +333,9 @@ def test_check_accepts_valid_configs_and_writes_nothing(tmp_path, capsys, monkey
                 lines = [f'{{"prompt": "Say hi {i}."}}\n' for i in range(100)]
                 (tmp_path / "p" / f"{task}.jsonl").write_text("".join(lines))
             args += ["--prompts-dir", str(tmp_path / "p")]
-            monkeypatch.setattr("canopy_entropy.config.check_model_available", lambda *a: None)
+            monkeypatch.setattr(
+                "canopy_entropy.config.parse.check_model_available", lambda *a: None
+            )
         code, out, err = run_cli(args, capsys, monkeypatch)
         assert code == 0, err
         text = " ".join(out.split())

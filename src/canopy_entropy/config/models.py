@@ -1,0 +1,99 @@
+"""Model entries of a config: what may name a model, and whether it can be found offline."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from canopy_entropy.config.checks import _check_keys, _Ctx, _get
+from canopy_entropy.config.schema import _HUB_ID, OFFLINE_ALIASES, ModelSpec
+from canopy_entropy.run.layout import VARIANTS
+
+if sys.version_info >= (3, 11):
+    pass
+else:  # pragma: no cover - Python 3.10
+    pass
+
+
+def _aliases() -> tuple[str, ...]:
+    """Offline model aliases (from canopy_entropy.models when present)."""
+    try:
+        from canopy_entropy.models import ALIASES
+
+        return tuple(ALIASES)
+    except ImportError:
+        return OFFLINE_ALIASES
+
+
+def _hub_offline() -> bool:
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub ships with transformers
+        return False
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def check_model_available(spec: ModelSpec, engine: str) -> str | None:
+    """Why ``spec.model`` cannot be found, or None when it can (aliases, folders, hub ids)."""
+    name = spec.model
+    if engine == "openai" or name in _aliases():
+        return None
+    if Path(name).is_absolute() or name.startswith((".", "~")):
+        if Path(name).expanduser().is_dir():
+            return None
+        return f"model folder {name} does not exist; fix the path"
+    if not _HUB_ID.match(name):
+        return (
+            f"model '{name}' is not a local folder, an offline alias ({', '.join(_aliases())}) "
+            "or a hub id like 'org/name'; fix the name or path"
+        )
+    if _hub_offline() and not _in_hub_cache(name):
+        return (
+            f"model '{name}' is not in the local Hugging Face cache and the hub is offline "
+            f"(HF_HUB_OFFLINE=1); download it first (huggingface-cli download {name}) or unset "
+            "HF_HUB_OFFLINE"
+        )
+    return None
+
+
+def _parse_model(ctx: _Ctx, data: Any, index: int, base_dir: Path) -> ModelSpec:
+    t = "models"
+    if not isinstance(data, dict):
+        ctx.fail(f"models[{index}] must be a table like {{ model = '...', variant = 'base' }}", t)
+    _check_keys(ctx, data, [f.name for f in dataclasses.fields(ModelSpec)], t, index)
+    if "model" not in data:
+        ctx.fail(
+            f"models[{index}] has no 'model' key; set model = '<hub id, folder or alias>'",
+            t,
+            None,
+            index,
+        )
+    model = _get(ctx, data, "model", str, "", t, index)
+    if model.startswith((".", "~")) or (os.sep in model and not _HUB_ID.match(model)):
+        model = str((base_dir / Path(model).expanduser()).resolve())
+    elif not _HUB_ID.match(model) and model not in _aliases() and (base_dir / model).is_dir():
+        model = str((base_dir / model).resolve())
+    variant = _get(ctx, data, "variant", str, "base", t, index)
+    if variant not in VARIANTS:
+        ctx.fail(
+            f"models[{index}].variant = {variant!r}; use 'base' or 'instruct'",
+            t,
+            "variant",
+            index,
+        )
+    label = _get(ctx, data, "label", str, "", t, index) or Path(model.rstrip("/")).name
+    family = _get(ctx, data, "family", str, "", t, index) or label
+    options = _get(ctx, data, "engine_options", dict, {}, t, index)
+    return ModelSpec(
+        model=model, variant=variant, family=family, label=label, engine_options=options
+    )

@@ -1,0 +1,155 @@
+"""The typed experiment config: every section and field with its default."""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from canopy_entropy.tasks.catalog import TASK_NAMES
+
+if sys.version_info >= (3, 11):
+    pass
+else:  # pragma: no cover - Python 3.10
+    pass
+
+
+STAGES = ("generate", "embed", "metrics", "tables", "compare", "regress", "plots", "report")
+
+
+# What a stage's ``[section] options`` table may hold (name -> type), passed to the stage as
+# keyword arguments; anything else is a config error. tests/test_config.py checks each name is
+# a parameter of the stage's function.
+STAGE_OPTIONS: dict[str, dict[str, type]] = {
+    "embed": {"device": str},
+    "compare": {},
+    "regress": {"nsim": int, "seed": int, "reference": dict, "mean": str, "precision": str},
+}
+
+
+FIGURE_FORMATS = ("png", "pdf", "svg")
+
+
+OFFLINE_ALIASES = ("gemma3-270m", "smollm2-135m-instruct")
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class ModelSpec:
+    """One model of the study: what to load, which variant it is, which family it belongs to."""
+
+    model: str  # HF hub id, local folder or offline alias (gemma3-270m, smollm2-135m-instruct)
+    variant: str = "base"  # 'base' or 'instruct' (instruct prompts go through the chat template)
+    family: str = ""  # pairs a base with its instruct model; default: the label
+    label: str = ""  # name in tables and the store; default: last part of `model`
+    engine_options: dict[str, Any] = field(default_factory=dict)  # merged over [engine].options
+
+
+@dataclass
+class GenerationConfig:
+    """Rollouts per prompt and the decoding policy (SPEC section 1)."""
+
+    rollouts: int = 10  # rollouts per prompt (M)
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = no top-k cut
+    top_p: float = 1.0  # 1 = no nucleus cut
+    min_p: float = 0.0  # 0 = no min-p cut
+    max_new_tokens: int = 512  # length cap T
+    stop: list[str] = field(default_factory=list)  # optional stop strings
+    seed: int = 0  # run seed: rollout seeds derive from (seed, prompt id, rollout index)
+    common_random_numbers: bool = False  # reuse the same random streams across models
+    batch_size: int = 0  # 0 = engine default / adaptive
+
+
+@dataclass
+class EngineConfig:
+    """Which sampling engine runs the models."""
+
+    name: str = "hf"  # 'hf' (transformers), 'vllm' or 'openai' (an OpenAI-compatible server)
+    device: str = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
+    dtype: str = "auto"  # 'auto', 'float32', 'bfloat16', 'float16'
+    options: dict[str, Any] = field(default_factory=dict)  # passed to the engine as is
+
+
+@dataclass
+class PromptsConfig:
+    """Where each task's prompts come from and how many are used."""
+
+    n: int | None = None  # prompts per task; None ('all' in TOML) = every prompt of the source
+    source: str = "builtin"  # 'builtin', 'jsonl', 'paper' or 'hf'
+    path: str = ""  # JSONL file or folder ('jsonl'), paper prompt folder ('paper')
+    fewshot: int = 0  # k exemplars before each prompt (0 = zero-shot)
+    fewshot_path: str = ""  # JSONL of question/answer exemplars; default: the builtin ones
+    sample: str = "first"  # 'first' n prompts or a seeded 'random' subset
+    seed: int = 0  # seed of the random subset
+
+
+@dataclass
+class EmbedConfig:
+    """Semantic diversity: the sentence-transformers encoder."""
+
+    encoder: str = ""  # '' = the library default encoder
+    prefix: str | None = None  # document prefix; None = the encoder's default
+    batch_size: int = 64
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CompareConfig:
+    """Paired base-vs-instruct comparison with a cluster bootstrap over prompts."""
+
+    on: str = "variant"  # compare variants ('base' vs 'instruct') or two models by label ('model')
+    a: str = "base"  # side A: a variant, or a model label when on = 'model'
+    b: str = "instruct"  # side B
+    by: list[str] = field(default_factory=lambda: ["family", "task"])
+    bootstrap: int = 2000
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RegressConfig:
+    """Beta mixed-effects regression of diversity on entropy rate (SPEC section 7)."""
+
+    diagnostics: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PlotsConfig:
+    """Figures (and the report's copies of them)."""
+
+    formats: list[str] = field(default_factory=lambda: ["png", "pdf"])
+    min_active: int = 5  # running-rate curves stop where fewer rollouts are still active
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole study. Build it with ``load_config`` / ``parse_config``."""
+
+    name: str = "experiment"
+    tasks: list[str] = field(default_factory=lambda: list(TASK_NAMES))
+    models: list[ModelSpec] = field(default_factory=list)
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    task_prompts: dict[str, PromptsConfig] = field(default_factory=dict)  # per-task overrides
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    regress: RegressConfig = field(default_factory=RegressConfig)
+    plots: PlotsConfig = field(default_factory=PlotsConfig)
+    source: str = ""  # the file it came from (not written back)
+
+    def prompts_for(self, task: str) -> PromptsConfig:
+        """The prompt settings of ``task`` ([prompts] with its [prompts.<task>] overrides)."""
+        return self.task_prompts.get(task, self.prompts)
+
+    def model_labels(self) -> list[str]:
+        return [m.label for m in self.models]
+
+    def variants(self) -> set[str]:
+        return {m.variant for m in self.models}
