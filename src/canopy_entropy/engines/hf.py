@@ -55,7 +55,7 @@ class HFOptions:
     device: str = "auto"  # "auto" (CUDA if visible), "cpu", "cuda", "cuda:1"
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16
     batch_size: int | None = None  # slots stepped together; default all M on CPU, 256 on CUDA
-    prompts_per_call: int = 8  # prompts whose rollouts share the slots in one sample_many call
+    prompts_per_call: int | None = None  # default HFEngine.prompts_per_call (see there)
     trust_remote_code: bool = False
     revision: str | None = None
     attn_implementation: str | None = None  # e.g. "sdpa", "eager"
@@ -80,7 +80,7 @@ class HFOptions:
         opts = cls(**options)
         if opts.batch_size is not None and opts.batch_size < 1:
             raise ConfigError(f"batch size must be >= 1 (got {opts.batch_size})")
-        if opts.prompts_per_call < 1:
+        if opts.prompts_per_call is not None and opts.prompts_per_call < 1:
             raise ConfigError(f"prompts_per_call must be >= 1 (got {opts.prompts_per_call})")
         return opts
 
@@ -161,6 +161,11 @@ class HFEngine(Engine):
     name = "hf"
     # option name -> accepted type, for validating engine options before construction
     OPTIONS: ClassVar[dict[str, Any]] = typing.get_type_hints(HFOptions)
+    # Prompts whose rollouts share the slots in one generate_run call. Above 1 each prompt's
+    # tail is filled with the next prompt's rollouts: tokens never change, but float fields
+    # move in the last bits with the batch's make-up, so a resumed run is bit-identical to an
+    # uninterrupted one only at 1 (or when generate_run aligns calls to fixed prompt chunks).
+    prompts_per_call: int = 1
 
     def __init__(self, model: str, **options: Any):
         opts = HFOptions.parse(options)
@@ -183,7 +188,8 @@ class HFEngine(Engine):
         self.device = torch.device(device)
         self.dtype = _DTYPES[dtype]
         self.batch_size = opts.batch_size
-        self.prompts_per_call = opts.prompts_per_call
+        if opts.prompts_per_call is not None:
+            self.prompts_per_call = opts.prompts_per_call
         self.verbose = opts.verbose
         kwargs: dict[str, Any] = {"dtype": getattr(torch, self.dtype)}
         if opts.revision:
@@ -218,7 +224,7 @@ class HFEngine(Engine):
         tokenizer: Any,
         name: str = "in-memory",
         batch_size: int | None = None,
-        prompts_per_call: int = 8,
+        prompts_per_call: int | None = None,
         verbose: bool = False,
     ) -> HFEngine:
         """Wrap an already loaded model and tokenizer (benchmarks, notebooks); no loading."""
@@ -233,7 +239,8 @@ class HFEngine(Engine):
         engine.device = next(model.parameters()).device
         engine.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         engine.batch_size = opts.batch_size
-        engine.prompts_per_call = opts.prompts_per_call
+        if opts.prompts_per_call is not None:
+            engine.prompts_per_call = opts.prompts_per_call
         engine.verbose = opts.verbose
         engine._finish_setup()
         return engine
@@ -378,27 +385,29 @@ class HFEngine(Engine):
         rid = torch.as_tensor(rid_h, device=dev)
         step = torch.zeros(n, dtype=torch.int64, device=dev)
         tokens = torch.zeros(n, dtype=torch.int64, device=dev)
-        need = torch.arange(n, device=dev)  # slots to sample this round
+        need = None  # slots to sample now (None: every slot, after a forward)
         while True:
             dead: list[np.ndarray] = []
-            while need.numel():
-                r, t = rid[need], step[need]
-                stats = step_stats(logits[need], policy, eos, step_uniforms(seed_t[r], t))
+            while need is None or len(need):
+                sel_h = slice(None) if need is None else need
+                sel = sel_h if need is None else torch.as_tensor(need, device=dev)
+                r, t = rid[sel].clone(), step[sel].clone()
+                stats = step_stats(logits[sel], policy, eos, step_uniforms(seed_t[r], t))
                 rec.write(r, t, stats)
                 is_eos = (stats.token.unsqueeze(-1) == eos).any(dim=-1)
                 done = is_eos | (t == cap - 1)
                 rec.reason[r] = torch.where(is_eos, 0, rec.reason[r])
                 if stop is not None:
-                    hit = stop.update(rid_h[need.cpu().numpy()], stats.token.cpu().numpy())
+                    hit = stop.update(rid_h[sel_h], stats.token.cpu().numpy())
                     hit_t = torch.as_tensor(hit, device=dev) & ~done
                     rec.reason[r] = torch.where(hit_t, 2, rec.reason[r])
                     done = done | hit_t
-                tokens[need] = stats.token
-                step[need] = t + 1
+                tokens[sel] = stats.token
+                step[sel] = t + 1
                 if not bool(done.any()):
                     break
                 rec.length[r[done]] = t[done] + 1
-                free = need[done].cpu().numpy()
+                free = np.arange(len(rid_h))[sel_h][done.cpu().numpy()]
                 rec.finished[rid_h[free]] = True
                 k = min(len(free), len(pending))
                 if k:
@@ -406,7 +415,7 @@ class HFEngine(Engine):
                     rid[free[:k]] = torch.as_tensor(rid_h[free[:k]], device=dev)
                     step[free[:k]] = 0
                 dead.append(free[k:])
-                need = torch.as_tensor(free[:k], device=dev)
+                need = free[:k]
             gone = np.concatenate(dead) if dead else np.zeros(0, dtype=np.int64)
             if len(gone):
                 keep_h = np.setdiff1d(np.arange(len(rid_h)), gone)
@@ -417,7 +426,7 @@ class HFEngine(Engine):
                 rid_h, rid, step, tokens = rid_h[keep_h], rid[keep], step[keep], tokens[keep]
             batch.trim()
             logits = batch.forward(tokens)
-            need = torch.arange(len(rid_h), device=dev)
+            need = None
             self.stats["forwards"] += 1
             self.stats["idle_slot_steps"] += slots - len(rid_h)
 
