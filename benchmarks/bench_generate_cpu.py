@@ -6,7 +6,7 @@ exponential-tailed lengths like real rollouts at a fraction of the cost. Per bat
 
   generate  model.generate(do_sample=True), B rows of one prompt until all have ended
   lockstep  today's engine before continuous batching (--old: its hf.py), one prompt a call
-  canopy/1  HFEngine, one prompt per call (the default prompts_per_call)
+  canopy/1  HFEngine, one prompt per call (the default prompts_per_call; --one-per-call)
   canopy/P  HFEngine.sample_many over all prompts: finished slots refilled from the queue
 
 Occupancy is useful tokens / slot-steps (B slots x decode steps); tokens/s counts useful
@@ -105,7 +105,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 64])
-    parser.add_argument("--prompts", type=int, default=2, help="prompts (rollouts: B each)")
+    parser.add_argument("--prompts", type=int, default=3, help="prompts (rollouts: B each)")
+    parser.add_argument("--one-per-call", action="store_true", help="also canopy/1")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--top-k", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
@@ -141,7 +142,8 @@ def main() -> None:
         methods = {"generate": functools.partial(run_generate)}
         if old_cls is not None:
             methods["lockstep"] = functools.partial(run_lockstep, old_cls)
-        methods["canopy/1"] = functools.partial(run_canopy, 1)
+        if args.one_per_call:
+            methods["canopy/1"] = functools.partial(run_canopy, 1)
         methods[f"canopy/{len(prompts)}"] = functools.partial(run_canopy, len(prompts))
         results = {}
         for name, fn in methods.items():

@@ -389,3 +389,14 @@ def test_options_are_declared_and_unknown_ones_refused(tiny_model):
         HFEngine(str(tiny_model), prompts_per_call=0)
     eng = get_engine("hf", str(tiny_model), device="cpu", prompts_per_call=3, batch_size=None)
     assert eng.prompts_per_call == 3 and eng.batch_size is None
+
+
+def test_bad_requests_are_one_line_errors(engine):
+    policy = DecodingPolicy(eos_token_ids=EOS_IDS)
+    with pytest.raises(ConfigError, match="the prompt has no tokens"):
+        engine.sample_many(
+            [(_prompt(engine), _seeds(2), np.arange(2)), ([], _seeds(1), [0])], policy
+        )
+    with pytest.raises(ConfigError, match="3 seeds for 2 rollout indices"):
+        engine.sample(_prompt(engine), _seeds(3), np.arange(2), policy)
+    assert engine.sample_many([], policy) == []
