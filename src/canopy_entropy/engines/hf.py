@@ -14,8 +14,8 @@ change, so the cache is at most max(prompt) + max_new_tokens wide.
 
 Each step computes the SPEC section-1 fields with ``policy_ops.step_stats`` on the device, in
 float32, written into per-rollout device buffers copied to the host once per call. A rollout's
-randomness is a function of its seed and step only, so results do not depend on batch size,
-refill order or prompts per call. An out-of-memory error halves the batch size and restarts
+randomness is a function of its seed and step only, so its tokens do not depend on batch size,
+refill order or prompts per call (the float fields agree to rounding, ~1e-6). An out-of-memory error halves the batch size and restarts
 the rollouts in flight (finished ones are kept). The KV cache is passed as ``cache=`` (the
 transformers 5.x name; ``past_key_values`` is deprecated) where the model accepts it.
 """
