@@ -267,10 +267,13 @@ def test_json_document_and_write_metrics(tmp_path):
             "diversity": [0.2, 0.4, 0.1, 0.3],
             "vendi": [2.0, 8.0, 1.5, 3.0],
             "corr_length_d": [0.5, -0.2, 0.1, 0.3],
+            "n_rollouts": [4, 5, 4, 5],
         }
     )
     atomic_write_table(
-        tmp_path / "semantic" / "prompt_diversity.parquet", pa.Table.from_pandas(div), "x"
+        tmp_path / "semantic" / "prompt_diversity.parquet",
+        pa.Table.from_pandas(div),
+        "canopy-prompt-diversity/1",
     )
     result = write_metrics(tmp_path, by=("variant",), warn=False)
     doc = json.loads((tmp_path / "metrics" / "metrics.json").read_text())

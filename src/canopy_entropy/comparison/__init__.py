@@ -22,6 +22,7 @@ from canopy_entropy.comparison.bootstrap import (
     summarise_replicates,
 )
 from canopy_entropy.comparison.columns import (
+    CI_LEVEL,
     CORRELATION_METRICS,
     LOG_MEAN_COLUMNS,
     MEAN_COLUMNS,
@@ -39,6 +40,7 @@ from canopy_entropy.comparison.length_matched import (
 from canopy_entropy.comparison.tables import comparison_tables
 
 __all__ = [
+    "CI_LEVEL",
     "CORRELATION_METRICS",
     "LOG_MEAN_COLUMNS",
     "MEAN_COLUMNS",

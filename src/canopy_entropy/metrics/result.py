@@ -232,7 +232,7 @@ def merge_diversity(
         return result
     div = read_table(prompt_path, schema_of("semantic.prompts")).to_pandas()
     keys = list(PROMPT_KEYS)
-    missing = [c for c in keys if c not in div.columns]
+    missing = [c for c in (*keys, "n_rollouts") if c not in div.columns]
     if missing or div.duplicated(keys).any():
         raise StoreError(
             f"{prompt_path} lacks key columns {missing} or repeats a prompt; re-run 'canopy embed'"

@@ -209,6 +209,8 @@ def _run_stage(
         return StageResult(name, "not run", "not selected")
     problem = _needs_problem(stage, run_dir, results) or _pair_problem(stage, cfg)
     if problem:
+        if "which failed" in problem:  # what it made from the failed stage's outputs is stale
+            _remove_outputs(run_dir, stage)
         return StageResult(name, "skipped", problem)
     display.set_stage(name)
     t0 = time.monotonic()
