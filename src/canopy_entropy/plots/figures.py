@@ -322,9 +322,10 @@ def ce_decomposition(pooled: pd.DataFrame, palette: Palette | None = None) -> Fi
                         textcoords="offset points",
                     )
         if j == 0:
-            ax.set_ylabel("CE* and its parts (nats)")
-            ax2.set_ylabel("covariance term, % of CE*")
-            ax3.set_ylabel("stopping decisions, % of CE*")
+            ax.set_ylabel("CE* and parts (nats)")
+            ax2.set_ylabel("covariances (% of CE*)")
+            ax3.set_ylabel("stopping (% of CE*)")
+    fig.align_ylabels(axes[:, 0])
     suptitle(fig, "Where CE* sits: rate × length vs covariance; share of stopping decisions")
     _legend(fig, axes[0])
     return fig
