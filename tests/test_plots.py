@@ -281,11 +281,11 @@ def test_damaged_artefact_is_a_one_line_error(run_two_tasks, tmp_path):
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     path.write_bytes(bytes(raw))
-    with pytest.raises(CanopyError, match="corrupt file .*comparison.parquet") as err:
+    with pytest.raises(CanopyError, match=r"corrupt file .*comparison\.parquet") as err:
         P.make_figures(run, formats=("png",), names=["fig5_comparison"])
     assert "\n" not in str(err.value)
     (run / "regression" / "result.json").write_text("{not json")
-    with pytest.raises(CanopyError, match="result.json is damaged"):
+    with pytest.raises(CanopyError, match=r"result\.json is damaged"):
         P.make_figures(run, formats=("png",), names=["fig6_coefficients"])
 
 
