@@ -59,7 +59,7 @@ def _high_fd(fd: int) -> int:
 class Browser:
     """A headless Chromium driven over the DevTools pipe (use as a context manager)."""
 
-    def __init__(self, binary: str, window: tuple[int, int] = (1280, 1600), timeout: float = 60):
+    def __init__(self, binary: str, window: tuple[int, int] = (1280, 1600), timeout: float = 1800):
         self.timeout = timeout
         self.user_data = tempfile.mkdtemp(prefix="canopy-chromium-")
         cmd_r, cmd_w = (_high_fd(fd) for fd in os.pipe())

@@ -1,59 +1,56 @@
-"""Figures: numbers against a brute-force loop, matplotlib objects, non-blank images, notes."""
+"""Figures, on run folders the real pipeline wrote (conftest): numbers against independent
+computations, matplotlib objects, titles inside the figure, non-blank files, notes, freshness."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import matplotlib.image as mpimg
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.figure import Figure
 
+import canopy_entropy.plots as P
 from canopy_entropy.errors import CanopyError
-from canopy_entropy.plots import FIGURE_NAMES, make_figures
-from canopy_entropy.plots import data as pdata
-from canopy_entropy.plots import figures as F
-from canopy_entropy.plots.style import Palette
-from canopy_entropy.store import RunStore, rollouts_table
+from canopy_entropy.labels import label, term_label
+from canopy_entropy.plots import data
+from canopy_entropy.run.freshness import input_fingerprint
+from canopy_entropy.runner.stages import stage_named
+from canopy_entropy.store import RunStore
 from cli_helpers import run_cli
-from plot_fixtures import EVIL, FAMILIES, TASKS, build_run, model_name, rendered_run
-
-N_MODELS = len(FAMILIES) * 2
+from conftest import EVIL
 
 
-@pytest.fixture(scope="module")
-def run() -> Path:
-    return rendered_run()
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    """A private copy of a fixture run (mtimes kept, so stage markers stay valid)."""
+    return Path(shutil.copytree(run, tmp_path / "run"))
 
 
 @pytest.fixture(scope="module")
-def scan(run):
-    return pdata.scan_rollouts(run)
+def scan(run_two_tasks):
+    return data.scan_rollouts(run_two_tasks)
 
 
 @pytest.fixture(scope="module")
-def palette():
-    return Palette(FAMILIES)
+def drawn(run_two_tasks, tmp_path_factory) -> tuple[Path, P.FigureFiles]:
+    run = copy_run(run_two_tasks, tmp_path_factory.mktemp("drawn"))
+    return run, P.make_figures(run, formats=("png",))
 
 
-def brute_force_running_rate(run: Path) -> tuple[dict, dict]:
-    """Independent reference: a plain Python loop over rollouts and positions."""
-    table = RunStore(run).read_rollouts(columns=["model", "task", "entropy"]).to_pylist()
+def test_running_rate_matches_brute_force_loop(run_two_tasks, scan):
+    rows = RunStore(run_two_tasks).read_rollouts(columns=["model", "task", "entropy"]).to_pylist()
     sums: dict = {}
     counts: dict = {}
-    for row in table:
+    for row in rows:
         total = 0.0
         for t, h in enumerate(row["entropy"], start=1):
             total += float(h)
             key = (row["model"], row["task"], t)
             sums[key] = sums.get(key, 0.0) + total / t
             counts[key] = counts.get(key, 0) + 1
-    return sums, counts
-
-
-def test_running_rate_matches_brute_force_loop(run, scan):
-    sums, counts = brute_force_running_rate(run)
     rr = scan[1]
     assert len(rr) == len(counts)
     for row in rr.itertuples(index=False):
@@ -62,294 +59,284 @@ def test_running_rate_matches_brute_force_loop(run, scan):
         assert row.mean_rate == pytest.approx(sums[key] / counts[key], rel=1e-12, abs=1e-12)
 
 
-def test_scan_is_independent_of_batch_size(run, scan):
-    """Groups split across record batches must accumulate to the same curves."""
-    frame, rr = pdata.scan_rollouts(run, batch_size=7)
+def test_scan_is_independent_of_batch_size(run_two_tasks, scan):
+    frame, rr = data.scan_rollouts(run_two_tasks, batch_size=7)
     pd.testing.assert_frame_equal(rr, scan[1], check_exact=False, rtol=1e-12)
-    cols = ["model", "prompt_id", "length", "H"]
-    pd.testing.assert_frame_equal(
-        frame[cols].reset_index(drop=True), scan[0][cols].reset_index(drop=True), rtol=1e-12
-    )
-
-
-def test_rollout_frame_sums_and_rates(run, scan):
-    table = RunStore(run).read_rollouts(columns=["entropy", "length"]).to_pylist()
-    h = np.array([sum(float(x) for x in r["entropy"]) for r in table])
-    n = np.array([r["length"] for r in table])
-    frame = scan[0]
+    rows = RunStore(run_two_tasks).read_rollouts(columns=["entropy", "length"]).to_pylist()
+    h = np.array([sum(float(x) for x in r["entropy"]) for r in rows])
     np.testing.assert_allclose(frame["H"], h, rtol=1e-12)
-    np.testing.assert_array_equal(frame["length"], n)
-    np.testing.assert_allclose(frame["rate"], h / n, rtol=1e-12)
+    np.testing.assert_array_equal(frame["length"], [r["length"] for r in rows])
 
 
-def test_fig1_structure_and_trimming(scan, palette):
-    rr = scan[1]
-    min_active = 5
-    fig = F.fig_running_rate(rr, palette, min_active=min_active)
-    axes = fig.axes
-    assert len(axes) == 2 * len(TASKS)
-    tops = [ax for ax in axes if ax.get_title() in TASKS]
-    assert [ax.get_title() for ax in tops] == list(TASKS)
-    assert tops[0].get_ylabel() == "running entropy rate (nats/token)"
+def test_fig1_lines_are_the_running_rate_trimmed(scan):
+    rr, palette = scan[1], P.Palette(["tiny"])
+    fig = P.running_rate(rr, palette, min_active=5)
+    tops = [ax for ax in fig.axes if ax.get_title() in ("coding", "math")]
+    assert [ax.get_title() for ax in tops] == ["coding", "math"]
     for ax in tops:
         lines = ax.get_lines()
-        assert len(lines) == N_MODELS
+        assert [ln.get_label() for ln in lines] == ["tiny-base", "tiny-instruct"]
         for line in lines:
-            model = line.get_label()
-            variant = "base" if "base" in model else "instruct"
-            family = model.split("-")[0] + "-" + model.split("-")[1]
-            assert line.get_linestyle() == ("--" if variant == "base" else "-")
-            assert line.get_color() == palette.color(family)
-            sub = rr[(rr["model"] == model) & (rr["task"] == ax.get_title())]
-            kept = sub[sub["n_active"] >= min_active]
+            assert line.get_linestyle() == ("--" if line.get_label().endswith("base") else "-")
+            assert line.get_color() == palette.color("tiny")
+            sub = rr[(rr["model"] == line.get_label()) & (rr["task"] == ax.get_title())]
+            kept = sub[sub["n_active"] >= 5]
             np.testing.assert_array_equal(line.get_xdata(), kept["position"])
             np.testing.assert_allclose(line.get_ydata(), kept["mean_rate"])
-        last = rr[(rr["task"] == ax.get_title()) & (rr["n_active"] >= min_active)]
-        assert ax.get_xlim()[1] == pytest.approx(last["position"].max())
-    lowers = [ax for ax in axes if ax.get_ylabel() == "active rollouts"]
-    assert len(lowers) == 1
-    for ax in axes:
-        if ax not in tops:
-            assert all(min(line.get_ydata()) >= min_active for line in ax.get_lines())
+    fig = P.running_rate(rr, min_active=10_000)
+    assert any("fewer than 10000" in t.get_text() for ax in fig.axes for t in ax.texts)
 
 
-def test_fig1_min_active_too_large_gives_panel_note(scan, palette):
-    fig = F.fig_running_rate(scan[1], palette, min_active=10_000)
-    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
-    assert any("fewer than 10000 rollouts" in t for t in texts)
-    assert all(len(ax.get_lines()) == 0 for ax in fig.axes)
-
-
-def test_fig2_length_distribution(scan, palette):
-    fig = F.fig_length_distribution(scan[0], palette)
-    assert len(fig.axes) == len(TASKS)
-    for ax in fig.axes:
-        assert ax.get_xscale() == "log"
-        models = [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")]
-        assert len(models) == N_MODELS
-        for line in models:
-            # a density of log10 N integrates to about 1 over the drawn range
-            x, y = np.log10(line.get_xdata()), line.get_ydata()
-            assert 0.5 < np.trapezoid(y, x) <= 1.0001
-    # truncated rollouts exist in the fixture: the cap is marked with its share
-    text = " ".join(t.get_text() for ax in fig.axes for t in ax.texts)
-    assert "cap 60:" in text and "% truncated" in text
-
-
-def test_fig3_within_prompt_variance(scan, palette):
+def test_fig2_ecdf_stays_inside_the_support_and_marks_the_cap(run_two_tasks, scan):
     frame = scan[0]
-    var = F.within_prompt_variance(frame)
-    g = frame[(frame["model"] == "fam-a-base") & (frame["task"] == "math")]
-    first = g[g["prompt_id"] == g["prompt_id"].iloc[0]]
+    fig = P.length_distribution(frame, data.length_caps(run_two_tasks))
+    for ax in fig.axes:
+        task = ax.get_title()
+        sub = frame[frame["task"] == task]
+        assert ax.get_xscale() == "log"
+        caps = [ln for ln in ax.get_lines() if ln.get_linestyle() == ":"]
+        assert [c.get_xdata()[0] for c in caps] == [24]  # max_new_tokens of the manifest
+        for line in (ln for ln in ax.get_lines() if ln.get_linestyle() != ":"):
+            lengths = np.sort(sub.loc[sub["model"] == line.get_label(), "length"].to_numpy())
+            x, y = np.asarray(line.get_xdata()), np.asarray(line.get_ydata())
+            assert y[0] == 0 and y[-1] == pytest.approx(1.0)
+            assert x.max() == lengths.max() <= 24  # never past the longest rollout / the cap
+            np.testing.assert_allclose(y[1:], np.arange(1, lengths.size + 1) / lengths.size)
+        text = ax.texts[0].get_text()
+        for model in ("tiny-base", "tiny-instruct"):
+            share = (sub.loc[sub["model"] == model, "finish_reason"] == "length").mean()
+            assert f"{model}: {100 * share:.0f}%" in text  # per model, not pooled
+
+
+def test_fig3_ecdf_starts_at_zero(scan):
+    frame = scan[0]
+    var = P.figures.within_prompt_frame(frame)
+    one = frame[(frame["model"] == "tiny-base") & (frame["task"] == "math")]
+    first = one[one["prompt_id"] == one["prompt_id"].iloc[0]]
     row = var[
-        (var["model"] == "fam-a-base")
+        (var["model"] == "tiny-base")
         & (var["task"] == "math")
         & (var["prompt_id"] == first["prompt_id"].iloc[0])
     ].iloc[0]
     assert row["var_rate"] == pytest.approx(np.var(first["rate"].to_numpy(), ddof=1))
     assert row["var_length"] == pytest.approx(np.var(first["length"].to_numpy(), ddof=1))
-    fig = F.fig_within_prompt_variance(frame, palette)
-    assert len(fig.axes) == 2 * len(TASKS)
-    xlabels = sorted({ax.get_xlabel() for ax in fig.axes})
-    assert xlabels == ["Var within prompt of N", "Var within prompt of r"]
+    fig = P.within_prompt_variance(frame)
     for ax in fig.axes:
-        lines = ax.get_lines()
-        assert len(lines) == N_MODELS
-        assert {ln.get_linestyle() for ln in lines} == {"--", "-"}
-        assert all(ln.get_ydata()[-1] == pytest.approx(1.0) for ln in lines)
+        for line in ax.get_lines():
+            y = np.asarray(line.get_ydata())
+            assert y[0] == 0 and y[-1] == pytest.approx(1.0) and np.all(np.diff(y) >= 0)
 
 
-def test_fig4_decomposition_bars(run, palette):
-    pooled = pdata.metrics_pooled(run)
-    fig = F.fig_ce_decomposition(pooled, palette)
-    assert len(fig.axes) == 2 * len(TASKS)
-    top = fig.axes[0]
-    assert top.get_title() == TASKS[0]
-    assert len(top.containers) == 3  # rate x length, within cov, between cov
-    labels = [t.get_text() for t in top.get_xticklabels()]
-    assert labels == [model_name(f, v) for f in FAMILIES for v in ("base", "instruct")]
-    rows = pooled[pooled["task"] == TASKS[0]].set_index("model").loc[labels]
-    heights = [p.get_height() for p in top.containers[0].patches]
-    np.testing.assert_allclose(heights, rows["rate_length_term"])
-    styles = [p.get_linestyle() for p in top.containers[0].patches]
-    assert styles == ["--", "-", "--", "-"]
-    # stacked total of the three terms equals CE* (the fixture's terms add up exactly)
-    total = sum(np.array([p.get_height() for p in c.patches]) for c in top.containers)
-    np.testing.assert_allclose(total, rows["ce_star"], rtol=1e-9)
-    cov_share = 100 * (rows["within_cov_term"] + rows["between_cov_term"]) / rows["ce_star"]
-    assert [t.get_text() for t in top.texts] == [f"cov {v:+.1f}%" for v in cov_share]
+def test_fig4_bars_are_the_pooled_decomposition(run_two_tasks):
+    pooled = data.metrics_pooled(run_two_tasks)
+    assert "family" not in pd.read_parquet(run_two_tasks / "metrics" / "pooled.parquet")
+    assert set(pooled["family"]) == {"tiny"}  # from the typed manifest
+    fig = P.ce_decomposition(pooled)
+    top, mid = fig.axes[0], fig.axes[2]  # sharey rows: axes in row-major order
+    rows = pooled[pooled["task"] == "coding"].set_index("model").loc[["tiny-base", "tiny-instruct"]]
+    heights = [np.array([p.get_height() for p in c.patches]) for c in top.containers]
+    np.testing.assert_allclose(heights[0], rows["rate_length_term"])
+    # N̄·R̄ + within + between = CE* for the real pooled values
+    np.testing.assert_allclose(sum(heights), rows["ce_star"], rtol=1e-9)
+    shares = [np.array([p.get_height() for p in c.patches]) for c in mid.containers]
+    np.testing.assert_allclose(shares[0], 100 * rows["within_cov_term"] / rows["ce_star"])
+    assert [p.get_linestyle() for p in top.containers[0].patches] == ["--", "-"]
+    assert not any(ax.xaxis._major_tick_kw.get("gridOn") for ax in fig.axes)
 
 
-def test_fig5_comparison(run, palette):
-    comp = pdata.comparison(run)
-    fig = F.fig_comparison(comp, palette)
-    titles = [ax.get_title() for ax in fig.axes]
-    assert titles == [t for _, t in F.COMPARISON_METRICS]
-    for ax, (metric, _) in zip(fig.axes, F.COMPARISON_METRICS, strict=True):
-        assert len(ax.containers) == len(FAMILIES)
-        ys = np.concatenate([np.asarray(c.lines[0].get_ydata(), float) for c in ax.containers])
+def test_fig4_says_when_there_is_nothing_to_show(run_two_tasks):
+    pooled = data.metrics_pooled(run_two_tasks).assign(stop_entropy_share=0.0)
+    texts = [t.get_text() for ax in P.ce_decomposition(pooled).axes for t in ax.texts]
+    assert any(t.startswith("nothing to show") for t in texts)
+    pooled["stop_entropy_share"] = np.nan
+    texts = [t.get_text() for ax in P.ce_decomposition(pooled).axes for t in ax.texts]
+    assert any("no stop/content split" in t for t in texts)
+
+
+def test_fig5_points_are_the_comparison(run_two_tasks):
+    comp = data.comparison(run_two_tasks)
+    fig = P.comparison(comp)
+    assert [ax.get_title() for ax in fig.axes] == [label(m) for m in P.figures.COMPARISON_METRICS]
+    for ax, metric in zip(fig.axes, P.figures.COMPARISON_METRICS, strict=True):
+        ys = [float(c.lines[0].get_ydata()[0]) for c in ax.containers]
         col = "diff" if metric == "pearson" else "pct"
-        expected = comp[comp["metric"] == metric].sort_values(["family", "task"])[col]
-        np.testing.assert_allclose(ys, expected)
-        assert ax.get_ylabel() == ("difference" if metric == "pearson" else "% change")
+        np.testing.assert_allclose(ys, comp[comp["metric"] == metric].sort_values("task")[col])
+    assert "instruct vs base" in fig._suptitle.get_text()
+    assert "fewer than 10" in fig._supxlabel.get_text()  # 4 prompts per group
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["tiny"]  # no "all" entry
 
 
-def test_fig6_scatter_curves_forest_qq(run, palette):
-    points, curves, xlabel = F.rate_diversity_points(run)
-    fig = F.fig_rate_vs_diversity(points, curves, palette, xlabel)
-    assert len(fig.axes) == len(TASKS)
+def test_fig5_empty_slot_reads_na(run_two_tasks):
+    comp = data.comparison(run_two_tasks)
+    comp.loc[(comp["metric"] == "bf") & (comp["task"] == "math"), ["pct", "diff"]] = np.nan
+    fig = P.comparison(comp)
+    ax = fig.axes[[label(m) for m in P.figures.COMPARISON_METRICS].index("BF")]
+    assert [t.get_text() for t in ax.texts] == ["n/a"] and len(ax.containers) == 1
+
+
+def test_fig6_scatter_curves_and_coefficients(run_two_tasks, run_three_families):
+    points, curves, xlabel = data.rate_diversity_points(run_two_tasks)
+    panel = pd.read_parquet(run_two_tasks / "regression" / "panel.parquet")
+    fig = P.rate_vs_diversity(points, curves, xlabel)
     for ax in fig.axes:
-        assert len(ax.collections) == N_MODELS
+        sub = panel[panel["task"] == ax.get_title()]
+        assert sum(len(c.get_offsets()) for c in ax.collections) == len(sub)
         assert sorted(ln.get_linestyle() for ln in ax.get_lines()) == ["-", "--"]
-        assert ax.get_xlabel() == "entropy rate (z-score, R_sc)"
-    result = pdata.regression_result(run)
-    fig = F.fig_coefficients(result)
-    terms = [t.get_text() for t in fig.axes[0].get_yticklabels()]
-    assert sorted(terms) == sorted(t for t in result["mean"] if t != "(Intercept)")
-    assert "slope ratio 2.66" in fig.axes[0].get_title()
-    doc, resid = pdata.regression_diagnostics(run)
-    fig = F.fig_qq(doc, resid)
-    lines = fig.axes[0].get_lines()
-    assert [ln.get_label() for ln in lines[:2]] == [
-        "residual_conditional",
-        "residual_unconditional",
-    ]
-    np.testing.assert_allclose(lines[1].get_ydata(), np.sort(resid["residual_unconditional"]))
-    text = " ".join(t.get_text() for t in fig.axes[0].texts)
-    for line in (
-        "conditional ks: p=0.41",
-        "unconditional dispersion: p=0.6",
-        "conditional outliers: p=1",
-    ):
-        assert line in text
-    assert "statistic" not in text and "expected" not in text
+    result = data.regression_result(run_two_tasks)
+    fig = P.coefficients(result)
+    ticks = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    ref = result["reference"]
+    assert ticks == [term_label(t, ref) for t in result["mean"] if t != "(Intercept)"]
+    assert "task = math (vs coding)" in ticks and "taskmath" not in ticks
+    assert "fixed effects" in fig._suptitle.get_text()
+    mixed = P.coefficients(data.regression_result(run_three_families))
+    assert "Beta mixed model" in mixed._suptitle.get_text()
 
 
-def test_fig6_without_regression_uses_metrics_and_diversity(tmp_path, palette):
-    run = build_run(
-        tmp_path / "r", prompts=3, rollouts=4, stages=("rollouts", "metrics", "semantic")
-    )
-    points, curves, xlabel = F.rate_diversity_points(run)
-    assert curves is None and "nats/token" in xlabel
-    assert len(points) == 3 * len(TASKS) * N_MODELS
-    fig = F.fig_rate_vs_diversity(points, curves, palette, xlabel)
-    assert all(len(ax.get_lines()) == 0 for ax in fig.axes)
+@pytest.mark.parametrize("fixture", ["run_one_task", "run_two_tasks", "run_three_families"])
+def test_titles_and_labels_stay_inside_the_figure(fixture, request):
+    """Issue 19: no title or tick label is wider than the figure (1 and 2 tasks, 1 and 3
+    families, the long model label included)."""
+    run = request.getfixturevalue(fixture)
+    inputs = P.RunInputs(run)
+    for name in P.FIGURE_NAMES:
+        try:
+            fig = P.build_figure(name, inputs)
+        except data.MissingInput:
+            continue
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        fig.draw(renderer)
+        width = fig.bbox.width
+        texts = [fig._suptitle] if fig._suptitle else []
+        texts += [ax.title for ax in fig.axes if ax.get_title()]
+        for text in texts:
+            box = text.get_window_extent(renderer)
+            assert box.x0 >= -1 and box.x1 <= width + 1, (name, text.get_text())
 
 
-def test_written_files_are_real_images(run):
-    made = {p.name for p in (run / "figures").iterdir()}
-    for name in FIGURE_NAMES:
-        assert f"{name}.png" in made and f"{name}.pdf" in made
-        img = mpimg.imread(run / "figures" / f"{name}.png")
-        assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
-        assert float(img[..., :3].std()) > 0.05, f"{name}.png looks blank"
-        assert (run / "figures" / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
-    assert json.loads((run / "figures" / "index.json").read_text())["notes"] == {}
-
-
-def test_missing_stages_give_notes_not_crashes(tmp_path):
-    run = build_run(tmp_path / "r", prompts=3, rollouts=4, stages=("rollouts",))
-    made = make_figures(run, formats=("png",))
-    drawn = sorted(p.stem for p in made)
-    assert drawn == ["fig1_running_rate", "fig2_length_distribution", "fig3_within_prompt_variance"]
-    assert set(made.notes) == set(FIGURE_NAMES) - set(drawn)
-    assert "canopy metrics" in made.notes["fig4_ce_decomposition"]
-    assert "canopy compare" in made.notes["fig5_comparison"]
-    assert "canopy regress" in made.notes["fig6_coefficients"]
+def test_make_figures_writes_real_images_and_the_index(drawn, run_two_tasks):
+    run, made = drawn
+    assert made.notes == {}
+    assert sorted(p.stem for p in made) == sorted(P.FIGURE_NAMES)
+    for path in made:
+        img = mpimg.imread(path)
+        assert img.ndim == 3 and min(img.shape[:2]) > 200
+        assert float(img[..., :3].std()) > 0.05, f"{path.name} looks blank"
     index = json.loads((run / "figures" / "index.json").read_text())
-    assert index["notes"] == made.notes and index["min_active"] == 5
+    inputs = stage_named("plots").inputs
+    assert index["fingerprint"] == input_fingerprint(run, inputs, {"min_active": 5})
+    assert index["figures"]["regression_qq"]["stage"] == "regress"
+    assert P.figures_are_fresh(run) and not P.figures_are_fresh(run, min_active=3)
 
 
-def test_no_rollouts_only_later_stages(tmp_path):
-    run = build_run(tmp_path / "r", prompts=3, rollouts=4, stages=("compare",))
-    made = make_figures(run, formats=("png",), names=["fig1_running_rate", "fig5_comparison"])
-    assert [p.name for p in made] == ["fig5_comparison.png"]
-    assert "no rollouts" in made.notes["fig1_running_rate"]
+def test_pdf_output_and_regress_figures_undated(drawn):
+    run, _ = drawn
+    made = P.make_figures(run, formats=("pdf",), names=["fig4_ce_decomposition"])
+    pdf = made[0].read_bytes()
+    assert pdf[:5] == b"%PDF-" and b"CreationDate" not in pdf
+    assert b"CreationDate" not in (run / "figures" / "regression_qq.pdf").read_bytes()
 
 
-def test_stale_figure_removed_when_input_disappears(tmp_path):
-    run = build_run(tmp_path / "r", prompts=3, rollouts=4, stages=("rollouts", "compare"))
-    make_figures(run, formats=("png",), names=["fig5_comparison"])
-    assert (run / "figures" / "fig5_comparison.png").exists()
-    (run / "compare" / "comparison.parquet").unlink()
-    made = make_figures(run, formats=("png",), names=["fig5_comparison"])
-    assert not (run / "figures" / "fig5_comparison.png").exists()
-    assert "fig5_comparison" in made.notes
+def test_freshness_follows_the_declared_inputs(run_two_tasks, tmp_path):
+    run = copy_run(run_two_tasks, tmp_path)
+    P.make_figures(run, formats=("png",), names=["fig4_ce_decomposition"])
+    assert P.figures_are_fresh(run)
+    (run / "tables" / "extra.csv").write_text("not an input of the figures\n")
+    assert P.figures_are_fresh(run)
+    pooled = run / "metrics" / "pooled.parquet"
+    stat = pooled.stat()
+    import os
+
+    os.utime(pooled, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert not P.figures_are_fresh(run)
 
 
-def test_edge_cases_greedy_and_single_rollouts(tmp_path, palette):
-    """Zero entropies, one rollout per prompt, a one-step rollout: notes, no crash."""
-    store = RunStore(tmp_path / "edge")
-    table = rollouts_table(
-        run="e",
-        model="m",
-        variant="instruct",
-        family="f",
-        task="t",
-        prompt_id=["a", "b", "c"],
-        rollout_index=[0, 0, 0],
-        seed=[1, 2, 3],
-        finish_reason=["eos", "eos", "length"],
-        entropy=[np.zeros(1, np.float32), np.zeros(4, np.float32), np.zeros(9, np.float32)],
+def test_missing_stages_give_notes_naming_the_command(run_one_task, tmp_path):
+    run = copy_run(run_one_task, tmp_path)
+    made = P.make_figures(run, formats=("png",))
+    assert sorted(made.notes) == ["fig6_coefficients", "fig6_rate_vs_diversity"]
+    assert made.notes["fig6_coefficients"] == (
+        f"no regression: run `canopy regress {run}` or the regress stage of `canopy run`"
     )
-    store.write_rollouts("s", table)
-    frame, rr = pdata.scan_rollouts(store.root)
-    assert (rr["mean_rate"] == 0).all()
-    np.testing.assert_array_equal(rr["n_active"], [3, 2, 2, 2, 1, 1, 1, 1, 1])
-    fig = F.fig_within_prompt_variance(frame, palette)
-    assert any("needs >= 2 rollouts" in t.get_text() for ax in fig.axes for t in ax.texts)
-    made = make_figures(store.root, formats=("png",), min_active=1)
-    assert len(made) == 3
+    assert f"`canopy embed {run}`" in made.notes["fig6_rate_vs_diversity"]
+    index = json.loads((run / "figures" / "index.json").read_text())
+    assert index["figures"]["fig6_coefficients"]["note"] == made.notes["fig6_coefficients"]
 
 
-def test_bad_arguments_are_one_line_errors(tmp_path, run):
+def test_stale_figure_removed_when_its_input_disappears(run_two_tasks, tmp_path):
+    run = copy_run(run_two_tasks, tmp_path)
+    P.make_figures(run, formats=("png", "svg"), names=["fig5_comparison"])
+    (run / "compare" / "comparison.parquet").unlink()
+    made = P.make_figures(run, formats=("png",), names=["fig5_comparison"])
+    assert not list((run / "figures").glob("fig5_comparison.*"))
+    assert made.notes["fig5_comparison"].startswith("no comparison: run `canopy compare")
+
+
+def test_damaged_artefact_is_a_one_line_error(run_two_tasks, tmp_path):
+    run = copy_run(run_two_tasks, tmp_path)
+    path = run / "compare" / "comparison.parquet"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CanopyError, match=r"corrupt file .*comparison\.parquet") as err:
+        P.make_figures(run, formats=("png",), names=["fig5_comparison"])
+    assert "\n" not in str(err.value)
+    (run / "regression" / "result.json").write_text("{not json")
+    with pytest.raises(CanopyError, match=r"result\.json is damaged"):
+        P.make_figures(run, formats=("png",), names=["fig6_coefficients"])
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path, run_two_tasks):
     with pytest.raises(CanopyError, match="does not exist"):
-        make_figures(tmp_path / "nope")
+        P.make_figures(tmp_path / "nope")
     with pytest.raises(CanopyError, match="not a canopy run folder"):
-        make_figures(tmp_path)
+        P.make_figures(tmp_path)
     with pytest.raises(CanopyError, match="unknown figure"):
-        make_figures(run, names=["fig9"])
-    with pytest.raises(CanopyError, match="min-active"):
-        make_figures(run, min_active=0)
+        P.make_figures(run_two_tasks, names=["fig9"])
+    with pytest.raises(CanopyError, match="min_active"):
+        P.make_figures(run_two_tasks, min_active=0)
 
 
-def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run the real ``canopy`` entry point in-process; returns (exit code, stdout, stderr)."""
-    return run_cli(list(args), capsys, monkeypatch)
+def test_figure_functions_write_nothing(run_two_tasks):
+    """A notebook call: frames in, a Figure out, the run folder untouched."""
+    before = {p: p.stat().st_mtime_ns for p in run_two_tasks.rglob("*")}
+    fig = P.ce_decomposition(data.metrics_pooled(run_two_tasks))
+    assert isinstance(fig, Figure)
+    assert {p: p.stat().st_mtime_ns for p in run_two_tasks.rglob("*")} == before
 
 
-def test_cli_plot(run, tmp_path, monkeypatch, capsys):
-    code, out, err = _cli(
-        monkeypatch, capsys, "plot", str(run), "--only", "fig6_qq", "--format", "png"
+def test_registry_entries_name_real_inputs():
+    for name, spec in P.REGISTRY.items():
+        assert spec.title and callable(spec.function), name
+        assert all(callable(getattr(P.RunInputs, n, None)) for n in spec.inputs), name
+
+
+def test_model_names_are_drawn_verbatim(run_three_families):
+    fig = P.build_figure("fig1_running_rate", P.RunInputs(run_three_families))
+    labels = {ln.get_label() for ax in fig.axes for ln in ax.get_lines()}
+    assert f"fam-c{EVIL}-instruct" in labels
+
+
+def test_cli_plot(run_two_tasks, tmp_path, monkeypatch, capsys):
+    run = copy_run(run_two_tasks, tmp_path)
+    code, out, err = run_cli(
+        ["plot", str(run), "--only", "fig5_comparison", "--format", "png"], capsys, monkeypatch
     )
     assert code == 0, err
-    assert out.strip() == str(run / "figures" / "fig6_qq.png")
-    code, out, err = _cli(monkeypatch, capsys, "plot", str(tmp_path / "missing"))
-    assert code == 2
-    assert err.strip().startswith("error:") and len(err.strip().splitlines()) == 1
-    assert "Traceback" not in err
-    code, out, err = _cli(monkeypatch, capsys, "plot", str(run), "--format", "gif")
+    assert out.strip() == str(run / "figures" / "fig5_comparison.png")
+    code, out, err = run_cli(["plot", str(tmp_path / "missing")], capsys, monkeypatch)
+    assert code == 2 and err.strip().startswith("error:") and len(err.strip().splitlines()) == 1
+    code, out, err = run_cli(["plot", str(run), "--format", "gif"], capsys, monkeypatch)
     assert code == 2 and "unknown --format" in err
 
 
-def test_model_names_are_drawn_verbatim(scan, palette):
-    """Data strings are shown as text (no mathtext/markup interpretation)."""
-    fig = F.fig_running_rate(scan[1], palette)
-    labels = {ln.get_label() for ax in fig.axes for ln in ax.get_lines()}
-    assert model_name("fam-b", "instruct") in labels
-    assert EVIL in model_name("fam-b", "instruct")
-
-
-def test_rerun_gives_byte_identical_files(run, tmp_path):
-    import shutil
-
-    copy = tmp_path / "copy"
-    shutil.copytree(run, copy)
-    names = ["fig6_qq", "fig5_comparison"]
-    first = make_figures(copy, names=names, formats=("png", "pdf", "svg"))
+def test_rerun_gives_byte_identical_files(run_two_tasks, tmp_path):
+    run = copy_run(run_two_tasks, tmp_path)
+    names = ["fig5_comparison"]
+    first = P.make_figures(run, names=names, formats=("png", "pdf", "svg"))
     data1 = {p.name: p.read_bytes() for p in first}
-    second = make_figures(copy, names=names, formats=("png", "pdf", "svg"))
+    second = P.make_figures(run, names=names, formats=("png", "pdf", "svg"))
     assert {p.name: p.read_bytes() for p in second} == data1
-    # a partial redraw keeps the other figures' entries in the index
-    index = json.loads((copy / "figures" / "index.json").read_text())
-    assert "fig1_running_rate.png" in index["files"] and "fig6_qq.svg" in index["files"]

@@ -12,16 +12,8 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from canopy_entropy.plots import figures as _fig
-from canopy_entropy.plots.style import Palette, style
+from canopy_entropy.plots.style import style
 from canopy_entropy.run.layout import GROUP_KEYS
-
-
-def _palette(*frames: Any) -> Palette:
-    families: set[str] = set()
-    for frame in frames:
-        if frame is not None and "family" in frame.columns:
-            families.update(frame["family"].astype(str))
-    return Palette(families)
 
 
 def _pooled_with_keys(metrics: Any) -> Any:
@@ -40,30 +32,30 @@ def ce_decomposition(metrics: Any) -> Figure:
     """CE* split into Nbar*Rbar, the within- and between-prompt covariance, and stop/content."""
     pooled = _pooled_with_keys(metrics)
     with style():
-        return _fig.fig_ce_decomposition(pooled, _palette(pooled))
+        return _fig.ce_decomposition(pooled)
 
 
 def length_distribution(metrics: Any) -> Figure:
     """Output-length distribution per task and model (log length axis)."""
     rollouts = metrics.rollouts.rename(columns={"r": "rate"})
     with style():
-        return _fig.fig_length_distribution(rollouts, _palette(rollouts))
+        return _fig.length_distribution(rollouts)
 
 
 def within_prompt_variance(metrics: Any) -> Figure:
     """Distribution over prompts of the within-prompt variance of the rate r and of N."""
     rollouts = metrics.rollouts.rename(columns={"r": "rate"})
     with style():
-        return _fig.fig_within_prompt_variance(rollouts, _palette(rollouts))
+        return _fig.within_prompt_variance(rollouts)
 
 
 def comparison(result: Any) -> Figure:
     """The compared sides' CE*, GenPPL, BF and rho(N, r) with bootstrap intervals."""
     with style():
-        return _fig.fig_comparison(result.table, _palette(result.table))
+        return _fig.comparison(result.table)
 
 
 def coefficients(result: Any) -> Figure:
     """Regression coefficients with 95% intervals (from a ``RegressionResult``)."""
     with style():
-        return _fig.fig_coefficients(result.summary)
+        return _fig.coefficients(result.summary)

@@ -30,7 +30,7 @@ def command(
 
     What each figure shows: docs/figures-report.md.
     """
-    from canopy_entropy.plots.figures import FIGURE_NAMES, make_figures
+    from canopy_entropy.plots import FIGURE_NAMES, make_figures
 
     formats = [f.strip().lower() for f in fmt.split(",") if f.strip()]
     bad = sorted(set(formats) - {"png", "pdf", "svg"})

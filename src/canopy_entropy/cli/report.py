@@ -22,7 +22,7 @@ def command(
         bool | None,
         typer.Option(
             help="Re-draw the figures first (--no-figures: embed RUN/figures/*.png as they are; "
-            "default: re-draw only when older than their inputs)."
+            "default: re-draw only when their inputs changed)."
         ),
     ] = None,
     min_active: Annotated[
@@ -33,10 +33,13 @@ def command(
 
     What the report holds: docs/figures-report.md.
     """
-    from canopy_entropy.report import build_report
+    from canopy_entropy.report import build_report, missing_sections
 
-    with Console(stderr=True).status("building report"):
+    err = Console(stderr=True)
+    with err.status("building report"):
         path = build_report(run, out=out, figures=figures, min_active=min_active)
     Console().print(str(path), highlight=False, soft_wrap=True)
+    for title, note in missing_sections(run):
+        err.print(f"[yellow]not in the report[/] {title}: {note}", highlight=False, soft_wrap=True)
     if open_:
         webbrowser.open(path.resolve().as_uri())

@@ -1,9 +1,11 @@
-"""Inputs of the figures and the report, read from a run folder.
+"""Inputs of the figures and the report, read from a run folder by their layout names.
 
-Each loader returns a pandas DataFrame (or dict) or raises :class:`MissingInput` whose message
-is the note shown in place of a figure ("run 'canopy compare' first"). Per-step data are only
-touched by :func:`running_rate` and :func:`rollout_frame`, both vectorised over the flat
-entropy arrays of each streamed record batch (no per-token Python loops).
+Every artefact is read through the run contract (``run.layout``): the path and schema tag of
+``ARTEFACTS[name]``, a verified read (``store.read_table``) and the exact columns its writer
+writes. A missing artefact raises :class:`MissingInput`, whose message is the note shown in
+place of a figure or section and names the command that makes it; a damaged one is a one-line
+:class:`~canopy_entropy.errors.CanopyError`. Per-step data are only touched by
+:func:`scan_rollouts`, vectorised over the flat entropy arrays of each record batch.
 """
 
 from __future__ import annotations
@@ -16,46 +18,57 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from canopy_entropy.errors import CanopyError
+from canopy_entropy.run.layout import ARTEFACTS, GROUP_KEYS, PROMPT_KEYS, artefact_path, schema_of
 from canopy_entropy.run.manifest import Manifest
 from canopy_entropy.run.manifest import read_manifest as read_run_manifest
-from canopy_entropy.store import KEY_COLUMNS, RunStore
+from canopy_entropy.store import RunStore, read_table
 
-GROUP_KEYS = list(KEY_COLUMNS)  # model, variant, family, task
+GROUP_KEY_LIST = list(GROUP_KEYS)  # model, variant, family, task
+# What each stage's outputs are called in a note, and the command that writes them.
+_WHAT = {
+    "generate": ("no rollouts", "`canopy generate` or `canopy import`"),
+    "metrics": ("no metrics", "`canopy metrics {run}`"),
+    "embed": ("no semantic diversity", "`canopy embed {run}`"),
+    "compare": ("no comparison", "`canopy compare {run}`"),
+    "regress": ("no regression", "`canopy regress {run}`"),
+}
 
 
 class MissingInput(Exception):
     """An input of a figure/report section is absent; the message is the note to show."""
 
 
-def _read_parquet(path: Path, stage: str) -> pd.DataFrame:
+def missing_note(run: Path, stage: str, extra: str = "") -> str:
+    """'no comparison: run `canopy compare RUN` or the compare stage of `canopy run`'."""
+    what, command = _WHAT[stage]
+    return f"{what}{extra}: run {command.format(run=run)} or the {stage} stage of `canopy run`"
+
+
+def read_frame(run: Path, name: str, columns: list[str] | None = None) -> pd.DataFrame:
+    """Artefact ``name`` (a Parquet table) as a DataFrame, verified against its schema tag."""
+    path = artefact_path(run, name)
     if not path.exists():
-        raise MissingInput(f"{path.relative_to(path.parents[1])} not found: run '{stage}' first")
-    try:
-        return pq.read_table(path).to_pandas()
-    except Exception as exc:
-        raise CanopyError(
-            f"cannot read {path} ({exc}); delete it and re-run '{stage}' to rebuild it"
-        ) from exc
+        raise MissingInput(missing_note(run, ARTEFACTS[name].stage))
+    return read_table(path, schema_of(name), columns=columns).to_pandas()
 
 
-def _read_json(path: Path, stage: str) -> dict[str, Any]:
+def read_json(run: Path, name: str) -> dict[str, Any]:
+    """Artefact ``name`` (a JSON document); damaged JSON is a one-line error with the fix."""
+    path = artefact_path(run, name)
     if not path.exists():
-        raise MissingInput(f"{path.relative_to(path.parents[1])} not found: run '{stage}' first")
+        raise MissingInput(missing_note(run, ARTEFACTS[name].stage))
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        stage = ARTEFACTS[name].stage
         raise CanopyError(
-            f"{path} is not valid JSON ({exc.msg}); delete it and re-run '{stage}'"
+            f"{path} is damaged ({exc}); delete it and re-run the {stage} stage"
         ) from exc
-
-
-def _require_columns(df: pd.DataFrame, columns: list[str], what: str) -> None:
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise MissingInput(f"{what} lacks columns {missing}")
+    if not isinstance(doc, dict):
+        raise CanopyError(f"{path} is not a JSON object; delete it and re-run its stage")
+    return doc
 
 
 def check_run_dir(run_dir: str | Path) -> Path:
@@ -63,8 +76,8 @@ def check_run_dir(run_dir: str | Path) -> Path:
     run = Path(run_dir)
     if not run.is_dir():
         raise CanopyError(f"run folder {run} does not exist; pass the folder 'canopy run' wrote")
-    markers = ("manifest.json", "rollouts", "metrics", "compare", "regression", "semantic")
-    if not any((run / m).exists() for m in markers):
+    markers = ("manifest", "rollouts", "metrics.pooled", "compare.table", "regression.result")
+    if not any(artefact_path(run, m).exists() for m in markers):
         raise CanopyError(
             f"{run} is not a canopy run folder (no manifest.json, rollouts/ or metrics/); "
             "pass the folder written by 'canopy run' or 'canopy import --run'"
@@ -72,10 +85,12 @@ def check_run_dir(run_dir: str | Path) -> Path:
     return run
 
 
-def has_rollouts(run: Path) -> bool:
-    return bool(RunStore(run).shard_files())
+def read_manifest(run: Path) -> Manifest:
+    """The run's typed manifest (empty when the folder has none)."""
+    return read_run_manifest(run, missing_ok=True)
 
 
+# --- rollouts ------------------------------------------------------------------------------
 def _flat(entropy: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """Lengths and flat float64 values of a list<float32> column (slice-safe)."""
     if isinstance(entropy, pa.ChunkedArray):
@@ -115,14 +130,21 @@ class _RunningRate:
                     "n_active": c[keep],
                 }
             )
-            for name, value in zip(GROUP_KEYS, key, strict=True):
+            for name, value in zip(GROUP_KEY_LIST, key, strict=True):
                 frame[name] = value
             frames.append(frame)
         if not frames:
             raise MissingInput("every rollout in rollouts/ is empty (zero steps)")
         return pd.concat(frames, ignore_index=True)[
-            [*GROUP_KEYS, "position", "mean_rate", "n_active"]
+            [*GROUP_KEY_LIST, "position", "mean_rate", "n_active"]
         ]
+
+
+def _store(run: Path) -> RunStore:
+    store = RunStore(run)
+    if not store.shard_files():
+        raise MissingInput(missing_note(run, "generate"))
+    return store
 
 
 def scan_rollouts(run: Path, batch_size: int = 1024) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -134,15 +156,13 @@ def scan_rollouts(run: Path, batch_size: int = 1024) -> tuple[pd.DataFrame, pd.D
     ``mean_rate`` over those rollouts and ``n_active`` (how many have N >= t). Vectorised: one
     cumsum and one bincount per record batch, never a loop over steps or rollouts.
     """
-    store = RunStore(run)
-    if not store.shard_files():
-        raise MissingInput("no rollouts in rollouts/: run 'canopy generate' or 'canopy import'")
-    cols = [*GROUP_KEYS, "prompt_id", "finish_reason", "entropy"]
+    store = _store(run)
+    cols = [*GROUP_KEY_LIST, "prompt_id", "finish_reason", "entropy"]
     frames = []
     acc = _RunningRate()
     for batch in store.iter_batches(columns=cols, batch_size=batch_size):
         lengths, flat = _flat(batch.column("entropy"))
-        df = batch.select([*GROUP_KEYS, "prompt_id", "finish_reason"]).to_pandas()
+        df = batch.select([*GROUP_KEY_LIST, "prompt_id", "finish_reason"]).to_pandas()
         ends = np.cumsum(lengths)
         starts = ends - lengths
         cs = np.concatenate([[0.0], np.cumsum(flat)])  # cs[k] = sum of the first k steps
@@ -153,7 +173,7 @@ def scan_rollouts(run: Path, batch_size: int = 1024) -> tuple[pd.DataFrame, pd.D
         frames.append(df)
         if flat.size == 0:
             continue
-        grouped = df.groupby(GROUP_KEYS, sort=False)
+        grouped = df.groupby(GROUP_KEY_LIST, sort=False)
         local = grouped.ngroup().to_numpy()
         local_keys = list(grouped.size().index)
         step_row = np.repeat(np.arange(lengths.size), lengths)
@@ -169,134 +189,124 @@ def scan_rollouts(run: Path, batch_size: int = 1024) -> tuple[pd.DataFrame, pd.D
     return pd.concat(frames, ignore_index=True), acc.frame()
 
 
-def rollout_frame(run: Path, batch_size: int = 1024) -> pd.DataFrame:
-    """One row per rollout: keys, prompt_id, length, finish_reason, H (sum of H_t), rate H/N."""
-    return scan_rollouts(run, batch_size)[0]
-
-
-def running_rate(run: Path, batch_size: int = 1024) -> pd.DataFrame:
-    """Mean running entropy rate of still-active rollouts per position (see scan_rollouts)."""
-    return scan_rollouts(run, batch_size)[1]
-
-
 def rollout_counts(run: Path) -> pd.DataFrame:
-    """Per rollout keys, prompt_id, length and finish_reason only (no per-step columns read)."""
-    store = RunStore(run)
-    if not store.shard_files():
-        raise MissingInput("no rollouts in rollouts/: run 'canopy generate' or 'canopy import'")
-    cols = [*GROUP_KEYS, "prompt_id", "length", "finish_reason"]
-    return store.read_rollouts(columns=cols).to_pandas()
+    """Per rollout: keys, prompt_id, length and finish_reason (no per-step columns read)."""
+    cols = [*GROUP_KEY_LIST, "prompt_id", "length", "finish_reason"]
+    return _store(run).read_rollouts(columns=cols).to_pandas()
 
 
-def metrics_pooled(run: Path) -> pd.DataFrame:
-    """Pooled metrics per group (metrics/pooled.parquet, else metrics/metrics.json).
-
-    Groups pooled without some key column (``canopy metrics --by model,variant,task`` has no
-    family) get it back from the model's rows elsewhere in the run; a missing task is 'all'.
-    """
-    path = run / "metrics" / "pooled.parquet"
-    if path.exists():
-        pooled = _read_parquet(path, "canopy metrics")
-    else:
-        doc = _read_json(run / "metrics" / "metrics.json", "canopy metrics")
-        rows = [{**g.get("key", {}), **g.get("pooled", {})} for g in doc.get("groups", [])]
-        if not rows:
-            raise MissingInput("metrics/metrics.json has no groups")
-        pooled = pd.DataFrame(rows)
-    return attach_model_keys(run, pooled)
+def length_caps(run: Path) -> dict[str, int]:
+    """model label -> its length cap (max_new_tokens) as the manifest records it."""
+    manifest = read_manifest(run)
+    return {
+        label: int(m.policy.max_new_tokens)
+        for label, m in manifest.models.items()
+        if m.policy.max_new_tokens
+    }
 
 
-def _model_key_map(run: Path) -> pd.DataFrame | None:
-    """model -> (family, variant) from per-prompt metrics or the rollouts (None if neither)."""
-    for loader in (metrics_prompts, rollout_counts):
-        try:
-            frame = loader(run)
-        except MissingInput:
-            continue
-        if {"model", "family", "variant"} <= set(frame.columns):
-            return frame[["model", "family", "variant"]].drop_duplicates("model")
-    return None
-
-
-def attach_model_keys(run: Path, df: pd.DataFrame) -> pd.DataFrame:
-    """Fill missing family/variant (by model) and task ('all') columns of a grouped frame."""
+# --- stage outputs -------------------------------------------------------------------------
+def with_group_keys(run: Path, df: pd.DataFrame) -> pd.DataFrame:
+    """Give a frame grouped without some key column its family/variant back from the typed
+    manifest (by model label) and task 'all' when it was pooled over tasks."""
     df = df.copy()
     if "task" not in df.columns:
         df["task"] = "all"
-    if "model" not in df.columns:
-        return df
     missing = [c for c in ("family", "variant") if c not in df.columns]
-    if missing:
-        mapping = _model_key_map(run)
-        if mapping is not None:
-            df = df.merge(mapping[["model", *missing]], on="model", how="left")
-        for c in missing:
-            if c not in df.columns:
-                df[c] = df["model"] if c == "family" else ""
-            df[c] = df[c].fillna(df["model"] if c == "family" else "")
+    if missing and "model" in df.columns:
+        models = read_manifest(run).models
+        for col in missing:
+            df[col] = [
+                getattr(models[m], col) if m in models else "" for m in df["model"].astype(str)
+            ]
     return df
+
+
+def metrics_pooled(run: Path) -> pd.DataFrame:
+    """Pooled metrics per group (metrics/pooled.parquet), with every group key present."""
+    return with_group_keys(run, read_frame(run, "metrics.pooled"))
 
 
 def metrics_prompts(run: Path) -> pd.DataFrame:
     """Per-prompt metrics (metrics/prompts.parquet)."""
-    return _read_parquet(run / "metrics" / "prompts.parquet", "canopy metrics")
+    return read_frame(run, "metrics.prompts")
 
 
 def prompt_diversity(run: Path) -> pd.DataFrame:
     """Per-prompt semantic diversity (semantic/prompt_diversity.parquet)."""
-    return _read_parquet(run / "semantic" / "prompt_diversity.parquet", "canopy embed")
+    return read_frame(run, "semantic.prompts")
+
+
+def embed_info(run: Path) -> dict[str, Any]:
+    """What the embed stage used (semantic/embed.json: encoder, dim, counts, notes)."""
+    return read_json(run, "semantic.info")
 
 
 def comparison(run: Path) -> pd.DataFrame:
-    """Tidy base-vs-instruct comparison table (compare/comparison.parquet)."""
-    df = _read_parquet(run / "compare" / "comparison.parquet", "canopy compare")
-    _require_columns(df, ["metric", "kind"], "compare/comparison.parquet")
-    return df
+    """The tidy comparison table (compare/comparison.parquet)."""
+    return read_frame(run, "compare.table")
 
 
 def comparison_by_columns(df: pd.DataFrame) -> list[str]:
-    """The by-columns of a comparison table (the columns before ``metric``)."""
-    cols = list(df.columns)
-    return cols[: cols.index("metric")] if "metric" in cols else []
+    """The by-columns of a comparison table: the writer puts them before its tidy columns."""
+    from canopy_entropy.comparison import TIDY_COLUMNS
+
+    return [c for c in df.columns if c not in TIDY_COLUMNS]
+
+
+def length_matched(run: Path) -> pd.DataFrame:
+    """The length-matched analysis (compare/length_matched.parquet)."""
+    return read_frame(run, "compare.length_matched")
 
 
 def regression_result(run: Path) -> dict[str, Any]:
-    return _read_json(run / "regression" / "result.json", "canopy regress")
+    """The fitted regression (regression/result.json, ``stats.regression.result_json``)."""
+    return read_json(run, "regression.result")
 
 
 def regression_panel(run: Path) -> pd.DataFrame:
-    return _read_parquet(run / "regression" / "panel.parquet", "canopy regress")
+    return read_frame(run, "regression.panel")
 
 
 def regression_curves(run: Path) -> pd.DataFrame:
-    return _read_parquet(run / "regression" / "curves.parquet", "canopy regress")
+    """Population-level predicted D (column ``D``) along R_sc per task and variant."""
+    return read_frame(run, "regression.curves")
 
 
 def regression_diagnostics(run: Path) -> tuple[dict[str, Any], pd.DataFrame]:
-    """DHARMa-like p-values (diagnostics.json) and scaled residuals (diagnostics.parquet)."""
-    doc = _read_json(run / "regression" / "diagnostics.json", "canopy regress --diagnostics")
-    df = _read_parquet(run / "regression" / "diagnostics.parquet", "canopy regress --diagnostics")
+    """DHARMa-like tests (diagnostics.json) and scaled residuals (diagnostics.parquet)."""
+    try:
+        doc = read_json(run, "regression.diagnostics")
+        df = read_frame(run, "regression.residuals")
+    except MissingInput as exc:
+        raise MissingInput(
+            f"no residual diagnostics: run `canopy regress {run}` with diagnostics on"
+        ) from exc
     return doc, df
 
 
-def pick_column(df: pd.DataFrame, candidates: tuple[str, ...], what: str) -> str:
-    """The first of ``candidates`` present in ``df`` (inputs written by other stages)."""
-    for name in candidates:
-        if name in df.columns:
-            return name
-    raise MissingInput(f"{what} has none of the columns {list(candidates)}")
+def rate_diversity_points(run: Path) -> tuple[pd.DataFrame, pd.DataFrame | None, str]:
+    """Scatter points (x, D, task, family, variant) and fitted curves (x, D, task, variant).
 
-
-def residual_columns(df: pd.DataFrame) -> list[str]:
-    """Scaled-residual columns of diagnostics.parquet (numeric columns named like 'resid')."""
-    cols = [
-        c for c in df.columns if "resid" in str(c).lower() and pd.api.types.is_numeric_dtype(df[c])
-    ]
-    if not cols:
-        raise MissingInput("regression/diagnostics.parquet has no scaled-residual column")
-    return cols
-
-
-def read_manifest(run: Path) -> Manifest:
-    """The run's typed manifest (empty when the folder has none)."""
-    return read_run_manifest(run, missing_ok=True)
+    From the regression panel (x = R_sc, the z-scored rate the curves use); without a
+    regression, per-prompt entropy rate joined with diversity (x in nats/token, no curves).
+    """
+    try:
+        panel = regression_panel(run)
+    except MissingInput:
+        panel = None
+    if panel is not None:
+        points = panel.rename(columns={"R_sc": "x"})
+        try:
+            curves = regression_curves(run).rename(columns={"R_sc": "x"})
+        except MissingInput:
+            curves = None
+        return points, curves, "entropy rate (z-score over the panel)"
+    div = prompt_diversity(run)
+    pm = metrics_prompts(run)
+    keys = list(PROMPT_KEYS)
+    points = pm[[*keys, "entropy_rate"]].merge(div[[*keys, "diversity"]], on=keys)
+    points = points.rename(columns={"entropy_rate": "x", "diversity": "D"})
+    if points.empty:
+        raise MissingInput("no prompt has both metrics and diversity")
+    return points, None, "entropy rate R̄ (nats/token)"

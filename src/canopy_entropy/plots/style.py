@@ -6,6 +6,7 @@ and a variant the same line style in every panel, figure and report of a run.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Iterable
 from contextlib import contextmanager
 from typing import Any
@@ -52,6 +53,7 @@ RC: dict[str, Any] = {
     "axes.spines.top": False,
     "axes.spines.right": False,
     "axes.grid": True,
+    "axes.axisbelow": True,  # gridlines behind bars and markers, never over them
     "grid.alpha": 0.3,
     "grid.linewidth": 0.6,
     "lines.linewidth": 1.6,
@@ -80,6 +82,11 @@ class Palette:
     def __init__(self, families: Iterable[str]):
         ordered = sorted({str(f) for f in families})
         self.colors = {f: FAMILY_PALETTE[i % len(FAMILY_PALETTE)] for i, f in enumerate(ordered)}
+
+    @classmethod
+    def of(cls, frame: Any) -> Palette:
+        """The palette of the families in a frame's ``family`` column."""
+        return cls(frame["family"].astype(str) if "family" in frame else ())
 
     def color(self, family: str) -> str:
         """Colour of a family (unknown families get a grey)."""
@@ -115,3 +122,37 @@ def note_axes(ax: Any, text: str) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
     ax.grid(False)
+
+
+def wrap(text: str, width_in: float, fontsize: float) -> str:
+    """``text`` wrapped to lines no wider than ``width_in`` inches at ``fontsize`` points
+    (an average glyph is about 0.55 em), so titles never run past their axes."""
+    chars = max(int(width_in * 72 / (0.55 * fontsize)), 8)
+    return "\n".join(textwrap.wrap(text, chars, break_on_hyphens=False)) or text
+
+
+def suptitle(fig: Figure, text: str) -> None:
+    """A figure title wrapped to the figure's width."""
+    size = RC["axes.titlesize"] + 1
+    fig.suptitle(wrap(text, fig.get_figwidth() - 0.3, size), fontsize=size)
+
+
+def panel_title(ax: Any, text: str, n_columns: int) -> None:
+    """An axes title wrapped to the width of one of ``n_columns`` panels."""
+    fig = ax.get_figure()
+    width = fig.get_figwidth() / max(n_columns, 1) - 0.4
+    ax.set_title(wrap(text, width, RC["axes.titlesize"]))
+
+
+def restyle(fig: Figure) -> None:
+    """Give a figure drawn elsewhere (pyplot, other rc settings) the canopy look: no top or
+    right spine, light gridlines behind the data, the canopy font sizes."""
+    for ax in fig.axes:
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+        ax.set_axisbelow(True)
+        ax.grid(True, alpha=RC["grid.alpha"], linewidth=RC["grid.linewidth"])
+        ax.title.set_fontsize(RC["axes.titlesize"])
+        for text in (ax.xaxis.label, ax.yaxis.label):
+            text.set_fontsize(RC["axes.labelsize"])
+        ax.tick_params(labelsize=RC["xtick.labelsize"])

@@ -112,17 +112,17 @@ def run_diagnostics(result: BetaGLMMResult, nsim: int = 250, seed: int = 0) -> D
 
 
 def _save(fig, base: Path) -> list[Path]:
-    """Save a figure as PNG and PDF atomically."""
-    import io
-
+    """Save a figure as PNG and PDF atomically, in the figures' style and without creation
+    dates (re-runs give identical files)."""
+    from canopy_entropy.plots.figures import figure_bytes
+    from canopy_entropy.plots.style import restyle
     from canopy_entropy.store import atomic_write_bytes
 
+    restyle(fig)
     paths = []
     for ext in ("png", "pdf"):
-        buf = io.BytesIO()
-        fig.savefig(buf, format=ext, dpi=150)
         path = base.with_suffix(f".{ext}")
-        atomic_write_bytes(path, buf.getvalue())
+        atomic_write_bytes(path, figure_bytes(fig, ext))
         paths.append(path)
     return paths
 
