@@ -24,8 +24,6 @@ from canopy_entropy.comparison.bootstrap import (
 from canopy_entropy.comparison.columns import (
     CI_LEVEL,
     CORRELATION_METRICS,
-    LOG_MEAN_COLUMNS,
-    MEAN_COLUMNS,
     RATIO_METRICS,
     TIDY_COLUMNS,
     pairing_columns,
@@ -38,6 +36,7 @@ from canopy_entropy.comparison.length_matched import (
     match_lengths,
 )
 from canopy_entropy.comparison.tables import comparison_tables
+from canopy_entropy.stats.pooling import LOG_MEAN_COLUMNS, MEAN_COLUMNS
 
 __all__ = [
     "CI_LEVEL",

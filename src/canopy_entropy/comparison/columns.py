@@ -10,14 +10,6 @@ from canopy_entropy.store import KEY_COLUMNS
 # Pooled as unweighted means of the per-prompt value (GenPPL and BF derive from these).
 
 
-# Pooled as unweighted means of the per-prompt value (GenPPL and BF derive from these).
-MEAN_COLUMNS = ("ce_star", "mean_length", "entropy_rate", "length_entropy", "diversity", "vendi")
-
-
-# ... of which these are pooled on the log scale: exp(mean_p log v_p), an effective number
-LOG_MEAN_COLUMNS = ("vendi",)
-
-
 RATIO_METRICS = (
     "ce_star",
     "genppl",

@@ -13,12 +13,13 @@ import pandas as pd
 import pyarrow as pa
 
 from canopy_entropy.comparison.bootstrap import paired_bootstrap, summarise_replicates
-from canopy_entropy.comparison.columns import MEAN_COLUMNS, TIDY_COLUMNS, pairing_columns
+from canopy_entropy.comparison.columns import TIDY_COLUMNS, pairing_columns
 from canopy_entropy.comparison.length_matched import length_matched_analysis
 from canopy_entropy.comparison.tables import comparison_tables, write_tables
 from canopy_entropy.errors import CanopyError, ConfigError
 from canopy_entropy.metrics.result import MetricsResult, current_metrics
 from canopy_entropy.run.layout import artefact_path, schema_of
+from canopy_entropy.stats.pooling import MEAN_COLUMNS
 from canopy_entropy.store import atomic_write_table, atomic_write_text, read_table
 
 # Pooled as unweighted means of the per-prompt value (GenPPL and BF derive from these).

@@ -9,8 +9,11 @@ import numpy as np
 import pandas as pd
 
 from canopy_entropy.metrics.columns import METRIC_COLUMNS, PROMPT_KEYS, TRUNCATION_WARN_RATE
-from canopy_entropy.semantic.diversity import pool_vendi
-from canopy_entropy.stats.pooling import pool_covariance, pool_fisher, pool_kendall
+from canopy_entropy.stats.pooling import (
+    MEAN_COLUMNS,
+    pool_fisher,
+    pooled_statistics,
+)
 
 
 def _pool(
@@ -55,14 +58,17 @@ def pool_group(g: pd.DataFrame, delta: float = 0.05) -> tuple[dict[str, float], 
     ce = g["ce_star"].to_numpy()
     nbar = g["mean_length"].to_numpy()
     rbar = g["entropy_rate"].to_numpy()
-    ce_pool = ce.mean()
-    nbar_pool = nbar.mean()
-    rbar_pool = rbar.mean()
+    # the pooling rules: the one implementation every bootstrap replicate uses too
+    pooled_cols = [*MEAN_COLUMNS, "pearson", "spearman", "kendall", "covariance", "n_rollouts"]
+    shared = pooled_statistics({c: g[c].to_numpy() for c in pooled_cols if c in g.columns})
+    ce_pool = float(shared["ce_star"])
+    nbar_pool = float(shared["mean_length"])
+    rbar_pool = float(shared["entropy_rate"])
     rate_length = nbar_pool * rbar_pool
     between = float(np.mean((nbar - nbar_pool) * (rbar - rbar_pool)))
     within = float(g["within_cov_term"].mean())
     stop_pool = float(g["stop_entropy"].mean())
-    h_n = float(g["length_entropy"].mean())
+    h_n = float(shared["length_entropy"])
     h_hist = float(g["length_entropy_hist"].mean())
     h_content = h_n if math.isfinite(h_n) else h_hist
 
@@ -105,14 +111,14 @@ def pool_group(g: pd.DataFrame, delta: float = 0.05) -> tuple[dict[str, float], 
             "ce_star": ce_pool,
             "ce_star_surprisal": float(g["ce_star_surprisal"].mean()),
             "mean_length": nbar_pool,
-            "genppl": math.exp(ce_pool / nbar_pool),
+            "genppl": float(shared["genppl"]),
             "entropy_rate": rbar_pool,
-            "bf": math.exp(rbar_pool),
+            "bf": float(shared["bf"]),
             "truncation_rate": trunc_rate,
-            "pearson": float(pool_fisher(g["pearson"].to_numpy(), n)),
-            "spearman": float(pool_fisher(g["spearman"].to_numpy(), n)),
-            "kendall": float(pool_kendall(g["kendall"].to_numpy(), n)),
-            "covariance": float(pool_covariance(g["covariance"].to_numpy(), n)),
+            "pearson": float(shared["pearson"]),
+            "spearman": float(shared["spearman"]),
+            "kendall": float(shared["kendall"]),
+            "covariance": float(shared["covariance"]),
             "rate_length_term": rate_length,
             "within_cov_term": within,
             "between_cov_term": between,
@@ -135,8 +141,8 @@ def pool_group(g: pd.DataFrame, delta: float = 0.05) -> tuple[dict[str, float], 
         values = g[col].to_numpy(dtype=np.float64)
         if col == "corr_length_d":
             out[col] = float(pool_fisher(values, n))
-        elif col == "vendi":
-            out[col] = pool_vendi(values)  # geometric mean (SPEC section 6)
+        elif col in shared:  # diversity (mean) and vendi (geometric mean)
+            out[col] = float(shared[col])
         else:
             finite = values[np.isfinite(values)]
             out[col] = float(finite.mean()) if finite.size else float("nan")
