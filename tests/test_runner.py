@@ -123,7 +123,7 @@ def test_headline_table_matches_independent_computation(reference_run):
         assert table.loc[key, "mean_length"] == pytest.approx(row["N"], rel=1e-9)
         assert table.loc[key, "genppl"] == pytest.approx(np.exp(row["H"] / row["N"]), rel=1e-6)
     md = (out / "tables" / "metrics.md").read_text()
-    assert md.startswith("| model | variant | task | CE* | SE | GenPPL | BF |")
+    assert md.startswith("| model | variant | task | CE* | SE (analytic) | GenPPL | BF |")
     assert md.count("\n| tiny-") == 4
 
 

@@ -35,6 +35,7 @@ import numpy as np
 
 from canopy_entropy.engines.base import DecodingPolicy
 from canopy_entropy.errors import CanopyError, ConfigError, require
+from canopy_entropy.run.layout import PROMPT_KEYS
 
 DEFAULT_CHUNK_BYTES = 256 << 20
 # float32 logits, log-probs, probs and sorted probs, the bool comparison, with headroom.
@@ -42,7 +43,7 @@ BYTES_PER_ENTRY = 24
 COLUMNS = ("p", "logp", "entropy", "rank", "expected_rank", "relative_rank")
 TOKENS_SCHEMA_VERSION = "canopy-token-diagnostics/1"
 ANSWERS_SCHEMA_VERSION = "canopy-answer-diagnostics/1"
-KEYS = ("model", "variant", "family", "task", "prompt_id")
+KEYS = PROMPT_KEYS
 
 
 def _dtype(name: str) -> type:

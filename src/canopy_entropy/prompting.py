@@ -11,8 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from canopy_entropy.errors import CanopyError
-
-VARIANTS = ("base", "instruct")
+from canopy_entropy.run.layout import VARIANTS
 
 
 def render_prompt(tokenizer: Any, text: str, variant: str) -> tuple[str, list[int]]:

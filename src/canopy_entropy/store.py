@@ -42,6 +42,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from canopy_entropy.errors import StoreError
+from canopy_entropy.run.layout import GROUP_KEYS
 
 SCHEMA_VERSION = "canopy-rollouts/1"
 PROMPT_SCHEMA_VERSION = "canopy-prompts/1"
@@ -110,7 +111,7 @@ PROMPT_SCHEMA = pa.schema(
     ]
 )
 
-KEY_COLUMNS = ("model", "variant", "family", "task")
+KEY_COLUMNS = GROUP_KEYS  # the group keys of run.layout (one definition)
 
 
 def slug(*parts: str) -> str:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from canopy_entropy.store import KEY_COLUMNS
-
 # Pooled as unweighted means of the per-prompt value (GenPPL and BF derive from these).
 
 
@@ -30,9 +28,6 @@ METRIC_SETS = {
     "correlation": CORRELATION_METRICS,
     "diversity": ("diversity", "vendi"),
 }
-
-
-PROMPT_KEYS = (*KEY_COLUMNS, "prompt_id")
 
 
 CI_LEVEL = 0.95

@@ -8,8 +8,9 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from canopy_entropy.comparison.columns import PROMPT_KEYS, pairing_columns
+from canopy_entropy.comparison.columns import pairing_columns
 from canopy_entropy.comparison.grouped import _group_ids, grouped_midranks, grouped_pearson
+from canopy_entropy.run.layout import PROMPT_KEYS
 from canopy_entropy.stats.pooling import (
     pool_fisher,
 )

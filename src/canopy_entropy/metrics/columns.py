@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
+from canopy_entropy.run.layout import PROMPT_KEYS
 from canopy_entropy.semantic.diversity import DIVERSITY_COLUMNS as _SEMANTIC_DIVERSITY_COLUMNS
-from canopy_entropy.store import KEY_COLUMNS
-
-PROMPT_KEYS = (*KEY_COLUMNS, "prompt_id")
-
 
 DEFAULT_BY = ("model", "variant", "task")
 
@@ -45,7 +42,7 @@ METRIC_COLUMNS = (
 DIVERSITY_COLUMNS = tuple(c for c in _SEMANTIC_DIVERSITY_COLUMNS if c != "n_rollouts")
 
 
-TRUNCATION_WARN_RATE = 0.05
+TRUNCATION_WARN_RATE = 0.05  # more rollouts than this cut at the cap: CE* is a lower bound
 
 
 _KEY_SEPARATOR = "\x1f"

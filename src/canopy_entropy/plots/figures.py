@@ -28,11 +28,11 @@ from canopy_entropy.plots.style import (
     suptitle,
     wrap,
 )
+from canopy_entropy.run.layout import PROMPT_KEYS
 
 DEFAULT_MIN_ACTIVE = 5
 FEW_PROMPTS = 10  # comparison intervals from fewer prompts than this get a caution
 COMPARISON_METRICS = ("ce_star", "genppl", "bf", "pearson", "diversity")
-PROMPT_KEYS = ["model", "variant", "family", "task", "prompt_id"]
 
 
 def _models(df: pd.DataFrame) -> list[tuple[str, str, str]]:
@@ -187,7 +187,7 @@ def length_distribution(
 # --- figure 3 --------------------------------------------------------------------------------
 def within_prompt_frame(rollouts: pd.DataFrame) -> pd.DataFrame:
     """Per prompt: sample variance (ddof 1) of the rollouts' rate r and length N."""
-    g = rollouts.groupby(PROMPT_KEYS, sort=True, observed=True)
+    g = rollouts.groupby(list(PROMPT_KEYS), sort=True, observed=True)
     out = g.agg(var_rate=("rate", "var"), var_length=("length", "var"), m=("rate", "size"))
     return out.reset_index()
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from canopy_entropy.labels import label, term_label
+from canopy_entropy.metrics.columns import TRUNCATION_WARN_RATE
 from canopy_entropy.plots import data
 from canopy_entropy.plots.make import figure_caption
 from canopy_entropy.report.html import Cell, Column, alert, esc, fmt, html_table, kv, note, percent
@@ -16,7 +17,7 @@ from canopy_entropy.run import freshness
 from canopy_entropy.run.layout import GROUP_KEYS
 from canopy_entropy.run.manifest import Manifest
 
-LOUD_TRUNCATION = 0.05
+LOUD_TRUNCATION = TRUNCATION_WARN_RATE
 # Report sections fed by each stage: a failed or stale stage gets a note there.
 STAGE_SECTIONS = {
     "generate": ("summary",),

@@ -13,23 +13,24 @@ from rich.text import Text
 
 from canopy_entropy.config import ExperimentConfig
 from canopy_entropy.errors import CanopyError
+from canopy_entropy.labels import label, meaning
+from canopy_entropy.metrics.columns import TRUNCATION_WARN_RATE
 from canopy_entropy.run.layout import GROUP_KEYS, artefact_path, schema_of
 from canopy_entropy.runner.display import StageResult
 from canopy_entropy.store import atomic_write_text
 
-TRUNCATION_WARN_RATE = 0.05  # more rollouts than this cut at the cap: CE* is a lower bound
-
-HEADLINE = [
-    ("ce_star", "CE*"),
-    ("ce_star_se", "SE"),
-    ("genppl", "GenPPL"),
-    ("bf", "BF"),
-    ("entropy_rate", "rate"),
-    ("mean_length", "mean N"),
-    ("spearman", "rho_s(N,r)"),
-    ("truncation_rate", "trunc"),
-    ("diversity", "D"),
-]
+# the headline columns; their names come from the one label table (canopy_entropy.labels)
+HEADLINE = (
+    "ce_star",
+    "ce_star_se",
+    "genppl",
+    "bf",
+    "entropy_rate",
+    "mean_length",
+    "spearman",
+    "truncation_rate",
+    "diversity",
+)
 
 
 def headline_frame(run_dir: Path) -> Any:
@@ -62,18 +63,16 @@ def write_tables(run_dir: Path) -> None:
     out = Path(run_dir) / "tables"
     atomic_write_text(out / "metrics.csv", frame.to_csv(index=False))
     cols = [k for k in GROUP_KEYS if k in frame.columns] + [
-        c for c, _ in HEADLINE if c in frame.columns
+        c for c in HEADLINE if c in frame.columns
     ]
-    names = dict(HEADLINE)
-    header = [names.get(c, c) for c in cols]
+    header = [label(c) for c in cols]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for _, row in frame[cols].iterrows():
         lines.append("| " + " | ".join(_fmt(row[c]) for c in cols) + " |")
     note = (
-        "\n\nCE* in nats per generation (SE: its standard error over prompts); GenPPL = "
-        "exp(CE*/mean N); BF = exp(mean entropy rate); rho_s: pooled Spearman correlation of "
-        "length and entropy rate; trunc: share of rollouts cut at max_new_tokens; D: semantic "
-        "diversity.\n"
+        "\n\n"
+        + "; ".join(f"{label(c)}: {meaning(c)}" for c in cols if c not in GROUP_KEYS and meaning(c))
+        + " (docs/metrics.md).\n"
     )
     atomic_write_text(out / "metrics.md", "\n".join(lines) + note)
 
@@ -84,11 +83,10 @@ def headline_table(run_dir: Path) -> Table | None:
         return None
     frame = headline_frame(run_dir)
     cols = [k for k in ("model", "variant", "task") if k in frame.columns]
-    cols += [c for c, _ in HEADLINE if c in frame.columns]
-    names = dict(HEADLINE)
+    cols += [c for c in HEADLINE if c in frame.columns]
     table = Table(title="Pooled metrics per model x task", title_justify="left")
     for c in cols:
-        table.add_column(names.get(c, c), justify="left" if c in GROUP_KEYS else "right")
+        table.add_column(label(c), justify="left" if c in GROUP_KEYS else "right")
     for _, row in frame[cols].iterrows():
         table.add_row(*[_fmt(row[c]) for c in cols])
     return table

@@ -16,10 +16,9 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from canopy_entropy.run.layout import PROMPT_KEYS
 from canopy_entropy.scoring.answers import ScoringError
-from canopy_entropy.store import KEY_COLUMNS
 
-PROMPT_KEYS = (*KEY_COLUMNS, "prompt_id")
 DEFAULT_BY = ("model", "variant", "task")
 DEFAULT_MEASURES = ("rate", "H", "surprisal", "rse")
 

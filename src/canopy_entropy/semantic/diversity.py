@@ -15,9 +15,9 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from canopy_entropy.run.layout import PROMPT_KEYS
 from canopy_entropy.stats.correlation import pearson
 
-PROMPT_KEYS = ("model", "variant", "family", "task", "prompt_id")
 DIVERSITY_COLUMNS = (
     "diversity",
     "vendi",

@@ -30,6 +30,7 @@ from scipy.sparse.csgraph import connected_components
 
 from canopy_entropy.engines.base import DecodingPolicy, Engine, rollout_seed
 from canopy_entropy.errors import CanopyError, ConfigError, StoreError
+from canopy_entropy.run.layout import PROMPT_KEYS
 from canopy_entropy.store import (
     KEY_COLUMNS,
     RunStore,
@@ -48,7 +49,6 @@ RETRY_REMINDER = (
     "\n\nYour previous answer could not be read. Reply with exactly one line: "
     '"Response: similar" or "Response: different".'
 )
-PROMPT_KEYS = [*KEY_COLUMNS, "prompt_id"]
 VERDICT_COLUMNS = ["judge", "judge_key", "task", "prompt_id", "pair_sha1", "verdict"]
 VERDICT_COLUMNS += ["attempts", "output"]
 RSE_COLUMNS = ["rse", "rse_normalized", "rse_clusters", "rse_m", "rse_failures"]
@@ -350,7 +350,7 @@ def rse_run(
             f"rollout {row['prompt_id']}#{row['rollout_index']} of {row['model']}/{row['task']} "
             f"appears more than once; remove the duplicate shard from {store.rollouts_dir}"
         )
-    sizes = keys.groupby(PROMPT_KEYS, sort=True, observed=True).size()
+    sizes = keys.groupby(list(PROMPT_KEYS), sort=True, observed=True).size()
     tasks = sorted(keys["task"].astype(str).unique())
     overrides = dict(judge_prompts or {})
     unknown = sorted(set(overrides) - set(tasks))

@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 
 from canopy_entropy.errors import CanopyError
-from canopy_entropy.run.layout import artefact_path, schema_of
+from canopy_entropy.run.layout import PROMPT_KEYS, artefact_path, schema_of
 from canopy_entropy.stats.beta_glmm import CLIP, BetaGLMMResult, fit_beta_glmm
 from canopy_entropy.store import (
     atomic_write_json,
@@ -33,7 +33,7 @@ PUBLISHED_MEAN = (
     "D ~ R_sc * variant + ns(invN_sc, df = 4) * variant + task + (1 | prompt) + (1 | family)"
 )
 PUBLISHED_PRECISION = "~ variant * task + ns(invN_sc, df = 3) + R_sc * variant + family"
-KEYS = ["model", "variant", "family", "task", "prompt_id"]
+KEYS = list(PROMPT_KEYS)
 
 
 def zscore(values: np.ndarray) -> np.ndarray:
