@@ -214,8 +214,18 @@ def _error(message: str) -> None:
     )
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Library notes (``warnings.warn``) become one ``warning:`` line (third-party warnings
+    only with -W / PYTHONWARNINGS, as Python's default filters decide)."""
+    text = " ".join(str(message).split())
+    print(f"warning: {text}", file=sys.stderr if file is None else file)
+
+
 def main() -> None:
     """Run the CLI: 0 success, 1 failure, 2 user error, 130 interrupted (see EPILOG)."""
+    import warnings
+
+    warnings.showwarning = _show_warning
     try:
         code = app(prog_name="canopy", standalone_mode=False)
     except CanopyError as exc:

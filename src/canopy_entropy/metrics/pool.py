@@ -4,6 +4,7 @@ by the Fisher/Kendall/covariance rules, the rate/length split, the SE components
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -150,13 +151,8 @@ def pool_group(g: pd.DataFrame, delta: float = 0.05) -> tuple[dict[str, float], 
 
 
 def _warn_notes(notes: dict[tuple, list[str]]) -> None:
-    loud = {k: [n for n in v if "length cap" in n] for k, v in notes.items()}
-    loud = {k: v for k, v in loud.items() if v}
-    if not loud:
-        return
-    from rich.console import Console
-
-    err = Console(stderr=True)
-    for key, msgs in loud.items():
+    """Say loudly (a warning per group) where many rollouts hit the length cap."""
+    for key, msgs in notes.items():
         for msg in msgs:
-            err.print(f"[bold yellow]warning[/] {'/'.join(map(str, key))}: {msg}", highlight=False)
+            if "length cap" in msg:
+                warnings.warn(f"{'/'.join(map(str, key))}: {msg}", UserWarning, stacklevel=3)
