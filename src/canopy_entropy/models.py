@@ -91,6 +91,12 @@ def resolve_model(name: str) -> str:
     """
     alias = ALIASES.get(name)
     if alias is None:
+        from canopy_entropy.config.models import check_model_available
+        from canopy_entropy.config.schema import ModelSpec
+
+        problem = check_model_available(ModelSpec(model=name), "hf")
+        if problem:  # answered at once: no hub retries for a name that cannot be found
+            raise CanopyError(problem)
         return name
     target = cache_root() / "models" / name
     if (target / "config.json").exists():
