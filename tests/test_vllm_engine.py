@@ -20,6 +20,8 @@ from canopy_entropy.errors import ConfigError
 
 pytestmark = pytest.mark.vllm
 EOS = (2, 4)
+# An explicit KV cache: on CPU the default share of RAM depends on what else runs.
+ENGINE_KW = {"dtype": "float32", "kv_cache_memory_bytes": 64 << 20, "enforce_eager": True}
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +40,7 @@ def hf_model(tiny_path):
 def engine(tiny_path):
     from canopy_entropy.engines.registry import get_engine
 
-    eng = get_engine(
-        "vllm",
-        tiny_path,
-        dtype="float32",
-        gpu_memory_utilization=0.05,
-        max_model_len=256,
-        enforce_eager=True,
-    )
+    eng = get_engine("vllm", tiny_path, max_model_len=256, **ENGINE_KW)
     yield eng
     eng.close()
 
@@ -191,14 +186,7 @@ def test_data_parallel_replicas_give_identical_rollouts(engine, tiny_path):
     prompt_a, prompt_b = _prompts(engine)
     reqs = [(prompt_a, _seeds("a", 5), np.arange(5)), (prompt_b, _seeds("b", 4), np.arange(4))]
     single = engine.sample_many(reqs, policy)
-    dp = VLLMEngine(
-        tiny_path,
-        data_parallel_size=2,
-        dtype="float32",
-        gpu_memory_utilization=0.05,
-        max_model_len=256,
-        enforce_eager=True,
-    )
+    dp = VLLMEngine(tiny_path, data_parallel_size=2, max_model_len=256, **ENGINE_KW)
     try:
         assert dp.describe()["data_parallel_size"] == 2
         split = dp.sample_many(reqs, policy)
@@ -215,5 +203,5 @@ def test_bad_engine_option_is_one_line_config_error(tiny_path):
     from canopy_entropy.engines.vllm import VLLMEngine
 
     with pytest.raises(ConfigError, match="max_model_len") as info:
-        VLLMEngine(tiny_path, dtype="float32", gpu_memory_utilization=0.05, max_model_len=4096)
+        VLLMEngine(tiny_path, max_model_len=4096, **ENGINE_KW)
     assert "\n" not in str(info.value)
