@@ -178,25 +178,38 @@ def test_too_long_prompt_is_refused(engine):
         engine.sample(list(range(5, 105)), _seeds("x", 1), np.arange(1), policy)
 
 
-def test_data_parallel_replicas_give_identical_rollouts(engine, tiny_path):
-    """Two local replica processes: same seeds, same tokens and numbers as one engine."""
+def test_data_parallel_replicas_give_identical_rollouts(engine, tiny_path, monkeypatch):
+    """Two replica processes fed from one queue (3 rollouts in flight each, so each is topped
+    up many times), with vLLM starting its own engine-core process inside each replica (which
+    a daemonic replica could not): the same tokens and numbers as one in-process engine."""
     from canopy_entropy.engines.vllm import VLLMEngine
 
     policy = POLICIES["topk_topp"]
     prompt_a, prompt_b = _prompts(engine)
-    reqs = [(prompt_a, _seeds("a", 5), np.arange(5)), (prompt_b, _seeds("b", 4), np.arange(4))]
+    reqs = [(prompt_a, _seeds("a", 9), np.arange(9)), (prompt_b, _seeds("b", 7), np.arange(7))]
     single = engine.sample_many(reqs, policy)
-    dp = VLLMEngine(tiny_path, data_parallel_size=2, max_model_len=256, **ENGINE_KW)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    dp = VLLMEngine(
+        tiny_path, data_parallel_size=2, rollouts_in_flight=3, max_model_len=256, **ENGINE_KW
+    )
     try:
         assert dp.describe()["data_parallel_size"] == 2
+        assert all(h.proc.is_alive() and not h.proc.daemon for h in dp._handles)
         split = dp.sample_many(reqs, policy)
+        again = dp.sample_many(reqs[::-1], policy)[::-1]  # a second call on the same replicas
     finally:
         dp.close()
-    for a, b in zip(single, split, strict=True):
-        assert a.token_ids.tolist() == b.token_ids.tolist()
-        assert a.offsets.tolist() == b.offsets.tolist()
-        assert a.finish_reason == b.finish_reason
-        np.testing.assert_allclose(a.entropy, b.entropy, atol=1e-5)
+    assert not any(h.proc.is_alive() for h in dp._handles or [])
+    for a, b, c in zip(single, split, again, strict=True):
+        for other in (b, c):
+            assert a.token_ids.tolist() == other.token_ids.tolist()
+            assert a.offsets.tolist() == other.offsets.tolist()
+            assert a.finish_reason == other.finish_reason
+            # batch shapes differ per replica, so vLLM's float32 logits may differ by a few ulps
+            for name in ("entropy", "eos_prob", "logprob"):
+                np.testing.assert_allclose(
+                    getattr(a, name), getattr(other, name), atol=1e-5, rtol=0, err_msg=name
+                )
 
 
 def test_bad_engine_option_is_one_line_config_error(tiny_path):

@@ -394,6 +394,13 @@ class _Replica:
             self.engine.abort_request(list(self._running))
         self._running.clear()
 
+    def shutdown(self) -> None:
+        """Stop vLLM's engine core (and its worker processes) now, not at interpreter exit."""
+        self.abort()
+        core = getattr(self.engine, "engine_core", None)
+        if hasattr(core, "shutdown"):
+            core.shutdown()
+
 
 class _LocalHandle:
     """The replica in this process."""
@@ -413,7 +420,7 @@ class _LocalHandle:
         self.replica.abort()
 
     def close(self) -> None:
-        self.replica.abort()
+        self.replica.shutdown()
 
 
 def _mp_replica_main(conn: Any, model: str, llm_kwargs: dict, devices: str | None) -> None:
@@ -431,6 +438,7 @@ def _mp_replica_main(conn: Any, model: str, llm_kwargs: dict, devices: str | Non
             while not replica.busy() or conn.poll():
                 msg = conn.recv()
                 if msg is None:
+                    replica.shutdown()
                     return
                 if msg[0] == "add":
                     replica.add(*msg[1:])
