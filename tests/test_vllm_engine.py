@@ -5,7 +5,11 @@ Runs only where vllm imports (its own CI step and venv: .ci/vllm-tests.sh)."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,6 +176,41 @@ def test_exactly_top_k_entries_and_normalised(engine):
         assert abs(np.logaddexp.reduce(vals[s + 1 : e])) < 1e-5
 
 
+def test_streamed_steps_equal_one_whole_generate_call(engine):
+    """The streamed, step-by-step engine gives what one ``LLM.generate`` call returns for the
+    same seeds (the engine before streaming): same tokens, finish reasons and per-step values,
+    the values recomputed here from the raw flat log-probs (sampled entry, then the top k)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from canopy_entropy.engines.vllm import sampling_params_kwargs
+
+    policy = POLICIES["topk_temp"]
+    prompt, _ = _prompts(engine)
+    seeds = _seeds("whole", 10)
+    (batch,) = engine.sample_many([(prompt, seeds, np.arange(10))], policy)
+    params = [SamplingParams(**sampling_params_kwargs(policy, s, EOS, engine.vocab_size))
+              for s in seeds.tolist()]  # fmt: skip
+    outs = engine._local.llm.generate(
+        [TokensPrompt(prompt_token_ids=prompt)] * 10, params, use_tqdm=False
+    )
+    for i, out in enumerate(outs):
+        comp = out.outputs[0]
+        sl = slice(batch.offsets[i], batch.offsets[i + 1])
+        assert batch.token_ids[sl].tolist() == list(comp.token_ids)
+        assert batch.finish_reason[i] == ("length" if comp.finish_reason == "length" else "eos")
+        lp = comp.logprobs
+        for j, (s, e) in enumerate(zip(lp.start_indices, lp.end_indices, strict=True)):
+            top = np.asarray(lp.logprobs[s + 1 : e], dtype=np.float64)
+            ids = lp.token_ids[s + 1 : e]
+            step = batch.offsets[i] + j
+            assert abs(batch.entropy[step] + np.sum(np.exp(top) * top)) < 1e-5
+            eos_mass = sum(np.exp(t) for t, k in zip(top, ids, strict=True) if k in EOS)
+            assert abs(batch.eos_prob[step] - eos_mass) < 1e-6
+            assert batch.logprob[step] == np.float32(lp.logprobs[s])
+    assert len(batch.token_ids) > 100
+
+
 def test_too_long_prompt_is_refused(engine):
     policy = DecodingPolicy(temperature=1.0, top_k=5, max_new_tokens=200, eos_token_ids=EOS)
     with pytest.raises(ConfigError, match="exceeds the context length"):
@@ -218,3 +257,25 @@ def test_bad_engine_option_is_one_line_config_error(tiny_path):
     with pytest.raises(ConfigError, match="max_model_len") as info:
         VLLMEngine(tiny_path, max_model_len=4096, **ENGINE_KW)
     assert "\n" not in str(info.value)
+
+
+def test_host_memory_per_call_does_not_grow_with_the_length_cap(tmp_path):
+    """Full-vocabulary log-probs (321 entries a step), 8 rollouts that all run to the cap:
+    holding them to the end of the call (the engine before streaming) would add ~8 x 3500 x
+    321 entries (~500 MiB) at cap 4000 over cap 500; streamed, the peak is the same."""
+    from canopy_entropy.testing import build_tiny_model
+
+    # eos_quantile 0.5: the EOS logit sits at the median, so rollouts almost never stop
+    model = build_tiny_model(tmp_path / "m", max_position_embeddings=4160, eos_quantile=0.5)
+    probe = Path(__file__).with_name("vllm_memory_probe.py")
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    proc = subprocess.run(
+        [sys.executable, str(probe), str(model), "500", "4000"],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 63 < out["control_64mib"] < 66  # the instrument sees a 64 MiB allocation
+    short, long = out["caps"]["500"], out["caps"]["4000"]
+    assert short["steps"] > 0.9 * 8 * 500 and long["steps"] > 0.9 * 8 * 4000
+    assert long["growth_mib"] - short["growth_mib"] < 8, out
