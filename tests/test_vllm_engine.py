@@ -5,7 +5,11 @@ Runs only where vllm imports (its own CI step and venv: .ci/vllm-tests.sh)."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +24,8 @@ from canopy_entropy.errors import ConfigError
 
 pytestmark = pytest.mark.vllm
 EOS = (2, 4)
+# An explicit KV cache: on CPU the default share of RAM depends on what else runs.
+ENGINE_KW = {"dtype": "float32", "kv_cache_memory_bytes": 64 << 20, "enforce_eager": True}
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +44,7 @@ def hf_model(tiny_path):
 def engine(tiny_path):
     from canopy_entropy.engines.registry import get_engine
 
-    eng = get_engine(
-        "vllm",
-        tiny_path,
-        dtype="float32",
-        gpu_memory_utilization=0.05,
-        max_model_len=256,
-        enforce_eager=True,
-    )
+    eng = get_engine("vllm", tiny_path, max_model_len=256, **ENGINE_KW)
     yield eng
     eng.close()
 
@@ -177,43 +176,106 @@ def test_exactly_top_k_entries_and_normalised(engine):
         assert abs(np.logaddexp.reduce(vals[s + 1 : e])) < 1e-5
 
 
+def test_streamed_steps_equal_one_whole_generate_call(engine):
+    """The streamed, step-by-step engine gives what one ``LLM.generate`` call returns for the
+    same seeds (the engine before streaming): same tokens, finish reasons and per-step values,
+    the values recomputed here from the raw flat log-probs (sampled entry, then the top k)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from canopy_entropy.engines.vllm import sampling_params_kwargs
+
+    policy = POLICIES["topk_temp"]
+    prompt, _ = _prompts(engine)
+    seeds = _seeds("whole", 10)
+    (batch,) = engine.sample_many([(prompt, seeds, np.arange(10))], policy)
+    params = [SamplingParams(**sampling_params_kwargs(policy, s, EOS, engine.vocab_size))
+              for s in seeds.tolist()]  # fmt: skip
+    outs = engine._local.llm.generate(
+        [TokensPrompt(prompt_token_ids=prompt)] * 10, params, use_tqdm=False
+    )
+    for i, out in enumerate(outs):
+        comp = out.outputs[0]
+        sl = slice(batch.offsets[i], batch.offsets[i + 1])
+        assert batch.token_ids[sl].tolist() == list(comp.token_ids)
+        assert batch.finish_reason[i] == ("length" if comp.finish_reason == "length" else "eos")
+        lp = comp.logprobs
+        for j, (s, e) in enumerate(zip(lp.start_indices, lp.end_indices, strict=True)):
+            top = np.asarray(lp.logprobs[s + 1 : e], dtype=np.float64)
+            ids = lp.token_ids[s + 1 : e]
+            step = batch.offsets[i] + j
+            assert abs(batch.entropy[step] + np.sum(np.exp(top) * top)) < 1e-5
+            eos_mass = sum(np.exp(t) for t, k in zip(top, ids, strict=True) if k in EOS)
+            assert abs(batch.eos_prob[step] - eos_mass) < 1e-6
+            assert batch.logprob[step] == np.float32(lp.logprobs[s])
+    assert len(batch.token_ids) > 100
+
+
 def test_too_long_prompt_is_refused(engine):
     policy = DecodingPolicy(temperature=1.0, top_k=5, max_new_tokens=200, eos_token_ids=EOS)
     with pytest.raises(ConfigError, match="exceeds the context length"):
         engine.sample(list(range(5, 105)), _seeds("x", 1), np.arange(1), policy)
 
 
-def test_data_parallel_replicas_give_identical_rollouts(engine, tiny_path):
-    """Two local replica processes: same seeds, same tokens and numbers as one engine."""
+def test_data_parallel_replicas_give_identical_rollouts(engine, tiny_path, monkeypatch):
+    """Two replica processes fed from one queue (3 rollouts in flight each, so each is topped
+    up many times), with vLLM starting its own engine-core process inside each replica (which
+    a daemonic replica could not): the same tokens and numbers as one in-process engine."""
     from canopy_entropy.engines.vllm import VLLMEngine
 
     policy = POLICIES["topk_topp"]
     prompt_a, prompt_b = _prompts(engine)
-    reqs = [(prompt_a, _seeds("a", 5), np.arange(5)), (prompt_b, _seeds("b", 4), np.arange(4))]
+    reqs = [(prompt_a, _seeds("a", 9), np.arange(9)), (prompt_b, _seeds("b", 7), np.arange(7))]
     single = engine.sample_many(reqs, policy)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     dp = VLLMEngine(
-        tiny_path,
-        data_parallel_size=2,
-        dtype="float32",
-        gpu_memory_utilization=0.05,
-        max_model_len=256,
-        enforce_eager=True,
+        tiny_path, data_parallel_size=2, rollouts_in_flight=3, max_model_len=256, **ENGINE_KW
     )
     try:
         assert dp.describe()["data_parallel_size"] == 2
+        assert all(h.proc.is_alive() and not h.proc.daemon for h in dp._handles)
         split = dp.sample_many(reqs, policy)
+        again = dp.sample_many(reqs[::-1], policy)[::-1]  # a second call on the same replicas
     finally:
         dp.close()
-    for a, b in zip(single, split, strict=True):
-        assert a.token_ids.tolist() == b.token_ids.tolist()
-        assert a.offsets.tolist() == b.offsets.tolist()
-        assert a.finish_reason == b.finish_reason
-        np.testing.assert_allclose(a.entropy, b.entropy, atol=1e-5)
+    assert not any(h.proc.is_alive() for h in dp._handles or [])
+    for a, b, c in zip(single, split, again, strict=True):
+        for other in (b, c):
+            assert a.token_ids.tolist() == other.token_ids.tolist()
+            assert a.offsets.tolist() == other.offsets.tolist()
+            assert a.finish_reason == other.finish_reason
+            # batch shapes differ per replica, so vLLM's float32 logits may differ by a few ulps
+            for name in ("entropy", "eos_prob", "logprob"):
+                np.testing.assert_allclose(
+                    getattr(a, name), getattr(other, name), atol=1e-5, rtol=0, err_msg=name
+                )
 
 
 def test_bad_engine_option_is_one_line_config_error(tiny_path):
     from canopy_entropy.engines.vllm import VLLMEngine
 
     with pytest.raises(ConfigError, match="max_model_len") as info:
-        VLLMEngine(tiny_path, dtype="float32", gpu_memory_utilization=0.05, max_model_len=4096)
+        VLLMEngine(tiny_path, max_model_len=4096, **ENGINE_KW)
     assert "\n" not in str(info.value)
+
+
+def test_host_memory_per_call_does_not_grow_with_the_length_cap(tmp_path):
+    """Full-vocabulary log-probs (321 entries a step), 8 rollouts that all run to the cap:
+    holding them to the end of the call (the engine before streaming) would add ~8 x 3500 x
+    321 entries (~500 MiB) at cap 4000 over cap 500; streamed, the peak is the same."""
+    from canopy_entropy.testing import build_tiny_model
+
+    # eos_quantile 0.5: the EOS logit sits at the median, so rollouts almost never stop
+    model = build_tiny_model(tmp_path / "m", max_position_embeddings=4160, eos_quantile=0.5)
+    probe = Path(__file__).with_name("vllm_memory_probe.py")
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    proc = subprocess.run(
+        [sys.executable, str(probe), str(model), "500", "4000"],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 63 < out["control_64mib"] < 66  # the instrument sees a 64 MiB allocation
+    short, long = out["caps"]["500"], out["caps"]["4000"]
+    assert short["steps"] > 0.9 * 8 * 500 and long["steps"] > 0.9 * 8 * 4000
+    assert long["growth_mib"] - short["growth_mib"] < 8, out
