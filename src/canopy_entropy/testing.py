@@ -77,8 +77,9 @@ def build_tiny_model(
 ) -> Path:
     """Save a tiny random Llama + tokenizer to ``path`` (a normal HF folder) and return it.
 
-    ``eos_quantile`` places each EOS logit near that upper quantile of the other logits in a
-    typical state (smaller = rarer stops; 0.01 gives rollouts of a few dozen steps).
+    ``eos_quantile`` places each EOS logit near the ``1 - eos_quantile`` quantile of the other
+    logits in a typical state (smaller = EOS ranks higher = earlier stops; 0.01 gives rollouts
+    of a few dozen steps, 0.5 rollouts that run to the cap).
     """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
