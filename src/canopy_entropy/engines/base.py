@@ -7,8 +7,11 @@ of prompt ``p`` depends only on ``rollout_seed(run_seed, p, i)``.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -144,3 +147,49 @@ class Engine:
 
     def close(self) -> None:
         """Release resources (GPU memory, servers)."""
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` has type ``hint`` (unions, list/tuple of int, int for float; no bools
+    for numbers)."""
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin in (list, tuple):
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return isinstance(value, origin) and all(_fits(v, args[0]) for v in value)
+    if isinstance(value, bool):
+        return hint is bool
+    if hint is float:
+        return isinstance(value, int | float)
+    return isinstance(value, origin or hint)
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace("NoneType", "None")
+
+
+def check_options(options_cls: type, options: dict[str, Any], engine: str, hint: str = "") -> None:
+    """Refuse option names ``options_cls`` (a dataclass of an engine's options) does not
+    declare, and values of the wrong type: one ConfigError naming the option and the fix."""
+    hints = typing.get_type_hints(options_cls)
+    for name, value in options.items():
+        if name not in hints:
+            close = difflib.get_close_matches(name, list(hints), n=1)
+            suggestion = f"did you mean '{close[0]}'? " if close else ""
+            extra = f"{hint}; " if hint else ""
+            raise ConfigError(
+                f"unknown option '{name}' for engine '{engine}'; {suggestion}{extra}known "
+                f"options: {', '.join(sorted(hints))}"
+            )
+        if not _fits(value, hints[name]):
+            raise ConfigError(
+                f"engine '{engine}' option '{name}' must be {_type_name(hints[name])} "
+                f"(got {value!r})"
+            )

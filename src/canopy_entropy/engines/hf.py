@@ -23,7 +23,6 @@ transformers 5.x name; ``past_key_values`` is deprecated) where the model accept
 from __future__ import annotations
 
 import contextlib
-import difflib
 import hashlib
 import inspect
 import typing
@@ -34,8 +33,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from canopy_entropy.engines.base import DecodingPolicy, Engine, RolloutBatch
-from canopy_entropy.engines.openai import _fits, _type_name
+from canopy_entropy.engines.base import DecodingPolicy, Engine, RolloutBatch, check_options
 from canopy_entropy.engines.policy_ops import step_stats, step_uniforms
 from canopy_entropy.errors import CanopyError, ConfigError, require
 
@@ -64,19 +62,7 @@ class HFOptions:
     @classmethod
     def parse(cls, options: dict[str, Any]) -> HFOptions:
         """Options from a dict, refusing unknown names and values of the wrong type."""
-        hints = typing.get_type_hints(cls)
-        for name, value in options.items():
-            if name not in hints:
-                close = difflib.get_close_matches(name, list(hints), n=1)
-                hint = f"did you mean '{close[0]}'? " if close else ""
-                raise ConfigError(
-                    f"unknown option '{name}' for engine 'hf'; {hint}known options: "
-                    f"{', '.join(sorted(hints))}"
-                )
-            if not _fits(value, hints[name]):
-                raise ConfigError(
-                    f"engine 'hf' option '{name}' must be {_type_name(hints[name])} (got {value!r})"
-                )
+        check_options(cls, options, "hf")
         opts = cls(**options)
         if opts.batch_size is not None and opts.batch_size < 1:
             raise ConfigError(f"batch size must be >= 1 (got {opts.batch_size})")

@@ -16,7 +16,6 @@ bound (see ``engines/topk.py``) and ``engine.approximate`` is True so the run is
 
 from __future__ import annotations
 
-import difflib
 import email.utils
 import json
 import math
@@ -24,7 +23,6 @@ import os
 import random
 import threading
 import time
-import types
 import typing
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +31,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from canopy_entropy.engines.base import DecodingPolicy, Engine, RolloutBatch
+from canopy_entropy.engines.base import DecodingPolicy, Engine, RolloutBatch, check_options
 from canopy_entropy.engines.topk import MASS_TOLERANCE, pad_ragged, topk_step_stats
 from canopy_entropy.errors import CanopyError, ConfigError, require
 
@@ -77,47 +75,8 @@ class OpenAIOptions:
     @classmethod
     def parse(cls, options: dict[str, Any]) -> OpenAIOptions:
         """Options from a dict, refusing unknown names and values of the wrong type."""
-        hints = typing.get_type_hints(cls)
-        for name, value in options.items():
-            if name not in hints:
-                close = difflib.get_close_matches(name, list(hints), n=1)
-                hint = f"did you mean '{close[0]}'? " if close else ""
-                raise ConfigError(
-                    f"unknown option '{name}' for engine 'openai'; {hint}known options: "
-                    f"{', '.join(sorted(hints))}"
-                )
-            if not _fits(value, hints[name]):
-                raise ConfigError(
-                    f"engine 'openai' option '{name}' must be {_type_name(hints[name])} "
-                    f"(got {value!r})"
-                )
+        check_options(cls, options, "openai")
         return cls(**options)
-
-
-def _fits(value: Any, hint: Any) -> bool:
-    """Whether ``value`` has type ``hint`` (unions, list/tuple of int, int for float; no bools
-    for numbers)."""
-    if hint is Any:
-        return True
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if origin in (list, tuple):
-        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
-        return isinstance(value, origin) and all(_fits(v, args[0]) for v in value)
-    if isinstance(value, bool):
-        return hint is bool
-    if hint is float:
-        return isinstance(value, int | float)
-    return isinstance(value, origin or hint)
-
-
-def _type_name(hint: Any) -> str:
-    if isinstance(hint, type):
-        return hint.__name__
-    return str(hint).replace("typing.", "").replace("NoneType", "None")
 
 
 class OpenAIEngine(Engine):

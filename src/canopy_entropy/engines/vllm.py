@@ -24,7 +24,6 @@ which replica ran it. See docs/scaling.md.
 from __future__ import annotations
 
 import atexit
-import difflib
 import itertools
 import os
 import typing
@@ -36,8 +35,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from canopy_entropy.engines.base import DecodingPolicy, Engine, RolloutBatch
-from canopy_entropy.engines.openai import _fits, _type_name
+from canopy_entropy.engines.base import DecodingPolicy, Engine, RolloutBatch, check_options
 from canopy_entropy.engines.topk import pad_ragged, topk_step_stats
 from canopy_entropy.errors import ConfigError, MissingExtraError
 
@@ -78,20 +76,7 @@ class VLLMOptions:
     @classmethod
     def parse(cls, options: dict[str, Any]) -> VLLMOptions:
         """Options from a dict, refusing unknown names and values of the wrong type."""
-        hints = typing.get_type_hints(cls)
-        for name, value in options.items():
-            if name not in hints:
-                close = difflib.get_close_matches(name, list(hints), n=1)
-                hint = f"did you mean '{close[0]}'? " if close else ""
-                raise ConfigError(
-                    f"unknown option '{name}' for engine 'vllm'; {hint}other vllm.LLM keywords "
-                    f"go in llm_kwargs; known options: {', '.join(sorted(hints))}"
-                )
-            if not _fits(value, hints[name]):
-                raise ConfigError(
-                    f"engine 'vllm' option '{name}' must be {_type_name(hints[name])} "
-                    f"(got {value!r})"
-                )
+        check_options(cls, options, "vllm", "other vllm.LLM keywords go in llm_kwargs")
         opts = cls(**options)
         for name in ("tensor_parallel_size", "data_parallel_size", "prompts_per_call"):
             if getattr(opts, name) < 1:
