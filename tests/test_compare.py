@@ -410,3 +410,13 @@ def test_pooled_over_tasks_pairs_on_task_and_prompt_id(tmp_path) -> None:
     assert pooled.table.set_index("metric").loc["ce_star", "a"] == pytest.approx(ce, rel=1e-12)
     lm = pooled.length_matched
     assert (lm["n_prompts"] == 6).all()
+
+
+def test_cli_compare_human_output_names_what_it_wrote(tmp_path, monkeypatch, capsys):
+    from cli_helpers import run_cli
+
+    run = measured(make_run(tmp_path / "run", n_prompts=4))
+    code, out, err = run_cli(["compare", str(run), "--bootstrap", "40"], capsys, monkeypatch)
+    assert code == 0, err
+    text = "".join(out.split())  # the console wraps long paths
+    assert "pairedbootstrap" in text and f"wrote{run / 'compare' / 'comparison.parquet'}" in text

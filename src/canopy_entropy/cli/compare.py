@@ -31,14 +31,16 @@ def command(
 
     Writes RUN/compare/. Method and the length-matched analysis: docs/semantic-compare.md.
     """
-    from canopy_entropy.comparison import compare_run
+    from canopy_entropy.comparison import compare
+    from canopy_entropy.metrics import current_metrics
 
     if not run.is_dir():
         raise CanopyError(f"run folder {run} does not exist; pass the folder 'canopy run' wrote")
     if on not in ("variant", "model"):
         raise ConfigError(f"--on must be 'variant' or 'model', got '{on}'")
     by_cols = tuple(c.strip() for c in by.split(",") if c.strip())
-    result = compare_run(run, a=a, b=b, by=by_cols, n_boot=bootstrap, seed=seed, a_key=on)
+    result = compare(current_metrics(run), a=a, b=b, by=by_cols, n_boot=bootstrap, seed=seed, on=on)
+    paths = result.save(run)
     err = Console(stderr=True)
     for note in result.notes:
         err.print(f"[yellow]note:[/] {note}", highlight=False)
@@ -89,6 +91,6 @@ def command(
                 f"{r['n_rollouts_matched']}/{r['n_rollouts_unmatched']}",
             )
         out.print(lm_view)
-    for name, path in result.paths.items():
-        if name in ("comparison", "length_matched") or name.endswith(".md"):
+    for name, path in paths.items():
+        if name in ("compare.table", "compare.length_matched") or name.endswith(".md"):
             out.print(f"wrote {path}", highlight=False)
