@@ -111,6 +111,21 @@ PROMPT_SCHEMA = pa.schema(
     ]
 )
 
+# Parquet writer options of every canopy file (files written before ROLLOUT_OPTIONS used these).
+_DEFAULT_OPTIONS: dict[str, Any] = {"compression": "zstd"}
+# Rollout shards: the per-step lists byte-stream-split (a float's exponent and mantissa bytes
+# compressed apart), no dictionary for them (model floats rarely repeat), zstd level 15. On
+# SmolLM2-like data 12.2 bytes/step against 19.6 before, scans 0.8x the time (bench_paper_scale).
+# Lossless and recorded per column by Parquet, so old and new shards read the same.
+ROLLOUT_OPTIONS: dict[str, Any] = {
+    "compression": "zstd",
+    "compression_level": 15,
+    "use_dictionary": [f.name for f in ROLLOUT_SCHEMA if not pa.types.is_list(f.type)],
+    "use_byte_stream_split": [
+        f"{f.name}.list.element" for f in ROLLOUT_SCHEMA if pa.types.is_list(f.type)
+    ],
+}
+
 KEY_COLUMNS = GROUP_KEYS  # the group keys of run.layout (one definition)
 
 
@@ -224,9 +239,13 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def atomic_write_table(path: Path, table: pa.Table, schema_version: str) -> None:
+def atomic_write_table(
+    path: Path, table: pa.Table, schema_version: str, options: dict[str, Any] | None = None
+) -> None:
     """Write a Parquet file atomically, tagged with ``schema_version``, with page checksums
-    and a whole-file content digest (checked by ``verify_file`` before the file is trusted)."""
+    and a whole-file content digest (checked by ``verify_file`` before the file is trusted).
+
+    ``options`` are ``pq.ParquetWriter`` encoding options (default: zstd for every column)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(table.schema.metadata or {})
@@ -236,7 +255,7 @@ def atomic_write_table(path: Path, table: pa.Table, schema_version: str) -> None
     os.close(fd)
     try:
         with pq.ParquetWriter(
-            tmp, table.schema, compression="zstd", write_page_checksum=True
+            tmp, table.schema, **(options or _DEFAULT_OPTIONS), write_page_checksum=True
         ) as writer:
             writer.write_table(table)
             writer.add_key_value_metadata(
@@ -561,7 +580,7 @@ class RunStore:
         """Atomically write one rollout shard (replacing any earlier shard of that name)."""
         table = table.select(ROLLOUT_SCHEMA.names).cast(ROLLOUT_SCHEMA)
         path = self.shard_path(name)
-        atomic_write_table(path, table, SCHEMA_VERSION)
+        atomic_write_table(path, table, SCHEMA_VERSION, ROLLOUT_OPTIONS)
         return path
 
     def write_prompts(self, name: str, table: pa.Table) -> Path:
