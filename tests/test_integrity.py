@@ -3,6 +3,7 @@ numbers; old files stay readable (unverified); dead writers' temp files are clea
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -174,8 +175,10 @@ def test_page_checksums_are_verified_by_every_reader(tmp_path):
     shard.write_bytes(bytes(data))
     rewrite_digest(shard)
     assert verify_file(shard, SCHEMA_VERSION) is True  # the digest now agrees
-    # without page-checksum verification the damaged page decodes silently
-    pq.read_table(shard, columns=["entropy"])
+    # without page-checksum verification the damaged page decodes silently (or, with the
+    # compact encoding, fails inside zstd): either way only the CRC names the damage
+    with contextlib.suppress(OSError):
+        pq.read_table(shard, columns=["entropy"])
     with pytest.raises(StoreError, match=r"CRC|checksum"):
         list(store.iter_batches(columns=["entropy"]))
     with pytest.raises(StoreError, match=r"CRC|checksum"):
