@@ -601,7 +601,10 @@ def _import_jsonl(
     store = RunStore(run_dir)
     run = run_name or Path(run_dir).resolve().name
     _check_no_overlap(store, v)
-    _check_labels(read_manifest(store.root), v.groups, path)
+    # shards of this file without a manifest are what a killed import of it left: redo it
+    own = f"import-{v.sha256[:16]}__"
+    leftovers = all(p.name.startswith(own) for p in store.shard_files())
+    _check_labels(read_manifest(store.root, missing_ok=leftovers), v.groups, path)
     # write every shard into a staging folder, then rename them all into rollouts/
     staging = RunStore(store.root / f".import-{v.sha256[:16]}.staging")
     shutil.rmtree(staging.root, ignore_errors=True)  # left by a killed import of this file
@@ -630,7 +633,6 @@ def _import_jsonl(
         shards=tuple(files),
     )
     update_manifest(store.root, lambda m: _record_import(m, run, entry, v.groups, max_new_tokens))
-    own = f"import-{v.sha256[:16]}__"
     for stale in store.shard_files():  # an earlier import of this file under other flags
         if stale.name.startswith(own) and stale.name not in files:
             stale.unlink()
