@@ -4,15 +4,20 @@ Each line is one rollout: ``prompt_id`` and ``entropy`` (per-step entropies, nat
 required; ``eos_prob``, ``logprob``, ``kept_mass``, ``token_ids``, ``text``,
 ``finish_reason``, ``rollout_index``, ``seed`` and per-line ``model``/``variant``/``family``/
 ``task`` are optional; any other key is an error (a misspelt field would otherwise be lost).
-Every line is validated first, against the float32/int32 values the store will hold and the
-definitions of SPEC section 1 (e.g. no EOS probability of 1 before the last step, no entropy
-below the binary entropy of its EOS mass). On any error nothing is written and the error lists
-the bad lines by number. Shard names derive from the file's hash, so importing the same file
-again rewrites identical shards (idempotent).
+Two streaming passes keep memory bounded by a chunk, not by the file: the first validates every
+line, against the float32/int32 values the store will hold and the definitions of SPEC section
+1 (e.g. no EOS probability of 1 before the last step, no entropy below the binary entropy of its
+EOS mass), keeping a few numbers per line; on any error nothing is written and the error lists
+the bad lines by number. The second converts the lines again and writes shards of at most
+``SHARD_ROLLOUTS`` rollouts / ``STEP_BUDGET`` buffered steps into a staging folder; only when
+every shard is written (and the file is unchanged) are they renamed into ``rollouts/``. Shard
+names derive from the file's hash, so importing the same file again (also after a killed
+import) rewrites identical shards (idempotent).
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
 import dataclasses
 import difflib
@@ -20,15 +25,18 @@ import errno
 import hashlib
 import json
 import math
+import os
+import re
+import shutil
 import warnings
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
+import orjson
 
 from canopy_entropy.errors import CanopyError
 from canopy_entropy.metrics import binary_entropy
@@ -42,10 +50,13 @@ from canopy_entropy.run.manifest import (
     read_manifest,
     update_manifest,
 )
-from canopy_entropy.store import FINISH_REASONS, RunStore, rollouts_table, slug
+from canopy_entropy.store import FINISH_REASONS, RunStore, _fsync_dir, rollouts_table, slug
 
 MAX_LISTED_ERRORS = 20
 SHARD_ROLLOUTS = 20_000
+# Per-step values held before the largest buffer is written as a shard (~20 bytes per step for
+# the five per-step fields in float32/int32): bounds the memory of the writing pass.
+STEP_BUDGET = 2_000_000
 _PER_STEP = ("eos_prob", "logprob", "kept_mass", "token_ids")
 _KNOWN = (
     "prompt_id",
@@ -98,16 +109,9 @@ def _lines(numbers: list[int]) -> str:
     return f"line{'s' if len(numbers) > 1 else ''} {shown}{extra}"
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(line number, bytes) of each line; a binary, compressed or unreadable file is refused."""
+def _raw_lines(path: Path, digest: Any) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of each line, every byte fed to ``digest`` (a hashlib object); a
+    binary, compressed or unreadable file is refused."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(1 << 16)
@@ -121,7 +125,9 @@ def _raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
                     "pass a UTF-8 file with one JSON object (rollout) per line"
                 )
             fh.seek(0)
-            yield from enumerate(fh, start=1)
+            for lineno, raw in enumerate(fh, start=1):
+                digest.update(raw)
+                yield lineno, raw
     except OSError as exc:
         raise CanopyError(f"cannot read {path}: {exc.strerror or exc}; check the file") from exc
 
@@ -153,6 +159,42 @@ def _parse(raw: bytes, first: bool) -> tuple[Any, str | None]:
         return None, "invalid JSON (nested too deeply)"
     except ValueError:  # int() refuses numbers of more than 4300 digits
         return None, "invalid JSON (a number with thousands of digits)"
+
+
+# The end of an object key: a quote, optional JSON whitespace, a colon. Every key written in a
+# line ends so (and text holding an escaped quote before a colon adds a match), so a line with
+# exactly as many matches as its parsed object has keys names no key twice.
+_KEY_END = re.compile(rb'"[ \t\n\r]*:')
+
+
+def _parse_fast(raw: bytes) -> Any:
+    """One line parsed by orjson, or None where only the exact stdlib parse can tell: orjson
+    failed (invalid JSON, NaN, a BOM, an unpaired surrogate, a huge number) or a key may repeat
+    (orjson keeps the last value silently)."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(obj, dict) and len(_KEY_END.findall(raw)) != len(obj):
+        return None
+    return obj
+
+
+def _record(
+    raw: bytes, first: bool, defaults: dict[str, str | None], max_new_tokens: int | None
+) -> tuple[dict[str, Any] | None, str | None]:
+    """One line as a store-ready record, or its first problem. Fast path: orjson; a line it
+    cannot decide, or that fails validation, is parsed again with ``json`` (exact duplicate-key
+    and number handling), so errors and records are those of the stdlib parse."""
+    obj = _parse_fast(raw)
+    if obj is not None:
+        rec, err = _validate_line(obj, defaults, max_new_tokens)
+        if err is None:
+            return rec, None
+    obj, err = _parse(raw, first)
+    if err is not None:
+        return None, err
+    return _validate_line(obj, defaults, max_new_tokens)
 
 
 def _kind(value: Any) -> str:
@@ -418,6 +460,111 @@ def _os_error_message(exc: OSError, run_dir: Path) -> str:
     return f"cannot import into {run_dir}: {why} ({where}); {fix}, then import again (nothing imported)"
 
 
+@dataclass
+class _Lines:
+    """What the validating pass keeps: a few numbers per rollout (file order), no arrays."""
+
+    sha256: str
+    line: np.ndarray  # line number of each rollout
+    group: np.ndarray  # code into ``groups`` (first-seen order)
+    prompt: np.ndarray  # code into ``prompts``
+    rollout_index: np.ndarray  # as given, -1 where missing (then assigned by _assign_indices)
+    groups: list[tuple[str, str, str, str]]
+    prompts: list[str]  # prompt_id of each prompt code
+    repeats: list[tuple[int, int]]  # (line, the earlier line it repeats byte for byte)
+
+
+def _validate_file(
+    path: Path, defaults: dict[str, str | None], max_new_tokens: int | None
+) -> _Lines:
+    """Pass 1: validate every line; raise CanopyError listing the bad lines (nothing kept)."""
+    digest = hashlib.sha256()
+    errors: dict[str, list[int]] = {}  # message -> line numbers (identical errors grouped)
+    n_errors = 0
+    group_code: dict[tuple[str, str, str, str], int] = {}
+    prompt_code: dict[tuple[int, str], int] = {}
+    cols = {k: array.array("q") for k in ("line", "group", "prompt", "rollout_index")}
+    hashed = bytearray()  # blake2b digests of lines that may repeat, 16 bytes each
+    hashed_lines = array.array("q")
+    for lineno, raw in _raw_lines(path, digest):
+        if not raw.strip():
+            continue
+        rec, err = _record(raw, lineno == 1, defaults, max_new_tokens)
+        if err:
+            n_errors += 1
+            if err in errors or len(errors) < MAX_LISTED_ERRORS:
+                errors.setdefault(err, []).append(lineno)
+            continue
+        if n_errors:
+            continue  # nothing will be imported: only the errors matter now
+        key = (rec["model"], rec["variant"], rec["family"], rec["task"])
+        g = group_code.setdefault(key, len(group_code))
+        cols["line"].append(lineno)
+        cols["group"].append(g)
+        cols["prompt"].append(prompt_code.setdefault((g, rec["prompt_id"]), len(prompt_code)))
+        ri = rec["rollout_index"]
+        cols["rollout_index"].append(-1 if ri is None else ri)
+        if ri is None and rec["entropy"].any():  # greedy repeats are expected
+            hashed += hashlib.blake2b(raw.strip(), digest_size=16).digest()
+            hashed_lines.append(lineno)
+    if n_errors:
+        listed = sum(len(v) for v in errors.values())
+        more = f"; and {n_errors - listed} more bad lines" if n_errors > listed else ""
+        raise CanopyError(
+            f"{path}: {n_errors} bad line(s), nothing imported: "
+            + "; ".join(f"{_lines(v)}: {msg}" for msg, v in errors.items())
+            + more
+        )
+    if not group_code:
+        raise CanopyError(f"{path} has no rollouts (empty file); one JSON object per line")
+    lines = np.frombuffer(hashed_lines, dtype=np.int64)
+    _, first, inverse = np.unique(
+        np.frombuffer(bytes(hashed), dtype="S16"), return_index=True, return_inverse=True
+    )
+    again = np.flatnonzero(first[inverse] != np.arange(lines.size))
+    return _Lines(
+        sha256=digest.hexdigest(),
+        **{k: np.frombuffer(v, dtype=np.int64).copy() for k, v in cols.items()},
+        groups=list(group_code),
+        prompts=[pid for _, pid in prompt_code],
+        repeats=[(int(lines[i]), int(lines[first[inverse[i]]])) for i in again],
+    )
+
+
+def _assign_indices(path: Path, v: _Lines) -> None:
+    """Missing rollout indices continue, in file order, after the largest given one of their
+    prompt; raise CanopyError when an index of a prompt repeats (nothing imported)."""
+    ri, code = v.rollout_index, v.prompt
+    given = ri >= 0
+    next_index = np.zeros(len(v.prompts), dtype=np.int64)
+    np.maximum.at(next_index, code[given], ri[given] + 1)
+    missing = np.flatnonzero(~given)
+    order = np.argsort(code[missing], kind="stable")
+    sorted_code = code[missing][order]
+    rank = np.empty(missing.size, dtype=np.int64)
+    rank[order] = np.arange(missing.size) - np.searchsorted(sorted_code, sorted_code)
+    ri[missing] = next_index[code[missing]] + rank
+    o = np.lexsort((v.line, ri, code))
+    same = np.flatnonzero((np.diff(code[o]) == 0) & (np.diff(ri[o]) == 0))
+    if same.size:
+        later, earlier = o[same + 1], o[same]
+        shown = np.lexsort((v.line[later], v.group[later]))  # by group, then file order
+        dup_errors = [
+            f"line {v.line[later[k]]}: rollout {ri[later[k]]} of prompt "
+            f"{v.prompts[code[later[k]]]!r} repeats line {v.line[earlier[k]]}"
+            for k in shown[:MAX_LISTED_ERRORS]
+        ]
+        raise CanopyError(
+            f"{path}: {same.size} duplicate rollout(s), nothing imported: " + "; ".join(dup_errors)
+        )
+    if ri.size and ri.max() > _INT32_MAX:
+        k = int(np.argmax(ri))
+        raise CanopyError(
+            f"line {v.line[k]}: no rollout_index left for prompt {v.prompts[code[k]]!r} after "
+            "2**31 - 1; give this line its 'rollout_index'"
+        )
+
+
 def _import_jsonl(
     path: str | Path,
     run_dir: str | Path,
@@ -438,71 +585,13 @@ def _import_jsonl(
     if max_new_tokens is not None and max_new_tokens < 1:
         raise CanopyError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
     defaults = {"model": model, "variant": variant, "family": family, "task": task}
-    errors: dict[str, list[int]] = {}  # message -> line numbers (identical errors grouped)
-    n_errors = 0
-    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = defaultdict(list)
-    first_seen: dict[bytes, int] = {}  # digest of a line -> its first line number
-    repeats: list[tuple[int, int]] = []  # (line, the earlier line it repeats byte for byte)
-    for lineno, raw in _raw_lines(path):
-        if not raw.strip():
-            continue
-        obj, err = _parse(raw, first=lineno == 1)
-        if err is None:
-            rec, err = _validate_line(obj, defaults, max_new_tokens)
-        if err:
-            n_errors += 1
-            if err in errors or len(errors) < MAX_LISTED_ERRORS:
-                errors.setdefault(err, []).append(lineno)
-            continue
-        rec["line"] = lineno
-        groups[(rec["model"], rec["variant"], rec["family"], rec["task"])].append(rec)
-        if rec["rollout_index"] is None and rec["entropy"].any():  # greedy repeats are expected
-            earlier = first_seen.setdefault(
-                hashlib.blake2b(raw.strip(), digest_size=16).digest(), lineno
-            )
-            if earlier != lineno:
-                repeats.append((lineno, earlier))
-    if n_errors:
-        listed = sum(len(v) for v in errors.values())
-        more = f"; and {n_errors - listed} more bad lines" if n_errors > listed else ""
-        raise CanopyError(
-            f"{path}: {n_errors} bad line(s), nothing imported: "
-            + "; ".join(f"{_lines(v)}: {msg}" for msg, v in errors.items())
-            + more
-        )
-    if not groups:
-        raise CanopyError(f"{path} has no rollouts (empty file); one JSON object per line")
-
-    # rollout indices: given ones must be unique per prompt; missing ones continue in file order
-    dup_errors: list[str] = []
-    for recs in groups.values():
-        seen: dict[tuple[str, int], int] = {}
-        next_index: dict[str, int] = defaultdict(int)
-        for rec in recs:
-            if rec["rollout_index"] is not None:
-                next_index[rec["prompt_id"]] = max(
-                    next_index[rec["prompt_id"]], rec["rollout_index"] + 1
-                )
-        for rec in recs:
-            if rec["rollout_index"] is None:
-                rec["rollout_index"] = next_index[rec["prompt_id"]]
-                next_index[rec["prompt_id"]] += 1
-            k = (rec["prompt_id"], rec["rollout_index"])
-            if k in seen:
-                dup_errors.append(
-                    f"line {rec['line']}: rollout {k[1]} of prompt {k[0]!r} repeats line {seen[k]}"
-                )
-            seen[k] = rec["line"]
-    if dup_errors:
-        raise CanopyError(
-            f"{path}: {len(dup_errors)} duplicate rollout(s), nothing imported: "
-            + "; ".join(dup_errors[:MAX_LISTED_ERRORS])
-        )
-    if repeats:
-        shown = ", ".join(f"line {line} = line {earlier}" for line, earlier in repeats[:10])
-        more = f" (+{len(repeats) - 10} more)" if len(repeats) > 10 else ""
+    v = _validate_file(path, defaults, max_new_tokens)
+    _assign_indices(path, v)
+    if v.repeats:
+        shown = ", ".join(f"line {line} = line {earlier}" for line, earlier in v.repeats[:10])
+        more = f" (+{len(v.repeats) - 10} more)" if len(v.repeats) > 10 else ""
         warnings.warn(
-            f"{path}: {len(repeats)} line(s) repeat an earlier line byte for byte ({shown}"
+            f"{path}: {len(v.repeats)} line(s) repeat an earlier line byte for byte ({shown}"
             f"{more}) and count as further rollouts; if the file was concatenated twice this "
             "doubles M and shrinks the standard error: remove the repeats (or give each line "
             "its 'rollout_index' if the model really sampled the same rollout again)",
@@ -510,41 +599,24 @@ def _import_jsonl(
         )
 
     store = RunStore(run_dir)
-    digest = _file_sha256(path)
     run = run_name or Path(run_dir).resolve().name
-    _check_no_overlap(store, groups, digest)
-    tables: list[tuple[str, pa.Table]] = []
-    for (g_model, g_variant, g_family, g_task), recs in sorted(groups.items()):
-        for part, a in enumerate(range(0, len(recs), SHARD_ROLLOUTS)):
-            chunk = recs[a : a + SHARD_ROLLOUTS]
-
-            def col(name: str, chunk=chunk):
-                values = [r[name] for r in chunk]
-                return None if all(v is None for v in values) else values
-
-            table = rollouts_table(
-                run=run,
-                model=g_model,
-                variant=g_variant,
-                family=g_family,
-                task=g_task,
-                prompt_id=[r["prompt_id"] for r in chunk],
-                rollout_index=[r["rollout_index"] for r in chunk],
-                seed=[-1 if r["seed"] is None else r["seed"] for r in chunk],
-                finish_reason=[r["finish_reason"] for r in chunk],
-                entropy=[r["entropy"] for r in chunk],
-                token_ids=col("token_ids"),
-                eos_prob=col("eos_prob"),
-                logprob=col("logprob"),
-                kept_mass=col("kept_mass"),
-                text=[r["text"] for r in chunk],
-            )
-            name = "import-" + slug(digest[:16], g_model, g_variant, g_family, g_task, str(part))
-            tables.append((name, table))
-    # everything validated and built: check the manifest accepts it, write (each shard
-    # atomically), then record the import
-    _check_labels(read_manifest(store.root), groups, path)
-    shards = [store.write_rollouts(name, table).name for name, table in tables]
+    _check_no_overlap(store, v)
+    # shards of this file without a manifest are what a killed import of it left: redo it
+    own = f"import-{v.sha256[:16]}__"
+    leftovers = all(p.name.startswith(own) for p in store.shard_files())
+    _check_labels(read_manifest(store.root, missing_ok=leftovers), v.groups, path)
+    # write every shard into a staging folder, then rename them all into rollouts/
+    staging = RunStore(store.root / f".import-{v.sha256[:16]}.staging")
+    shutil.rmtree(staging.root, ignore_errors=True)  # left by a killed import of this file
+    try:
+        shards = _write_shards(path, v, staging, run, defaults, max_new_tokens)
+        store.rollouts_dir.mkdir(parents=True, exist_ok=True)
+        for name in shards:
+            os.replace(staging.shard_path(name), store.shard_path(name))
+        _fsync_dir(store.rollouts_dir)
+    finally:
+        shutil.rmtree(staging.root, ignore_errors=True)
+    files = [store.shard_path(name).name for name in shards]
     flags = {
         "model": model,
         "variant": variant,
@@ -555,22 +627,102 @@ def _import_jsonl(
     }
     entry = ImportRecord(
         source=str(path.resolve()),
-        sha256=digest,
+        sha256=v.sha256,
         flags=flags,
-        n_rollouts=sum(len(r) for r in groups.values()),
-        shards=tuple(shards),
+        n_rollouts=int(v.line.size),
+        shards=tuple(files),
     )
-    update_manifest(store.root, lambda m: _record_import(m, run, entry, groups, max_new_tokens))
-    own = f"import-{digest[:16]}__"
+    update_manifest(store.root, lambda m: _record_import(m, run, entry, v.groups, max_new_tokens))
     for stale in store.shard_files():  # an earlier import of this file under other flags
-        if stale.name.startswith(own) and stale.name not in shards:
+        if stale.name.startswith(own) and stale.name not in files:
             stale.unlink()
     return ImportSummary(
         n_rollouts=entry.n_rollouts,
-        n_prompts=len({(k, r["prompt_id"]) for k, recs in groups.items() for r in recs}),
-        groups=[dict(zip(("model", "variant", "family", "task"), k, strict=True)) for k in groups],
-        shards=shards,
-        sha256=digest,
+        n_prompts=len(v.prompts),
+        groups=[
+            dict(zip(("model", "variant", "family", "task"), k, strict=True)) for k in v.groups
+        ],
+        shards=files,
+        sha256=v.sha256,
+    )
+
+
+def _write_shards(
+    path: Path,
+    v: _Lines,
+    staging: RunStore,
+    run: str,
+    defaults: dict[str, str | None],
+    max_new_tokens: int | None,
+) -> list[str]:
+    """Pass 2: convert the lines again and write them, per group in file order, as shards of
+    at most SHARD_ROLLOUTS rollouts; when the buffers hold more than STEP_BUDGET steps the
+    largest is written early. Returns the shard names, sorted by group and part."""
+    digest = hashlib.sha256()
+    buffers: dict[int, list[dict[str, Any]]] = {g: [] for g in range(len(v.groups))}
+    steps = np.zeros(len(v.groups), dtype=np.int64)
+    parts = [0] * len(v.groups)
+    written: list[tuple[tuple[str, ...], int, str]] = []
+
+    def flush(g: int) -> None:
+        recs, key = buffers[g], v.groups[g]
+        name = "import-" + slug(v.sha256[:16], *key, str(parts[g]))
+        staging.write_rollouts(name, _shard_table(run, key, recs, v.rollout_index))
+        written.append((key, parts[g], name))
+        buffers[g], steps[g] = [], 0
+        parts[g] += 1
+
+    k = 0  # ordinal of the rollout (valid line) in file order
+    changed = CanopyError(f"{path} changed while it was imported; import it again")
+    for lineno, raw in _raw_lines(path, digest):
+        if not raw.strip():
+            continue
+        rec, err = _record(raw, lineno == 1, defaults, max_new_tokens)
+        if err or k >= v.line.size or v.line[k] != lineno:
+            raise changed
+        g = int(v.group[k])
+        rec["row"] = k
+        buffers[g].append(rec)
+        steps[g] += rec["entropy"].size
+        k += 1
+        if len(buffers[g]) >= SHARD_ROLLOUTS:
+            flush(g)
+        elif steps.sum() > STEP_BUDGET:
+            flush(int(np.argmax(steps)))
+    if k != v.line.size or digest.hexdigest() != v.sha256:
+        raise changed
+    for g in range(len(v.groups)):
+        if buffers[g]:
+            flush(g)
+    return [name for _, _, name in sorted(written)]
+
+
+def _shard_table(
+    run: str, key: tuple[str, ...], recs: list[dict[str, Any]], rollout_index: np.ndarray
+) -> Any:
+    """The rollout table of one shard (records of one group)."""
+
+    def col(name: str) -> list[Any] | None:
+        values = [r[name] for r in recs]
+        return None if all(x is None for x in values) else values
+
+    g_model, g_variant, g_family, g_task = key
+    return rollouts_table(
+        run=run,
+        model=g_model,
+        variant=g_variant,
+        family=g_family,
+        task=g_task,
+        prompt_id=[r["prompt_id"] for r in recs],
+        rollout_index=rollout_index[[r["row"] for r in recs]],
+        seed=[-1 if r["seed"] is None else r["seed"] for r in recs],
+        finish_reason=[r["finish_reason"] for r in recs],
+        entropy=[r["entropy"] for r in recs],
+        token_ids=col("token_ids"),
+        eos_prob=col("eos_prob"),
+        logprob=col("logprob"),
+        kept_mass=col("kept_mass"),
+        text=[r["text"] for r in recs],
     )
 
 
@@ -614,9 +766,9 @@ def _record_import(
     return manifest
 
 
-def _check_no_overlap(store: RunStore, groups: dict, digest: str) -> None:
+def _check_no_overlap(store: RunStore, v: _Lines) -> None:
     """Refuse rollouts that another source already put into this run (would double count)."""
-    own = f"import-{digest[:16]}__"  # shards of this very file (re-import is idempotent)
+    own = f"import-{v.sha256[:16]}__"  # shards of this very file (re-import is idempotent)
     files = [p for p in store.shard_files() if not p.name.startswith(own)]
     if not files:
         return
@@ -628,12 +780,11 @@ def _check_no_overlap(store: RunStore, groups: dict, digest: str) -> None:
         columns=["model", "variant", "family", "task", "prompt_id", "rollout_index"]
     )
     have = set(zip(*(existing.column(c).to_pylist() for c in existing.column_names), strict=True))
-    for key, recs in groups.items():
-        for rec in recs:
-            if (*key, rec["prompt_id"], rec["rollout_index"]) in have:
-                raise CanopyError(
-                    f"line {rec['line']}: rollout {rec['rollout_index']} of prompt "
-                    f"{rec['prompt_id']!r} ({'/'.join(key)}) is already in {store.root} from "
-                    "another source; import into a fresh --run folder or give distinct "
-                    "rollout_index values"
-                )
+    for k in np.lexsort((v.line, v.group)):  # by group (first seen), then file order
+        key, pid, ri = v.groups[v.group[k]], v.prompts[v.prompt[k]], int(v.rollout_index[k])
+        if (*key, pid, ri) in have:
+            raise CanopyError(
+                f"line {v.line[k]}: rollout {ri} of prompt {pid!r} ({'/'.join(key)}) is "
+                f"already in {store.root} from another source; import into a fresh --run "
+                "folder or give distinct rollout_index values"
+            )
