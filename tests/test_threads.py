@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 
 import pytest
@@ -94,3 +95,23 @@ def test_configure_threads_applies_the_choice(monkeypatch):
         for pool in blas_before:
             if pool["user_api"] == "blas":
                 threadpoolctl.threadpool_limits(pool["num_threads"], user_api="blas")
+
+
+def test_the_run_summary_prints_the_choice(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from canopy_entropy.config import demo_config_path, load_config
+    from canopy_entropy.runner.display import StageResult
+    from canopy_entropy.runner.summary import print_summary
+
+    choice = choose_threads({"OMP_NUM_THREADS": "1"}, 2)
+    monkeypatch.setattr(threads, "_applied", choice)
+    console = Console(file=io.StringIO(), width=200)
+    cfg = load_config(demo_config_path(), check_models=False)
+    print_summary(console, tmp_path, cfg, [StageResult("metrics", "done", "", 1.0)])
+    lines = console.file.getvalue().splitlines()
+    want = (
+        "threads: torch 1 (OMP_NUM_THREADS), BLAS 1 (OMP_NUM_THREADS), tokenizers pool off; "
+        "2 physical cores available"
+    )
+    assert lines.count(want) == 1
