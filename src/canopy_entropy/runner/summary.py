@@ -18,6 +18,7 @@ from canopy_entropy.metrics.columns import TRUNCATION_WARN_RATE
 from canopy_entropy.run.layout import GROUP_KEYS, artefact_path, schema_of
 from canopy_entropy.runner.display import StageResult
 from canopy_entropy.store import atomic_write_text
+from canopy_entropy.threads import summary_line
 
 # the headline columns; their names come from the one label table (canopy_entropy.labels)
 HEADLINE = (
@@ -146,7 +147,8 @@ _ARTEFACTS = [
 def print_summary(
     console: Console, run_dir: Path, cfg: ExperimentConfig, results: list[StageResult]
 ) -> None:
-    """Stage outcomes, the headline table, loud notes and where the results are."""
+    """Stage outcomes, the thread counts used, the headline table, loud notes and where the
+    results are."""
     status = Table(title="Stages", title_justify="left", show_header=False, box=None)
     colours = {"done": "green", "skipped": "green", "failed": "red"}
     for r in results:
@@ -155,6 +157,9 @@ def print_summary(
             r.name, Text(r.status, style=colours.get(r.status, "dim")), secs, Text(r.detail)
         )
     console.print(status)
+    threads = summary_line()
+    if threads:
+        console.print(threads, highlight=False, markup=False)
     try:
         table = headline_table(run_dir)
         notes = [truncation_note(run_dir, cfg), family_note(cfg)]
