@@ -4,6 +4,10 @@ One rollout shard (and one prompt-row shard) per (model label, task, prompt), na
 ``store.slug(model_label, task, prompt_id)``; a shard already present and valid is skipped,
 so a killed run continues where it stopped and ends identical to an uninterrupted one (the
 randomness of every rollout is a function of the run seed, prompt id and rollout index).
+Prompts go to the engine in fixed chunks of ``prompts_per_call`` over the full prompt list (a
+chunk with a missing shard is sampled whole again, only its missing shards are written), so the
+batch make-up, and with it every float, is the same however often a run was resumed. A
+``Shard`` takes a fixed share of the chunks, so N jobs can fill one folder concurrently.
 The manifest records, per model label, the model, engine facts, EOS ids and hashes, plus the
 run's policy and seed scheme; continuing a folder with another policy or seed is refused.
 """
@@ -11,7 +15,9 @@ run's policy and seed scheme; continuing a folder with another policy or seed is
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -58,6 +64,78 @@ class GenerateSummary:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Job ``index`` of ``count`` (1-based): it owns every ``count``-th chunk of each model."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``"I/N"`` with 1 <= I <= N."""
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+        index, count = (int(match[1]), int(match[2])) if match else (0, 0)
+        if not match or count < 1 or not 1 <= index <= count:
+            raise ConfigError(
+                f"shard '{text}' is not I/N with 1 <= I <= N; give e.g. 1/4 for the first of "
+                "four jobs"
+            )
+        return cls(index, count)
+
+    def owns(self, label: str, chunk: int) -> bool:
+        """Round-robin over a model's chunks, starting at a shard fixed by the model label
+        (so each job gets an equal share of every model)."""
+        start = int.from_bytes(hashlib.blake2b(label.encode(), digest_size=4).digest(), "big")
+        return (start + chunk) % self.count == self.index - 1
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def engine_prompts_per_call(engine: str, options: dict[str, Any]) -> int:
+    """Prompts per ``sample_many`` call, without loading the engine: the option, else the
+    engine's default (chunks and shard shares are laid out with it)."""
+    if options.get("prompts_per_call"):
+        return int(options["prompts_per_call"])
+    if engine == "vllm":
+        from canopy_entropy.engines.vllm import VLLMOptions
+
+        return int(VLLMOptions().prompts_per_call)
+    from canopy_entropy.engines.registry import engine_class
+
+    return int(engine_class(engine).prompts_per_call)
+
+
+def owned_prompts(label: str, n_prompts: int, per_call: int, shard: Shard | None) -> list[int]:
+    """Indices of the prompts (of a model's full list) whose chunk ``shard`` owns."""
+    per_call = max(1, int(per_call))
+    return [i for i in range(n_prompts) if shard is None or shard.owns(label, i // per_call)]
+
+
+class FolderWriter:
+    """Where ``generate_run`` puts its results: the run folder itself (the manifest under its
+    lock, one atomic shard per prompt). The runner's per-model child sends them to its parent."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.store = RunStore(run_dir)
+
+    def record_model(
+        self, run: str, requested: PolicyRecord, seed_rec: SeedScheme, record: ModelRecord
+    ) -> None:
+        def change(m: Manifest) -> Manifest:
+            m = dataclasses.replace(m, run=m.run or run, policy=requested, seed_scheme=seed_rec)
+            return m.with_model(record)
+
+        update_manifest(self.run_dir, change)
+
+    def write_shard(self, name: str, prompt_table: pa.Table, rollout_table: pa.Table) -> None:
+        """The prompt row first, then the rollouts (whose presence marks the prompt done)."""
+        self.store.write_prompts(name, prompt_table)
+        self.store.write_rollouts(name, rollout_table)
 
 
 def _versions() -> dict[str, str]:
@@ -126,13 +204,16 @@ def generate_run(
     engine_instance: Engine | None = None,
     progress: Callable[[dict], None] | None = None,
     run_name: str | None = None,
+    shard: Shard | None = None,
+    writer: FolderWriter | None = None,
 ) -> GenerateSummary:
     """Sample ``rollouts`` rollouts for every prompt into ``run_dir`` (resumable).
 
     ``policy.eos_token_ids`` empty means the engine's EOS ids. ``engine_instance`` reuses a
     constructed engine (the caller keeps ownership); otherwise one is built and closed here.
-    ``progress`` receives dicts with prompts_done, prompts_total, rollouts_done, tokens and
-    elapsed_s after each prompt.
+    ``progress`` receives dicts with task, prompt_id, prompts_done, prompts_total (of this
+    shard), rollouts_done, tokens and elapsed_s after each prompt. ``shard``: only the chunks
+    that job owns. ``writer``: where results go (default: the run folder).
     """
     if rollouts < 1:
         raise ConfigError(f"rollouts must be >= 1 (got {rollouts})")
@@ -157,11 +238,12 @@ def generate_run(
     )
     _check_continuation(read_manifest(run_dir), requested_rec, seed_rec, label, rollouts)
     shard_names = [slug(label, p.task, p.id) for p in prompts]
-    todo = [i for i, name in enumerate(shard_names) if not store.has_shard(name)]
+    writer = writer or FolderWriter(run_dir)
 
     owns_engine = engine_instance is None
     eng = engine_instance
     start = time.perf_counter()
+    tokens_done = truncated = n_done = 0
     try:
         if eng is None:
             from canopy_entropy.engines.registry import get_engine
@@ -172,27 +254,29 @@ def generate_run(
                 options.setdefault("dtype", dtype)
                 options.setdefault("batch_size", batch_size)
             eng = get_engine(engine, model, **options)
+        # Engines with continuous batching (vLLM, HTTP servers) take many prompts per call;
+        # the chunks are fixed over the full list, shards are still written per prompt.
+        chunk = max(1, int(eng.prompts_per_call))
+        owned = owned_prompts(label, len(prompts), chunk, shard)
+        todo = [i for i in owned if not store.has_shard(shard_names[i])]
+        groups = sorted({i // chunk for i in todo})  # chunks to sample (whole)
         resolved = policy
         if not policy.eos_token_ids:
             resolved = dataclasses.replace(policy, eos_token_ids=tuple(eng.eos_token_ids))
         resolved.validate()
-        rendered = {i: render_prompt(eng.tokenizer, prompts[i].text, variant) for i in todo}
+        sampled = [i for k in groups for i in range(k * chunk, min((k + 1) * chunk, len(prompts)))]
+        rendered = {i: render_prompt(eng.tokenizer, prompts[i].text, variant) for i in sampled}
         _check_context(prompts, rendered, resolved, eng.context_length)
-        _record_model(
-            run_dir, run, label, model, variant, family, rollouts, eng, requested_rec, resolved,
-            seed_rec,
+        writer.record_model(
+            run, requested_rec, seed_rec,
+            _model_record(label, model, variant, family, rollouts, eng, resolved, seed_rec),
         )  # fmt: skip
-        tokens_done = 0
-        truncated = 0
-        done_before = len(prompts) - len(todo)
+        done_before = len(owned) - len(todo)
+        missing = set(todo)
         stream = "" if common_random_numbers else label
-        # Engines with continuous batching (vLLM, HTTP servers) take many prompts per call;
-        # shards are still written per prompt, so resuming works the same way.
-        chunk = max(1, int(eng.prompts_per_call))
-        n_done = 0
-        for c0 in range(0, len(todo), chunk):
-            group = todo[c0 : c0 + chunk]
-            chat = eng.chat  # chat APIs take the user text itself
+        chat = eng.chat  # chat APIs take the user text itself
+        for k in groups:
+            group = list(range(k * chunk, min((k + 1) * chunk, len(prompts))))
             requests = [
                 (
                     prompts[i].text if chat else rendered[i][1],
@@ -209,23 +293,26 @@ def generate_run(
             ]
             batches = eng.sample_many(requests, resolved)
             for i, batch in zip(group, batches, strict=True):
+                if i not in missing:  # sampled only to keep the chunk's batch make-up
+                    continue
                 prompt = prompts[i]
-                table = _batch_table(batch, run, label, variant, family, prompt)
-                store.write_prompts(
+                writer.write_shard(
                     shard_names[i],
                     _prompt_table(
                         run, label, variant, family, prompt, rendered[i][0], len(rendered[i][1])
                     ),
+                    _batch_table(batch, run, label, variant, family, prompt),
                 )
-                store.write_rollouts(shard_names[i], table)
                 tokens_done += int(batch.offsets[-1])
                 truncated += sum(r == "length" for r in batch.finish_reason)
                 n_done += 1
                 if progress is not None:
                     progress(
                         {
+                            "task": prompt.task,
+                            "prompt_id": prompt.id,
                             "prompts_done": done_before + n_done,
-                            "prompts_total": len(prompts),
+                            "prompts_total": len(owned),
                             "rollouts_done": (done_before + n_done) * rollouts,
                             "tokens": tokens_done,
                             "elapsed_s": time.perf_counter() - start,
@@ -237,9 +324,9 @@ def generate_run(
     return GenerateSummary(
         run_dir=str(run_dir),
         model_label=label,
-        prompts_total=len(prompts),
-        prompts_generated=len(todo),
-        prompts_skipped=len(prompts) - len(todo),
+        prompts_total=len(owned),
+        prompts_generated=n_done,
+        prompts_skipped=len(owned) - n_done,
         rollouts=rollouts,
         tokens=tokens_done,
         truncated=truncated,
@@ -262,11 +349,9 @@ def _check_context(prompts, rendered, policy: DecodingPolicy, context_length: in
             )
 
 
-def _record_model(
-    run_dir, run, label, model, variant, family, rollouts, eng, requested, resolved, seed_rec
-) -> None:
-    """Record the run's policy and seed scheme and this model's facts in the manifest."""
-    record = ModelRecord(
+def _model_record(label, model, variant, family, rollouts, eng, resolved, seed_rec) -> ModelRecord:
+    """This model's facts for the manifest (with the run's policy and seed scheme)."""
+    return ModelRecord(
         label=label,
         model=model,
         variant=variant,
@@ -281,12 +366,6 @@ def _record_model(
         approximate=bool(eng.approximate),
         versions=_versions(),
     )
-
-    def change(m: Manifest) -> Manifest:
-        m = dataclasses.replace(m, run=m.run or run, policy=requested, seed_scheme=seed_rec)
-        return m.with_model(record)
-
-    update_manifest(run_dir, change)
 
 
 def _batch_table(batch, run, label, variant, family, prompt: Prompt) -> pa.Table:

@@ -66,6 +66,12 @@ def command(
     dtype: Annotated[
         str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")
     ] = "auto",
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            "--shard", help="I/N: only job I's share of N (jobs fill one --run concurrently)."
+        ),
+    ] = None,
 ) -> None:
     """Sample M rollouts per prompt, recording each step's exact entropy (resumable).
 
@@ -85,9 +91,11 @@ def command(
     )
 
     from canopy_entropy.engines.base import DecodingPolicy
-    from canopy_entropy.generate import generate_run, load_prompts
+    from canopy_entropy.generate import Shard, generate_run, load_prompts
     from canopy_entropy.models import alias_variant
+    from canopy_entropy.runner.core import run_lock
 
+    job = Shard.parse(shard) if shard is not None else None
     variant = variant or alias_variant(model) or "base"
     if variant not in ("base", "instruct"):
         raise ConfigError(f"unknown variant '{variant}'; use base or instruct")
@@ -117,13 +125,15 @@ def command(
         TimeRemainingColumn(),
     )
     started = time.perf_counter()
-    with Progress(*columns, console=console, transient=False) as bar:
-        task_id = bar.add_task("prompts", total=len(prompt_list), rollouts=0, rate="-")
+    run.mkdir(parents=True, exist_ok=True)
+    with run_lock(run, shared=True), Progress(*columns, console=console) as bar:
+        task_id = bar.add_task("prompts", total=None, rollouts=0, rate="-")
 
         def on_progress(event: dict) -> None:
             rate = event["tokens"] / max(event["elapsed_s"], 1e-9)
             bar.update(
                 task_id,
+                total=event["prompts_total"],
                 completed=event["prompts_done"],
                 rollouts=event["rollouts_done"],
                 rate=f"{rate:,.0f}",
@@ -145,10 +155,12 @@ def command(
             common_random_numbers=common_random_numbers,
             batch_size=batch_size,
             progress=on_progress,
+            shard=job,
         )
-        bar.update(task_id, completed=len(prompt_list))
+        bar.update(task_id, total=summary.prompts_total, completed=summary.prompts_total)
     console.print(
-        f"{summary.model_label}: {summary.prompts_generated} prompts generated, "
+        f"{summary.model_label}{f' (shard {job})' if job else ''}: "
+        f"{summary.prompts_generated} prompts generated, "
         f"{summary.prompts_skipped} already done; {summary.tokens:,} tokens "
         f"({summary.tokens_per_s:,.0f} tok/s); {summary.truncated} rollouts hit the length cap "
         f"-> {run} ({time.perf_counter() - started:.1f} s)",

@@ -33,6 +33,10 @@ COMMANDS = {
         "generate",
         "Sample M rollouts per prompt, recording each step's exact entropy (resumable).",
     ),
+    "status": (
+        "status",
+        "Show a run's progress per model and task, and which shard jobs' prompts are missing.",
+    ),
     "import": (
         "import_cmd",
         "Import rollouts from a JSONL file (prompt_id + per-step entropy per line) into a run.",

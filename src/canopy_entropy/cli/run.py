@@ -37,6 +37,14 @@ def command(
             "--prompts-dir", help="Folder of <task>.jsonl prompt files replacing the config's."
         ),
     ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            "--shard",
+            help="I/N: generate only job I's share of N (jobs fill one --out concurrently; a "
+            "final run without --shard does the analysis). See docs/scaling.md.",
+        ),
+    ] = None,
     check: Annotated[
         bool,
         typer.Option(
@@ -54,8 +62,10 @@ def command(
     """
     from canopy_entropy.cli.main import EXIT_FAILED
     from canopy_entropy.config import demo_config_path, load_config
+    from canopy_entropy.generate import Shard
     from canopy_entropy.runner import default_out_dir, plan_run, run_experiment, with_prompts_dir
 
+    job = Shard.parse(shard) if shard is not None else None
     cfg = load_config(config if config is not None else demo_config_path())
     if prompts_dir is not None:
         cfg = with_prompts_dir(cfg, prompts_dir)
@@ -66,6 +76,10 @@ def command(
         for line in plan.lines():
             typer.echo(f"  {line}")
         return
-    results = run_experiment(cfg, target, stages=[stages] if stages else None, force=force)
+    if job is not None and stages is None:
+        stages = "generate"
+    results = run_experiment(
+        cfg, target, stages=[stages] if stages else None, force=force, shard=job
+    )
     if any(r.status == "failed" for r in results):
         raise typer.Exit(EXIT_FAILED)

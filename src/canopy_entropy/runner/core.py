@@ -7,6 +7,12 @@ the store holds every configured rollout. Every later stage records how it ended
 settings are unchanged and its outputs intact. A stage that runs first removes its old outputs,
 so a failure never leaves stale results that look current; stages that need a failed stage are
 skipped and say so. ``force`` redoes a stage (for generate: deletes the rollouts first).
+
+Sharded jobs (``shard``): N jobs fill one folder concurrently, each sampling its fixed share of
+the (model, prompt chunk) units; they share the folder lock (an unsharded run holds it
+exclusively), record how they stand in ``RUN/.canopy/shards/I-of-N.json`` (one file per job, so
+no job rewrites another's record) and never run the analysis stages: a final unsharded run
+does, generating nothing when every unit is in.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import os
 import shutil
+import socket
 import time
 import traceback
 from collections.abc import Iterator
@@ -26,6 +34,7 @@ from rich.console import Console
 
 from canopy_entropy.config import STAGES, ExperimentConfig, resolved_config_toml
 from canopy_entropy.errors import CanopyError, ConfigError
+from canopy_entropy.generate import Shard
 from canopy_entropy.run import freshness
 from canopy_entropy.runner.display import RunDisplay, StageResult
 from canopy_entropy.runner.generation import (
@@ -37,27 +46,48 @@ from canopy_entropy.runner.generation import (
 )
 from canopy_entropy.runner.stages import STAGE_TABLE, Stage, stage_function, stage_named
 from canopy_entropy.runner.summary import print_summary
-from canopy_entropy.store import atomic_write_text, clean_stale_temps
+from canopy_entropy.store import atomic_write_json, atomic_write_text, clean_stale_temps
 
 
 @contextlib.contextmanager
-def _lock(run_dir: Path) -> Iterator[None]:
-    """One ``canopy run`` per folder at a time (the lock dies with the process)."""
+def run_lock(run_dir: Path, shared: bool = False) -> Iterator[None]:
+    """The folder lock (it dies with the process): an unsharded run holds it alone; shard
+    jobs (and ``canopy generate``) share it, since their writes never collide."""
     import fcntl
 
     path = run_dir / ".canopy" / "lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as fh:
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as exc:
+            who = "an unsharded 'canopy run'" if shared else "another run or shard job"
             raise CanopyError(
-                f"another 'canopy run' is using {run_dir}; wait for it or use another --out"
+                f"{who} is using {run_dir}; wait for it to finish or use another folder"
             ) from exc
         try:
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def shard_record_path(run_dir: Path, shard: Shard) -> Path:
+    return run_dir / ".canopy" / "shards" / f"{shard.index}-of-{shard.count}.json"
+
+
+def _record_shard(run_dir: Path, shard: Shard, state: str, detail: str = "") -> None:
+    """How shard job ``shard`` stands (its own file: concurrent jobs never share one)."""
+    atomic_write_json(
+        shard_record_path(run_dir, shard),
+        {
+            "shard": str(shard),
+            "state": state,
+            "detail": detail,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        },
+    )
 
 
 def parse_stage_list(names: list[str] | None, what: str) -> list[str]:
@@ -150,20 +180,28 @@ def run_experiment(
     stages: list[str] | None = None,
     force: list[str] | None = None,
     console: Console | None = None,
+    shard: Shard | None = None,
 ) -> list[StageResult]:
-    """Run the study ``cfg`` into the folder ``out``; returns one result per stage."""
+    """Run the study ``cfg`` into the folder ``out``; returns one result per stage.
+    ``shard``: only that job's share of the generation, no analysis stage."""
     console = console or Console()
     if not console.is_terminal:
         console.width = max(console.width, 160)  # logs and pipes: keep the tables on one line
     run_dir = Path(out)
     selected = parse_stage_list(stages, "--stages") or list(cfg.stages)
     forced = set(parse_stage_list(force, "--force"))
+    if shard is not None and "generate" not in selected:
+        raise ConfigError("a shard job only generates; select the generate stage")
+    if shard is not None and "generate" in forced:
+        raise ConfigError(
+            "forcing generate deletes every shard's rollouts; do it in an unsharded run first"
+        )
     if "generate" in selected:
         load_prompts(cfg)  # bad prompt files fail here, before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
     display = RunDisplay(cfg, console)
     results: dict[str, StageResult] = {}
-    with _lock(run_dir):
+    with run_lock(run_dir, shared=shard is not None):
         clean_stale_temps(run_dir)
         if "generate" in forced and "generate" in selected:
             for sub in ("rollouts", "prompts"):
@@ -172,11 +210,23 @@ def run_experiment(
         if (run_dir / "rollouts").is_dir():
             check_run_folder(run_dir, cfg, load_prompts(cfg))
         atomic_write_text(run_dir / "config.toml", resolved_config_toml(cfg))
+        if shard is not None:
+            _record_shard(run_dir, shard, "started")
         with display.running():
             for stage in STAGE_TABLE:
-                result = _run_stage(stage, run_dir, cfg, display, selected, forced, results)
+                if shard is not None and stage.name != "generate":
+                    result = StageResult(stage.name, "not run", "shard job: generate only")
+                else:
+                    result = _run_stage(
+                        stage, run_dir, cfg, display, selected, forced, results, shard
+                    )
                 results[stage.name] = result
                 display.add_result(result)
+        if shard is not None:
+            gen = results["generate"]
+            _record_shard(
+                run_dir, shard, "done" if gen.status != "failed" else "failed", gen.detail
+            )
     print_summary(console, run_dir, cfg, list(results.values()))
     return list(results.values())
 
@@ -203,6 +253,7 @@ def _run_stage(
     selected: list[str],
     forced: set[str],
     results: dict[str, StageResult],
+    shard: Shard | None = None,
 ) -> StageResult:
     name = stage.name
     if name not in selected:
@@ -216,10 +267,10 @@ def _run_stage(
     t0 = time.monotonic()
     try:
         if name == "generate":
-            if name not in forced and generate_is_done(run_dir, cfg):
+            if name not in forced and generate_is_done(run_dir, cfg, shard):
                 record_experiment(run_dir, cfg)
                 return StageResult(name, "skipped", "all rollouts already in the store")
-            detail = run_generate(run_dir, cfg, display, stage_function(stage))
+            detail = run_generate(run_dir, cfg, display, stage_function(stage), shard)
             return StageResult(name, "done", detail, time.monotonic() - t0)
         settings = stage.settings(cfg)
         if name not in forced and freshness.is_fresh(

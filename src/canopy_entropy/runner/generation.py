@@ -1,19 +1,29 @@
 """The generate stage of ``canopy run``: every missing rollout, model by model, into the store.
 
-The manifest is the authority on how a folder's rollouts were made: a config whose policy, seed,
-models or prompts differ is refused before anything is sampled.
+Each model is sampled in a fresh child process (multiprocessing spawn) that sends its shards to
+this process, which writes them: the model's memory (GPU memory too, which vLLM does not free
+reliably on deletion) goes with the child, so nothing accumulates across models. The manifest is
+the authority on how a folder's rollouts were made: a config whose policy, seed, models or
+prompts differ is refused before anything is sampled.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import sys
+import threading
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from canopy_entropy.config import ExperimentConfig, config_dict, generation_fingerprint
 from canopy_entropy.errors import CanopyError, ConfigError
+from canopy_entropy.generate import FolderWriter, Shard, engine_prompts_per_call, owned_prompts
 from canopy_entropy.run.manifest import PolicyRecord, read_manifest, update_manifest
 from canopy_entropy.runner.display import RunDisplay
 from canopy_entropy.store import RunStore
@@ -176,85 +186,94 @@ def check_run_folder(
     return check_store_matches(run_dir, cfg, prompts)
 
 
+def _owned_units(
+    cfg: ExperimentConfig, prompts: dict[str, list[Prompt]], shard: Shard | None
+) -> list[tuple[str, str, str]]:
+    """The (model, task, prompt id) units a job samples: all, or a shard's share."""
+    out = []
+    for m in cfg.models:
+        flat = [p for t in cfg.tasks for p in prompts[t]]
+        per_call = engine_prompts_per_call(cfg.engine.name, _engine_options(cfg, m))
+        out += [(m.label, flat[i].task, flat[i].id) for i in owned_prompts(m.label, len(flat), per_call, shard)]  # fmt: skip
+    return out
+
+
+def shard_of_units(
+    cfg: ExperimentConfig, prompts: dict[str, list[Prompt]], count: int
+) -> dict[tuple[str, str, str], int]:
+    """Which of ``count`` shard jobs samples each (model, task, prompt id)."""
+    return {
+        unit: i for i in range(1, count + 1) for unit in _owned_units(cfg, prompts, Shard(i, count))
+    }
+
+
 def run_generate(
-    run_dir: Path, cfg: ExperimentConfig, display: RunDisplay, fn: Callable[..., Any]
+    run_dir: Path,
+    cfg: ExperimentConfig,
+    display: RunDisplay,
+    fn: Callable[..., Any],
+    shard: Shard | None = None,
 ) -> str:
-    """Generate every missing rollout, model by model (one model in memory at a time) with
-    ``fn`` (the stage's ``generate_run``)."""
+    """Generate every missing rollout (of ``shard``'s share), model by model, each model in
+    its own child process, with ``fn`` (the stage's ``generate_run``)."""
     prompts = load_prompts(cfg)
     counts = check_store_matches(run_dir, cfg, prompts)
     M = cfg.generation.rollouts
+    units = _owned_units(cfg, prompts, shard)
     for m in cfg.models:
         for task in cfg.tasks:
-            display.totals[(m.label, task)] = len(prompts[task])
-            display.done[(m.label, task)] = sum(
-                counts.get((m.label, task, p.id), 0) >= M for p in prompts[task]
-            )
+            display.totals[(m.label, task)] = 0
+            display.done[(m.label, task)] = 0
+    for label, task, pid in units:
+        display.totals[(label, task)] += 1
+        display.done[(label, task)] += counts.get((label, task, pid), 0) >= M
     display.refresh()
     generated = 0
     for m in cfg.models:
-        todo = [t for t in cfg.tasks if display.done[(m.label, t)] < len(prompts[t])]
-        if not todo:
+        if all(display.done[(m.label, t)] >= display.totals[(m.label, t)] for t in cfg.tasks):
             continue
-        flat = [p for t in todo for p in prompts[t]]
-        pending = [
-            p for p in flat if counts.get((m.label, p.task, p.id), 0) < M
-        ]  # what the engine will actually sample, in order
-        base_done = {t: display.done[(m.label, t)] for t in todo}
-        t0 = time.monotonic()
+        t0 = [None]
 
-        def progress(
-            event: dict[str, Any], m=m, flat=flat, pending=pending, base=base_done, t0_=t0
-        ) -> None:
-            # prompts_done counts the prompts already in the store first, then the new ones
-            k = int(event.get("prompts_done", 0)) - (len(flat) - len(pending))
-            per_task = dict(base)
-            for p in pending[: max(k, 0)]:
-                per_task[p.task] += 1
-            before = sum(display.done[(m.label, t)] for t in per_task)
-            for t, d in per_task.items():
-                display.done[(m.label, t)] = min(d, display.totals[(m.label, t)])
-            display.session_prompts += sum(display.done[(m.label, t)] for t in per_task) - before
-            elapsed = float(event.get("elapsed_s", time.monotonic() - t0_)) or 1e-9
-            display.tokens_per_s = float(event.get("tokens", 0)) / elapsed
+        def progress(event: dict[str, Any], m=m, t0=t0) -> None:
+            key = (m.label, str(event["task"]))
+            display.done[key] = min(display.done[key] + 1, display.totals[key])
+            display.session_prompts += 1
+            display.tokens_per_s = float(event["tokens"]) / (float(event["elapsed_s"]) or 1e-9)
             display.refresh()
             if display.live is None:  # logs: one line per prompt
-                task = pending[k - 1].task if 0 < k <= len(pending) else ""
-                d, t = display.done.get((m.label, task), 0), display.totals.get((m.label, task), 0)
+                d, t = display.done[key], display.totals[key]
                 display.console.print(
-                    f"    {m.label} · {task} {d}/{t} prompts · "
+                    f"    {m.label} · {key[1]} {d}/{t} prompts · "
                     f"{display.tokens_per_s:,.0f} tokens/s · ETA {display.eta()}",
                     highlight=False,
                 )
 
-        fn(
-            run_dir,
-            model=m.model,
-            prompts=flat,
-            rollouts=M,
-            policy=_policy(cfg),
-            variant=m.variant,
-            family=m.family,
-            model_label=m.label,
-            engine=cfg.engine.name,
-            device=cfg.engine.device,
-            dtype=cfg.engine.dtype,
-            seed=cfg.generation.seed,
-            common_random_numbers=cfg.generation.common_random_numbers,
-            batch_size=cfg.generation.batch_size or None,
-            engine_options=_engine_options(cfg, m),
-            progress=progress,
-            run_name=cfg.name,
+        summary, _, _ = generate_in_child(
+            fn,
+            dict(
+                run_dir=run_dir,
+                model=m.model,
+                prompts=[p for t in cfg.tasks for p in prompts[t]],  # fixed chunks: all tasks
+                rollouts=M,
+                policy=_policy(cfg),
+                variant=m.variant,
+                family=m.family,
+                model_label=m.label,
+                engine=cfg.engine.name,
+                device=cfg.engine.device,
+                dtype=cfg.engine.dtype,
+                seed=cfg.generation.seed,
+                common_random_numbers=cfg.generation.common_random_numbers,
+                batch_size=cfg.generation.batch_size or None,
+                engine_options=_engine_options(cfg, m),
+                run_name=cfg.name,
+                shard=shard,
+            ),
+            progress,
         )
-        generated += len(pending)
+        generated += summary.prompts_generated
     counts = _store_counts(run_dir)
-    missing = [
-        (m.label, t, p.id)
-        for m in cfg.models
-        for t in cfg.tasks
-        for p in prompts[t]
-        if counts.get((m.label, t, p.id), 0) < M
-    ]
+    missing = [u for u in units if counts.get(u, 0) < M]
     if missing:
         raise CanopyError(
             f"generation finished but {len(missing)} prompts lack rollouts (e.g. model "
@@ -264,19 +283,126 @@ def run_generate(
         display.done[key] = display.totals[key]
     record_experiment(run_dir, cfg)
     n_roll = sum(counts.values())
+    if shard is not None:
+        return f"shard {shard}: {generated} prompts sampled, {n_roll} rollouts in store"
     return f"{generated} prompts sampled, {n_roll} rollouts in store" if generated else ""
 
 
-def generate_is_done(run_dir: Path, cfg: ExperimentConfig) -> bool:
-    """Every configured (model, task, prompt) has all its rollouts in the store."""
+def generate_in_child(
+    fn: Callable[..., Any], kwargs: dict[str, Any], progress: Callable[[dict], None]
+) -> tuple[Any, int, int]:
+    """``fn(**kwargs)`` (``generate_run``) in a fresh spawned process whose results this
+    process writes; returns (its summary, the child's peak RSS in bytes, the child's pid).
+
+    The child dies with this process (a killed parent leaves no orphan sampling on), and an
+    exception in the child is raised here."""
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    torch = sys.modules.get("torch")  # float kernels split work by thread count: keep ours
+    threads = torch.get_num_threads() if torch is not None else None
+    proc = ctx.Process(target=_child_main, args=(send, fn, kwargs, threads), daemon=False)
+    proc.start()
+    send.close()
+    writer = FolderWriter(kwargs["run_dir"])
+    result = None
+    try:
+        while result is None:
+            try:
+                kind, *payload = receive.recv()
+            except EOFError:
+                break
+            if kind == "model":
+                writer.record_model(*payload)
+            elif kind == "shard":
+                writer.write_shard(*payload)
+            elif kind == "progress":
+                progress(payload[0])
+            elif kind == "error":
+                raise payload[0]
+            else:
+                result = tuple(payload)
+    finally:
+        receive.close()
+        if result is None and proc.is_alive():
+            proc.terminate()
+        proc.join()
+    if result is None:
+        raise RuntimeError(
+            f"the generation process of model '{kwargs['model_label']}' died (exit code "
+            f"{proc.exitcode}; e.g. out of memory) before it finished; re-run to continue"
+        )
+    return result
+
+
+class _PipeWriter:
+    """The child's writer: every result goes to the parent, which writes it."""
+
+    def __init__(self, conn: Any):
+        self.conn = conn
+
+    def record_model(self, *args: Any) -> None:
+        self.conn.send(("model", *args))
+
+    def write_shard(self, *args: Any) -> None:
+        self.conn.send(("shard", *args))
+
+
+def _exit_with_parent() -> None:
+    """A watcher thread: when the parent process is gone, exit at once."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _child_main(conn: Any, fn: Callable[..., Any], kwargs: dict[str, Any], threads: int | None):
+    """Entry point of the per-model child process."""
+    import resource
+
+    _exit_with_parent()
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        summary = fn(
+            **kwargs,
+            writer=_PipeWriter(conn),
+            progress=lambda event: conn.send(("progress", event)),
+        )
+    except KeyboardInterrupt:
+        os._exit(130)
+    except BaseException as exc:
+        conn.send(("error", _portable(exc)))
+        conn.close()
+        return
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    conn.send(("done", summary, peak, os.getpid()))
+    conn.close()
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """``exc`` as the parent can receive it, with the child's traceback as a note."""
+    exc.add_note("in the generation process:\n" + "".join(traceback.format_exception(exc)))
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+    return exc
+
+
+def generate_is_done(run_dir: Path, cfg: ExperimentConfig, shard: Shard | None = None) -> bool:
+    """Every configured (model, task, prompt) of ``shard``'s share has all its rollouts."""
     prompts = load_prompts(cfg)
     counts = check_store_matches(run_dir, cfg, prompts)
-    return all(
-        counts.get((m.label, t, p.id), 0) >= cfg.generation.rollouts
-        for m in cfg.models
-        for t in cfg.tasks
-        for p in prompts[t]
-    )
+    M = cfg.generation.rollouts
+    return all(counts.get(u, 0) >= M for u in _owned_units(cfg, prompts, shard))
 
 
 def record_experiment(run_dir: Path, cfg: ExperimentConfig) -> None:
