@@ -61,7 +61,10 @@ def test_generate_run_writes_store_manifest_and_prompts(tmp_path, engine, tiny_m
         "rollouts_done",
         "tokens",
         "elapsed_s",
+        "task",
+        "prompt_id",
     }
+    assert [(e["task"], e["prompt_id"]) for e in events] == [(p.task, p.id) for p in PROMPTS]
     assert sorted(p.stem for p in store.shard_files()) == sorted(
         slug("tiny-it", p.task, p.id) for p in PROMPTS
     )

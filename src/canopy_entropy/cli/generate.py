@@ -72,11 +72,19 @@ def command(
             "--shard", help="I/N: only job I's share of N (jobs fill one --run concurrently)."
         ),
     ] = None,
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", help="Show third-party progress bars and warnings."),
+    ] = False,
 ) -> None:
     """Sample M rollouts per prompt, recording each step's exact entropy (resumable).
 
     Engines, decoding policy and seeds: docs/engines.md.
     """
+    if verbose:
+        import os
+
+        os.environ["CANOPY_VERBOSE"] = "1"  # the engines (and their child processes) read it
     import dataclasses
     import time
 
@@ -139,6 +147,9 @@ def command(
                 rate=f"{rate:,.0f}",
             )
 
+        from canopy_entropy.threads import configure_threads
+
+        configure_threads()
         summary = generate_run(
             run,
             model=model,

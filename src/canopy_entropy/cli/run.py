@@ -53,6 +53,10 @@ def command(
             "print the plan (models, tasks, prompts, rollouts, stages) and stop.",
         ),
     ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", help="Show third-party progress bars and warnings."),
+    ] = False,
 ) -> None:
     """Run every stage of a study from one config file, resumably, into one results folder.
 
@@ -60,6 +64,10 @@ def command(
     Killing it and running it again continues where it stopped. Exits 1 when a stage failed.
     Configs, stages and the results folder: docs/running.md.
     """
+    if verbose:
+        import os
+
+        os.environ["CANOPY_VERBOSE"] = "1"  # the engines (and their child processes) read it
     from canopy_entropy.cli.main import EXIT_FAILED
     from canopy_entropy.config import demo_config_path, load_config
     from canopy_entropy.generate import Shard

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import os
 import typing
 import warnings
 from collections import deque
@@ -176,7 +177,8 @@ class HFEngine(Engine):
         self.batch_size = opts.batch_size
         if opts.prompts_per_call is not None:
             self.prompts_per_call = opts.prompts_per_call
-        self.verbose = opts.verbose
+        # --verbose (CANOPY_VERBOSE=1, inherited by the per-model child processes) or the option
+        self.verbose = opts.verbose or os.environ.get("CANOPY_VERBOSE") == "1"
         kwargs: dict[str, Any] = {"dtype": getattr(torch, self.dtype)}
         if opts.revision:
             kwargs["revision"] = opts.revision
@@ -185,7 +187,7 @@ class HFEngine(Engine):
         if opts.attn_implementation:
             kwargs["attn_implementation"] = opts.attn_implementation
         with quiet_transformers(self.verbose):
-            self.model_path = resolve_model(model)
+            self.model_path = resolve_model(model, verbose=self.verbose)
             try:
                 self.tokenizer = transformers.AutoTokenizer.from_pretrained(
                     self.model_path,

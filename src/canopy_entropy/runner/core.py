@@ -47,6 +47,7 @@ from canopy_entropy.runner.generation import (
 from canopy_entropy.runner.stages import STAGE_TABLE, Stage, stage_function, stage_named
 from canopy_entropy.runner.summary import print_summary
 from canopy_entropy.store import atomic_write_json, atomic_write_text, clean_stale_temps
+from canopy_entropy.threads import configure_threads
 
 
 @contextlib.contextmanager
@@ -202,6 +203,7 @@ def run_experiment(
     display = RunDisplay(cfg, console)
     results: dict[str, StageResult] = {}
     with run_lock(run_dir, shared=shard is not None):
+        configure_threads()  # deliberate thread counts (the summary prints them)
         clean_stale_temps(run_dir)
         if "generate" in forced and "generate" in selected:
             for sub in ("rollouts", "prompts"):

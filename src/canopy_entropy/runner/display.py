@@ -109,9 +109,6 @@ class RunDisplay:
     segment: str | None = None  # the model whose prompts the estimator is timing
     results: list[StageResult] = field(default_factory=list)
     live: Live | None = None
-    # written by runner.generation's callback until it calls observe(); remove with that change
-    tokens_per_s: float = 0.0
-    session_prompts: int = 0
 
     def render(self) -> Group:
         grid = Table(title=f"canopy run · {self.cfg.name}", title_justify="left", expand=False)

@@ -232,19 +232,18 @@ def run_generate(
     for m in cfg.models:
         if all(display.done[(m.label, t)] >= display.totals[(m.label, t)] for t in cfg.tasks):
             continue
-        t0 = [None]
+        sampled = [0]  # prompts this model's engine finished in this session
 
-        def progress(event: dict[str, Any], m=m, t0=t0) -> None:
+        def progress(event: dict[str, Any], m=m, sampled=sampled) -> None:
             key = (m.label, str(event["task"]))
             display.done[key] = min(display.done[key] + 1, display.totals[key])
-            display.session_prompts += 1
-            display.tokens_per_s = float(event["tokens"]) / (float(event["elapsed_s"]) or 1e-9)
+            sampled[0] += 1
+            display.observe(m.label, int(event["tokens"]), sampled[0])  # measured decoding
             display.refresh()
             if display.live is None:  # logs: one line per prompt
                 d, t = display.done[key], display.totals[key]
                 display.console.print(
-                    f"    {m.label} · {key[1]} {d}/{t} prompts · "
-                    f"{display.tokens_per_s:,.0f} tokens/s · ETA {display.eta()}",
+                    f"    {m.label} · {key[1]} {d}/{t} prompts · {display.speed()}",
                     highlight=False,
                 )
 
