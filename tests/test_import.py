@@ -391,11 +391,11 @@ def test_failed_second_shard_rolls_back_the_first(tmp_path, capsys, monkeypatch,
     real = store_mod.atomic_write_table
     calls = []
 
-    def second_fails(path, table, schema_version):
+    def second_fails(path, table, schema_version, options=None):
         calls.append(path)
         if len(calls) == 2:
             raise OSError(code_, os.strerror(code_), str(path))
-        real(path, table, schema_version)
+        real(path, table, schema_version, options)
 
     monkeypatch.setattr(store_mod, "atomic_write_table", second_fails)
     monkeypatch.setattr(importer_mod, "SHARD_ROLLOUTS", 1)  # one shard per rollout

@@ -110,11 +110,11 @@ where, after = sys.argv[3], int(sys.argv[4])
 calls = []
 if where == "write":
     real_write = store.atomic_write_table
-    def write(path, table, tag):
+    def write(path, table, tag, options=None):
         calls.append(path)
         if len(calls) > after:
             os._exit(9)
-        real_write(path, table, tag)
+        real_write(path, table, tag, options)
     store.atomic_write_table = write
 else:
     real_replace = os.replace
