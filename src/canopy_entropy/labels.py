@@ -56,6 +56,9 @@ _TABLE: dict[str, tuple[str, str, str]] = {
     "n_prompts": ("prompts", "", "number of prompts"),
     "diversity": ("D", "", "semantic diversity: mean pairwise cosine distance of rollouts"),
     "vendi": ("Vendi", "", "Vendi score: effective number of distinct rollouts"),
+    "rse": ("RSE", _NATS, "relaxed semantic entropy: entropy of the judge's rollout clusters"),
+    "rse_normalized": ("RSE / log m", "", "relaxed semantic entropy normalised to [0, 1]"),
+    "rse_clusters": ("RSE clusters", "", "number of meaning clusters the judge found"),
     "dominant": ("dominant", "", "which part of SE² is larger: more prompts or more rollouts"),
     # --- comparison (compare/comparison.parquet) -----------------------------------------------
     "diff": ("difference", "", "B − A"),
