@@ -17,8 +17,16 @@ def _run(tmp_path, with_eos_prob=True):
     run = tmp_path / "run"
     for k, (model, task) in enumerate((("a", "math"), ("b", "math"), ("a", "stories"))):
         lm = FiniteStateLM.random(3, 5, seed=10 + k, mean_eos=0.12)
-        lm.sample_store(run, 4, 5, seed=k, model=model, task=task, max_new_tokens=30,
-                        with_eos_prob=with_eos_prob)  # fmt: skip
+        lm.sample_store(
+            run,
+            4,
+            5,
+            seed=k,
+            model=model,
+            task=task,
+            max_new_tokens=30,
+            with_eos_prob=with_eos_prob,
+        )
     return run
 
 

@@ -27,8 +27,16 @@ def _two_variant_run(run, n_prompts=12, m=8):
     """A run with a base and an instruct model of one family on the same prompts."""
     for variant, seed, eos in (("base", 1, 0.15), ("instruct", 2, 0.3)):
         lm = FiniteStateLM.random(3, 5, seed=seed, mean_eos=eos)
-        lm.sample_store(run, n_prompts, m, seed=seed, model=f"fsm-{variant}", variant=variant,
-                        prompt_seed=7, max_new_tokens=40)  # fmt: skip
+        lm.sample_store(
+            run,
+            n_prompts,
+            m,
+            seed=seed,
+            model=f"fsm-{variant}",
+            variant=variant,
+            prompt_seed=7,
+            max_new_tokens=40,
+        )
     return run
 
 
@@ -46,8 +54,11 @@ def _write_rse(run, seed=0, drop=0):
     table["rse_clusters"] = clusters.astype(np.int32)
     table["rse_m"] = np.int32(m)
     table["rse_failures"] = np.int32(0)
-    atomic_write_table(run / "semantic" / "rse.parquet",
-                       pa.Table.from_pandas(table, preserve_index=False), RSE_SCHEMA_VERSION)  # fmt: skip
+    atomic_write_table(
+        run / "semantic" / "rse.parquet",
+        pa.Table.from_pandas(table, preserve_index=False),
+        RSE_SCHEMA_VERSION,
+    )
     return table
 
 
@@ -103,12 +114,17 @@ def _diversity_run(tmp_path, n_prompts=24, m=6, with_rse=False):
         .sort_values([*KEYS, "rollout_index"])
     )
     rng = np.random.default_rng(4)
-    emb = rng.normal(size=(len(keys), 8)) + 2.0 * rng.normal(size=(1, 8))
+    # a prompt's rollouts share a direction of prompt-specific strength: D varies by prompt
+    codes, uniques = pd.factorize(keys["prompt_id"])
+    strength = rng.uniform(0.5, 3.0, len(uniques))[codes, None]
+    emb = rng.normal(size=(len(keys), 8)) + strength * rng.normal(size=(len(uniques), 8))[codes]
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     prompt_div, _ = diversity_tables(keys, emb)
-    atomic_write_table(run / "semantic" / "prompt_diversity.parquet",
-                       pa.Table.from_pandas(prompt_div, preserve_index=False),
-                       "canopy-prompt-diversity/1")  # fmt: skip
+    atomic_write_table(
+        run / "semantic" / "prompt_diversity.parquet",
+        pa.Table.from_pandas(prompt_div, preserve_index=False),
+        "canopy-prompt-diversity/1",
+    )
     if with_rse:
         write_metrics(run, warn=False)
         _write_rse(run)
@@ -171,6 +187,7 @@ def test_regress_quadratic_writes_lrt_matching_closed_forms(tmp_path, capsys, mo
     lls = {}
     for name, quad in (("interaction", False), ("quadratic", True)):
         fit = doc["fits"][name]
+        assert fit["re_var"] > 0.1 * fit["resid_var"]  # a real random intercept, not OLS
         design = _design(panel, quad)
         assert set(fit["coefficients"]) == set(design.columns)
         design = design[list(fit["coefficients"])]

@@ -87,6 +87,12 @@ _TABLE: dict[str, tuple[str, str, str]] = {
     "R_sc": ("entropy rate (z)", "", "entropy rate R̄, z-scored over the panel"),
     "invN_sc": ("1/N̄ (z)", "", "inverse mean length, z-scored over the panel"),
     "D": ("D", "", "semantic diversity of a prompt's rollouts"),
+    "Rbar": ("R̄", "nats/token", "a prompt's mean entropy rate"),
+    "Nbar": ("N̄", "tokens", "a prompt's mean output length"),
+    "R_c": ("entropy rate (centred)", "", "R̄ minus its panel mean"),
+    "R_c2": ("entropy rate² (centred)", "", "squared centred entropy rate (quadratic check)"),
+    "V": ("Vendi (rescaled)", "", "(Vendi − 1) / (M − 1), in [0, 1]"),
+    "RSE": ("RSE / log m", "", "relaxed semantic entropy normalised to [0, 1]"),
 }
 LABELS: Mapping[str, Label] = {k: Label(*v) for k, v in _TABLE.items()}
 
