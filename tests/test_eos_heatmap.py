@@ -42,7 +42,7 @@ def _brute_force(run, mode):
         else:
             sel = sorted(sel, key=lambda r: (r["prompt_id"], len(r["eos_prob"])))
         width = max(len(r["eos_prob"]) for r in sel)
-        matrix = np.full((len(sel), width), np.nan)
+        matrix = np.full((len(sel), width), np.nan, dtype=np.float32)  # float32 as stored
         for i, r in enumerate(sel):
             for t, p in enumerate(r["eos_prob"]):
                 matrix[i, t] = math.log(p) if p > 0 else -math.inf
@@ -73,7 +73,7 @@ def test_heatmap_draws_log_eos_in_place(tmp_path, mode):
         all_values.append(matrix[np.isfinite(matrix)])
     lo, hi = np.quantile(np.concatenate(all_values), [0.01, 0.99])
     norm = heat_axes[0].images[0].norm
-    assert (norm.vmin, norm.vmax) == pytest.approx((lo, hi), rel=1e-12)
+    assert (norm.vmin, norm.vmax) == pytest.approx((lo, hi), rel=1e-6)
     assert ("b", "stories") not in matrices  # an empty slot of the grid gets a note
     assert any("no rollouts with eos_prob" in t.get_text() for ax in fig.axes for t in ax.texts)
 

@@ -29,12 +29,16 @@ CLIP = (0.01, 0.99)  # quantiles of log p(EOS) the colour scale is clipped to
 
 @dataclass(frozen=True, eq=False)
 class EOSMatrix:
-    """One model/task: ``log_eos[row, t]`` = log p(EOS) at step t+1 of a rollout (NaN past
-    its end or where no eos_prob was stored), rows ordered by (prompt_id, rollout_index)."""
+    """One model/task: the log p(EOS) of every step of its rollouts, kept flat (float32, rows
+    in (prompt_id, rollout_index) order) so a large run never holds every dense matrix."""
 
-    log_eos: np.ndarray  # [rollouts, max length]
+    values: np.ndarray  # [total steps] log p(EOS), rollout after rollout
     lengths: np.ndarray  # [rollouts]
     prompt_id: np.ndarray  # [rollouts]
+
+    @property
+    def width(self) -> int:
+        return int(self.lengths.max())
 
     def order(self, mode: str = "combined") -> np.ndarray:
         """Row order: by length (``combined``) or by length within prompt blocks (``prompt``)."""
@@ -43,9 +47,21 @@ class EOSMatrix:
             return np.argsort(self.lengths, kind="stable")
         return np.lexsort((self.lengths, self.prompt_id))
 
+    def dense(self, order: np.ndarray | None = None) -> np.ndarray:
+        """``[rollouts, width]`` matrix, row i = rollout ``order[i]``, NaN past its end."""
+        order = np.arange(self.lengths.size) if order is None else order
+        rank = np.empty_like(order)
+        rank[order] = np.arange(order.size)
+        starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]])
+        step_row = np.repeat(np.arange(self.lengths.size), self.lengths)
+        pos = np.arange(self.values.size) - starts[step_row]
+        matrix = np.full((self.lengths.size, self.width), np.nan, dtype=np.float32)
+        matrix[rank[step_row], pos] = self.values
+        return matrix
+
     def active(self) -> np.ndarray:
         """How many rollouts are still generating at each position (length >= t)."""
-        positions = np.arange(1, self.log_eos.shape[1] + 1)
+        positions = np.arange(1, self.width + 1)
         shorter = np.searchsorted(np.sort(self.lengths), positions, side="left")
         return self.lengths.size - shorter
 
@@ -96,22 +112,20 @@ def eos_matrices(run_dir: str | Path, batch_size: int = 1024) -> dict[tuple[str,
 def _matrix(
     lengths: np.ndarray, flat: np.ndarray, prompt: np.ndarray, ridx: np.ndarray
 ) -> EOSMatrix:
-    """Place the flat per-step values into a [rollouts, max length] matrix in key order."""
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    """The flat per-step values of one group, rollouts put in (prompt_id, rollout_index) order."""
     order = np.lexsort((ridx, prompt.astype(str)))
     rank = np.empty_like(order)
     rank[order] = np.arange(order.size)
-    step_row = np.repeat(np.arange(lengths.size), lengths)
-    pos = np.arange(flat.size) - starts[step_row]
-    matrix = np.full((lengths.size, int(lengths.max())), np.nan)
+    # the steps of the rollouts in their new order (stable: a rollout's steps stay in order)
+    steps = np.argsort(np.repeat(rank, lengths), kind="stable")
     with np.errstate(divide="ignore"):
-        matrix[rank[step_row], pos] = np.log(flat)
-    return EOSMatrix(matrix, lengths[order], prompt[order].astype(str))
+        values = np.log(flat[steps]).astype(np.float32)
+    return EOSMatrix(values, lengths[order], prompt[order].astype(str))
 
 
 def color_norm(matrices: Mapping[tuple[str, str], EOSMatrix], clip=CLIP) -> Normalize:
     """One colour scale for every panel: the ``clip`` quantiles of the finite log p(EOS)."""
-    values = np.concatenate([m.log_eos[np.isfinite(m.log_eos)] for m in matrices.values()])
+    values = np.concatenate([m.values[np.isfinite(m.values)] for m in matrices.values()])
     if not values.size:
         return Normalize(-1.0, 0.0)
     lo, hi = np.quantile(values, clip)
@@ -146,12 +160,12 @@ def eos_heatmap(
                 continue
             order = mat.order(mode)
             image = ax.imshow(
-                mat.log_eos[order],
+                mat.dense(order),
                 aspect="auto",
                 interpolation="nearest",
                 cmap="viridis",
                 norm=norm,
-                extent=(0.5, mat.log_eos.shape[1] + 0.5, len(order) - 0.5, -0.5),
+                extent=(0.5, mat.width + 0.5, len(order) - 0.5, -0.5),
             )
             ax.grid(False)
             if mode == "prompt":
@@ -160,7 +174,7 @@ def eos_heatmap(
                     ax.axhline(edge + 0.5, color="#bbbbbb", linewidth=0.6)
             ax.tick_params(labelbottom=False)
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-            positions = np.arange(1, mat.log_eos.shape[1] + 1)
+            positions = np.arange(1, mat.width + 1)
             strip.step(positions, mat.active(), where="mid", color="#333333")
             strip.set_ylim(bottom=0)
             strip.set_xlabel("token position t")
