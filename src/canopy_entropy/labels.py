@@ -56,6 +56,9 @@ _TABLE: dict[str, tuple[str, str, str]] = {
     "n_prompts": ("prompts", "", "number of prompts"),
     "diversity": ("D", "", "semantic diversity: mean pairwise cosine distance of rollouts"),
     "vendi": ("Vendi", "", "Vendi score: effective number of distinct rollouts"),
+    "rse": ("RSE", _NATS, "relaxed semantic entropy: entropy of the judge's rollout clusters"),
+    "rse_normalized": ("RSE / log m", "", "relaxed semantic entropy normalised to [0, 1]"),
+    "rse_clusters": ("RSE clusters", "", "number of meaning clusters the judge found"),
     "dominant": ("dominant", "", "which part of SE² is larger: more prompts or more rollouts"),
     # --- comparison (compare/comparison.parquet) -----------------------------------------------
     "diff": ("difference", "", "B − A"),
@@ -84,6 +87,12 @@ _TABLE: dict[str, tuple[str, str, str]] = {
     "R_sc": ("entropy rate (z)", "", "entropy rate R̄, z-scored over the panel"),
     "invN_sc": ("1/N̄ (z)", "", "inverse mean length, z-scored over the panel"),
     "D": ("D", "", "semantic diversity of a prompt's rollouts"),
+    "Rbar": ("R̄", "nats/token", "a prompt's mean entropy rate"),
+    "Nbar": ("N̄", "tokens", "a prompt's mean output length"),
+    "R_c": ("entropy rate (centred)", "", "R̄ minus its panel mean"),
+    "R_c2": ("entropy rate² (centred)", "", "squared centred entropy rate (quadratic check)"),
+    "V": ("Vendi (rescaled)", "", "(Vendi − 1) / (M − 1), in [0, 1]"),
+    "RSE": ("RSE / log m", "", "relaxed semantic entropy normalised to [0, 1]"),
 }
 LABELS: Mapping[str, Label] = {k: Label(*v) for k, v in _TABLE.items()}
 

@@ -62,6 +62,10 @@ COMMANDS = {
         "Compare two models (paired prompt bootstrap): CE*, GenPPL, BF, rho, D with SEs and CIs.",
     ),
     "regress": ("regress", "Fit the Beta mixed-effects regression of diversity on entropy rate."),
+    "tables": (
+        "tables",
+        "Write the paper's tables of a run (--paper): Markdown, LaTeX (booktabs) and CSV.",
+    ),
     "plot": (
         "plot",
         "Draw the figures of a run (PNG + PDF under RUN/figures/); missing stages give notes.",

@@ -17,6 +17,8 @@ RATIO_METRICS = (
     "length_entropy",
     "diversity",
     "vendi",
+    "rse",
+    "rse_normalized",
 )
 
 
@@ -26,7 +28,7 @@ CORRELATION_METRICS = ("pearson", "spearman", "kendall", "covariance")
 METRIC_SETS = {
     "entropy": ("ce_star", "genppl", "bf", "entropy_rate", "mean_length", "length_entropy"),
     "correlation": CORRELATION_METRICS,
-    "diversity": ("diversity", "vendi"),
+    "diversity": ("diversity", "vendi", "rse", "rse_normalized"),
 }
 
 

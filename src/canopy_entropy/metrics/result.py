@@ -178,6 +178,7 @@ METRICS_INPUTS = (
     "rollouts",
     "semantic/prompt_diversity.parquet",
     "semantic/rollout_diversity.parquet",
+    "semantic/rse.parquet",
 )
 
 
@@ -224,44 +225,37 @@ def write_metrics(
 def merge_diversity(
     result: MetricsResult, run_dir: str | os.PathLike[str], delta: float
 ) -> MetricsResult:
-    """Merge RUN/semantic/'s per-prompt diversity into the prompts (and re-pool) and each
-    rollout's distance d into the rollouts; a prompt whose diversity was computed from another
-    set of rollouts (its count differs) gets none, with a note."""
-    prompt_path = artefact_path(run_dir, "semantic.prompts")
-    if not prompt_path.exists():
-        return result
-    div = read_table(prompt_path, schema_of("semantic.prompts")).to_pandas()
+    """Merge RUN/semantic/'s per-prompt diversity and relaxed semantic entropy (rse.parquet)
+    into the prompts (and re-pool) and each rollout's distance d into the rollouts; a prompt
+    whose diversity was computed from another set of rollouts (its count differs), or whose RSE
+    judged more rollouts than it now has, gets none, with a note."""
+    from canopy_entropy.semantic.rse import RSE_SCHEMA_VERSION
+
     keys = list(PROMPT_KEYS)
-    missing = [c for c in (*keys, "n_rollouts") if c not in div.columns]
-    if missing or div.duplicated(keys).any():
-        raise StoreError(
-            f"{prompt_path} lacks key columns {missing} or repeats a prompt; re-run 'canopy embed'"
-        )
-    counts = result.prompts[[*keys, "n_rollouts"]].merge(
-        div[[*keys, "n_rollouts"]], on=keys, how="inner", suffixes=("", "_div")
-    )
-    stale = counts[counts["n_rollouts"] != counts["n_rollouts_div"]][keys]
     notes = dict(result.notes)
-    if len(stale):
-        div = div.merge(stale.assign(_stale=True), on=keys, how="left")
-        div = div[div["_stale"].isna()].drop(columns="_stale")
-        msg = (
-            f"semantic diversity of {len(stale)} prompts was computed from other rollouts (their "
-            "count changed since): left out; re-run 'canopy embed'"
-        )
-        warnings.warn(msg, stacklevel=2)
-        notes = {k: [*v, msg] for k, v in notes.items()}
-    numeric = [
-        c
-        for c in div.columns
-        if c not in keys
-        and c != "n_rollouts"
-        and pd.api.types.is_numeric_dtype(div[c])
-        and c not in result.prompts.columns
-    ]
-    prompts = result.prompts.merge(
-        div[[*keys, *numeric]], on=keys, how="left", validate="one_to_one"
-    )
+    prompts = result.prompts
+    div_path = artefact_path(run_dir, "semantic.prompts")
+    div = _read_semantic(div_path, schema_of("semantic.prompts"), "n_rollouts", "canopy embed")
+    if div is not None:
+        div = _drop_stale(div, prompts, "n_rollouts", "semantic diversity", "canopy embed", notes)
+        numeric = [
+            c
+            for c in div.columns
+            if c not in keys
+            and c != "n_rollouts"
+            and pd.api.types.is_numeric_dtype(div[c])
+            and c not in prompts.columns
+        ]
+        prompts = prompts.merge(div[[*keys, *numeric]], on=keys, how="left", validate="one_to_one")
+    rse_path = Path(run_dir) / "semantic" / "rse.parquet"
+    rse = _read_semantic(rse_path, RSE_SCHEMA_VERSION, "rse_m", "canopy semantic-entropy")
+    if rse is not None:
+        rse = _drop_stale(rse, prompts, "rse_m", "relaxed semantic entropy",
+                          "canopy semantic-entropy", notes)  # fmt: skip
+        cols = [c for c in RSE_MERGED if c not in prompts.columns]
+        prompts = prompts.merge(rse[[*keys, *cols]], on=keys, how="left", validate="one_to_one")
+    if div is None and rse is None:
+        return result
     by = list(result.by)
     grouped = prompts.groupby(by, sort=True) if by else [((), prompts)]
     rows = []
@@ -271,7 +265,7 @@ def merge_diversity(
     pooled = pd.DataFrame(rows, columns=[*by, *METRIC_COLUMNS, *_extra_columns(prompts)])
     rollouts = result.rollouts
     rollout_path = artefact_path(run_dir, "semantic.rollouts")
-    if rollouts is not None and rollout_path.exists():
+    if div is not None and rollouts is not None and rollout_path.exists():
         cols = [*keys, "rollout_index", "d"]
         d = read_table(rollout_path, schema_of("semantic.rollouts"), cols).to_pandas()
         d = d.merge(div[keys], on=keys, how="inner")  # stale prompts left out
@@ -279,6 +273,57 @@ def merge_diversity(
     return dataclasses.replace(
         result, prompts=prompts, pooled=pooled, notes=notes, rollouts=rollouts
     )
+
+
+# relaxed semantic entropy columns merged from semantic/rse.parquet (SPEC section 6)
+RSE_MERGED = ("rse", "rse_normalized", "rse_clusters")
+
+
+def _read_semantic(path: Path, tag: str, count: str, command: str) -> pd.DataFrame | None:
+    """A per-prompt table of RUN/semantic/ (None when absent), checked for keys and repeats."""
+    if not path.exists():
+        return None
+    table = read_table(path, tag).to_pandas()
+    keys = list(PROMPT_KEYS)
+    missing = [c for c in (*keys, count) if c not in table.columns]
+    if missing or table.duplicated(keys).any():
+        raise StoreError(
+            f"{path} lacks key columns {missing} or repeats a prompt; re-run '{command}'"
+        )
+    return table
+
+
+def _drop_stale(
+    table: pd.DataFrame,
+    prompts: pd.DataFrame,
+    count: str,
+    what: str,
+    command: str,
+    notes: dict[tuple, list[str]],
+) -> pd.DataFrame:
+    """``table`` without the prompts computed from other rollouts: diversity whose rollout
+    count differs from the metrics', RSE that judged more rollouts than the prompt has."""
+    keys = list(PROMPT_KEYS)
+    counts = prompts[[*keys, "n_rollouts"]].merge(
+        table[[*keys, count]].rename(columns={count: "_count"}), on=keys, how="inner"
+    )
+    if count == "n_rollouts":
+        bad = counts["n_rollouts"] != counts["_count"]
+    else:
+        bad = counts["_count"] > counts["n_rollouts"]
+    stale = counts[bad][keys]
+    if not len(stale):
+        return table
+    table = table.merge(stale.assign(_stale=True), on=keys, how="left")
+    table = table[table["_stale"].isna()].drop(columns="_stale")
+    msg = (
+        f"{what} of {len(stale)} prompts was computed from other rollouts (their count changed "
+        f"since): left out; re-run '{command}'"
+    )
+    warnings.warn(msg, stacklevel=3)
+    for k, v in list(notes.items()):
+        notes[k] = [*v, msg]
+    return table
 
 
 def current_metrics(run_dir: str | os.PathLike[str]) -> MetricsResult:

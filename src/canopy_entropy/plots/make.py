@@ -21,7 +21,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from canopy_entropy.errors import CanopyError
-from canopy_entropy.plots import data
+from canopy_entropy.plots import data, fig_eos
 from canopy_entropy.plots import figures as F
 from canopy_entropy.plots.style import Palette, style
 from canopy_entropy.run.freshness import input_fingerprint
@@ -84,6 +84,18 @@ REGISTRY: dict[str, FigureSpec] = {
         ("regression_result",),
         "mean-model coefficients with 95% Wald intervals",
     ),
+    "fig7_eos_heatmap": FigureSpec(
+        fig_eos.eos_heatmap,
+        "End-of-sequence probability per step",
+        ("eos_matrices",),
+        "log p(EOS) per rollout (rows, by length) and position; strip: rollouts still active",
+    ),
+    "fig7_eos_heatmap_prompts": FigureSpec(
+        fig_eos.eos_heatmap_prompts,
+        "End-of-sequence probability per step, by prompt",
+        ("eos_matrices",),
+        "as fig7, rows grouped into prompt blocks (each sorted by length)",
+    ),
 }
 FIGURE_NAMES = tuple(REGISTRY)
 # Drawn by the regress stage (stats.dharma) into figures/, listed in the index and the report.
@@ -142,6 +154,9 @@ class RunInputs:
 
     def regression_result(self) -> dict[str, Any]:
         return data.regression_result(self.run)
+
+    def eos_matrices(self) -> dict[tuple[str, str], fig_eos.EOSMatrix]:
+        return fig_eos.eos_matrices(self.run)
 
     def palette(self) -> Palette:
         """One palette for every figure: the families of the manifest and the rollouts."""

@@ -11,7 +11,16 @@ import numpy as np
 
 FISHER_CLIP = 0.999999
 # per-prompt columns pooled by their (unweighted) mean over prompts ...
-MEAN_COLUMNS = ("ce_star", "mean_length", "entropy_rate", "length_entropy", "diversity", "vendi")
+MEAN_COLUMNS = (
+    "ce_star",
+    "mean_length",
+    "entropy_rate",
+    "length_entropy",
+    "diversity",
+    "vendi",
+    "rse",
+    "rse_normalized",
+)
 # ... of which these are pooled on the log scale: exp(mean_p log v_p), an effective number
 LOG_MEAN_COLUMNS = ("vendi",)
 

@@ -373,3 +373,104 @@ def regress_panel(
     result.save(run)
     write_tables(result.fit, run / "tables")
     return result
+
+
+# --------------------------------------------------- robustness models (``regress --model``)
+MODELS = ("beta", "lmm", "quadratic", "vendi", "rse")
+
+
+def lmm_json(fit: Any) -> dict:
+    """A linear mixed fit (``stats.lmm.LMMResult``) as JSON: coefficient table with 95% Wald
+    intervals, variance components, log-likelihood and AIC."""
+    table = fit.summary().join(fit.conf_int())
+    return {
+        "formula": fit.formula,
+        "coefficients": {
+            str(term): {k: _json_float(row[k]) for k in ("estimate", "se", "z", "p", "lo", "hi")}
+            for term, row in table.iterrows()
+        },
+        "re_var": float(fit.re_var),
+        "resid_var": float(fit.resid_var),
+        "loglik": float(fit.loglik),
+        "aic": float(fit.aic),
+        "reml": bool(fit.reml),
+        "nobs": int(fit.nobs),
+        "ngroups": int(fit.ngroups),
+        "converged": bool(fit.converged),
+    }
+
+
+def _json_float(v: float) -> float | None:
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def model_panel(run_dir: str | Path, model: str) -> pd.DataFrame:
+    """The panel robustness model ``model`` is fitted on: the diversity panel (lmm,
+    quadratic), plus ``V`` from the Vendi score (vendi), or with ``RSE`` as response (rse)."""
+    from canopy_entropy.stats import lmm
+
+    check_model(model)
+    if model == "vendi":
+        return lmm.vendi_panel(run_dir)
+    if model == "rse":
+        return lmm.rse_panel(run_dir)
+    return build_panel(run_dir)
+
+
+def check_model(model: str) -> None:
+    """A one-line error for a model name that is not one of :data:`MODELS`."""
+    if model not in MODELS:
+        raise CanopyError(f"unknown regression model {model!r}; choose from {', '.join(MODELS)}")
+
+
+def fit_model(panel: pd.DataFrame, model: str, reference: dict[str, str] | None = None) -> dict:
+    """Fit robustness model ``model`` (not ``beta``) on a ready panel; its result.json.
+
+    ``lmm``: the main and interaction linear mixed models (ML); ``quadratic``: the interaction
+    and quadratic models and their likelihood-ratio test; ``vendi`` / ``rse``: the published
+    Beta specification with response ``V`` / ``RSE``.
+    """
+    from canopy_entropy.stats import lmm
+
+    check_model(model)
+    if model == "beta":
+        raise CanopyError("the beta model is fitted by regress(); fit_model fits the others")
+    ref = default_reference(panel, reference)
+    out: dict[str, Any] = {"model": model, "reference": ref}
+    if model == "lmm":
+        fits = {name: lmm.fit_lmm(panel, name, ref) for name in ("main", "interaction")}
+        out["fits"] = {name: lmm_json(f) for name, f in fits.items()}
+    elif model == "quadratic":
+        test = lmm.quadratic_test(panel, ref)
+        out["fits"] = {
+            "interaction": lmm_json(test.interaction),
+            "quadratic": lmm_json(test.quadratic),
+        }
+        out["lrt"] = {"statistic": test.statistic, "df": test.df, "p_value": test.p_value}
+    else:
+        fit = lmm.fit_vendi(panel, ref) if model == "vendi" else lmm.fit_rse(panel, ref)
+        response = "V" if model == "vendi" else "RSE"
+        out.update(result_json(fit))
+        out["response"] = response
+        out["formula"] = {
+            "mean": response + " ~ " + PUBLISHED_MEAN.split("~", 1)[1].strip(),
+            "precision": PUBLISHED_PRECISION,
+        }
+    return out
+
+
+def regress_model_run(
+    run_dir: str | Path, model: str, reference: dict[str, str] | None = None
+) -> dict:
+    """Fit robustness model ``model`` on a run and write ``RUN/regression/<model>/result.json``."""
+    summary = fit_model(model_panel(run_dir, model), model, reference)
+    write_model_result(Path(run_dir) / "regression", summary)
+    return summary
+
+
+def write_model_result(folder: Path, summary: dict) -> Path:
+    """``folder/<model>/result.json`` of a robustness fit (atomic)."""
+    path = Path(folder) / summary["model"] / "result.json"
+    atomic_write_json(path, summary)
+    return path
