@@ -99,7 +99,7 @@ def test_every_drawn_figure_is_embedded(built, parsed):
     pngs = [n for n, e in index.items() if f"{n}.png" in e["files"]]
     assert "regression_qq" in pngs and "regression_resid" in pngs  # drawn by regress
     imgs = [a for t, a in parsed.tags if t == "img"]
-    assert len(imgs) == len(pngs) == 9
+    assert len(imgs) == len(pngs) == 11
     for a in imgs:
         img = mpimg.imread(io.BytesIO(base64.b64decode(a["src"].split(",", 1)[1])), format="png")
         assert img[..., :3].std() > 0.05 and a["alt"]
@@ -228,7 +228,7 @@ def test_cli_report_no_figures(built, tmp_path, monkeypatch, capsys):
     code, out, err = run_cli(["report", str(built), "--no-figures", "--out", str(target)],
                              capsys, monkeypatch)  # fmt: skip
     assert code == 0, err and out.strip() == str(target)
-    assert len([t for t, _ in Parsed(target.read_text()).tags if t == "img"]) == 9
+    assert len([t for t, _ in Parsed(target.read_text()).tags if t == "img"]) == 11
 
 
 @pytest.mark.parametrize(

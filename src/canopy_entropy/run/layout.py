@@ -45,6 +45,8 @@ _ALL = (
     Artefact("semantic.prompts", "semantic/prompt_diversity.parquet", "canopy-prompt-diversity/1", PROMPT_KEYS, "embed"),
     Artefact("semantic.rollouts", "semantic/rollout_diversity.parquet", "canopy-rollout-diversity/1", ROLLOUT_KEYS, "embed"),
     Artefact("semantic.info", "semantic/embed.json", None, (), "embed"),
+    Artefact("semantic.rse", "semantic/rse.parquet", "canopy-rse/1", PROMPT_KEYS, "semantic-entropy"),
+    Artefact("semantic.rse_verdicts", "semantic/rse_verdicts.parquet", "canopy-rse-verdicts/1", (), "semantic-entropy"),
     Artefact("compare.table", "compare/comparison.parquet", "canopy-comparison/1", (), "compare"),
     Artefact("compare.length_matched", "compare/length_matched.parquet", "canopy-length-matched/1", (), "compare"),
     Artefact("regression.result", "regression/result.json", None, (), "regress"),

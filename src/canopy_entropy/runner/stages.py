@@ -85,6 +85,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
             "rollouts",
             "semantic/prompt_diversity.parquet",
             "semantic/rollout_diversity.parquet",
+            "semantic/rse.parquet",
         ),
         outputs=(
             "metrics/prompts.parquet",
