@@ -19,8 +19,10 @@ def command(
         ),
     ] = False,
 ) -> None:
-    """Write the paper's tables of a run: GenPPL/BF/CE*, rho(N, r), rank correlations,
-    truncation rates and regression coefficients, as Markdown, LaTeX (booktabs) and CSV.
+    """Write the paper's tables of a run (--paper): Markdown, LaTeX (booktabs) and CSV.
+
+    GenPPL/BF/CE*, rho(N, r), rank correlations, truncation rates and regression
+    coefficients.
 
     Reads RUN/compare/, RUN/metrics/ and RUN/regression/ (run 'canopy compare' and
     'canopy regress' first). Layouts: docs/figures-report.md.
