@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from canopy_entropy.engines.base import DecodingPolicy, Engine, rollout_seed
-from canopy_entropy.errors import CanopyError, ConfigError
+from canopy_entropy.errors import ConfigError
 from canopy_entropy.prompting import render_prompt
 from canopy_entropy.run.manifest import (
     Manifest,
@@ -423,11 +423,6 @@ def load_prompts(source: str, n: int | None = None) -> list[Prompt]:
             Prompt(id=pid, text=text, task=t) for (pid, text), t in zip(pairs, tasks, strict=True)
         ]
         return out if n is None else out[:n]
-    try:
-        from canopy_entropy.tasks import load_task_prompts  # type: ignore[attr-defined]
-    except ImportError:
-        raise CanopyError(
-            f"'{source}' is not a file, and task loading is not available in this build; "
-            "pass a JSONL file with a 'prompt' field per line"
-        ) from None
+    from canopy_entropy.tasks import load_task_prompts
+
     return list(load_task_prompts(source, n))

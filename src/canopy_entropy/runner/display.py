@@ -23,7 +23,7 @@ from canopy_entropy.config import ExperimentConfig
 @dataclass
 class StageResult:
     name: str
-    status: str  # done | skipped | not available | failed | not run
+    status: str  # done | skipped | failed | not run
     detail: str = ""
     seconds: float = 0.0
 
