@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ def make_run(
             cache: dict[str, dict] = {}
             for variant in variants:
                 rng = np.random.default_rng(
-                    [seed, hash((family, task, copy_of or variant)) % 2**31]
+                    [seed, zlib.crc32(f"{family}/{task}/{copy_of or variant}".encode())]
                 )
                 if copy_of and copy_of in cache:
                     data = cache[copy_of]
