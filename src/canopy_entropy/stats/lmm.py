@@ -38,7 +38,6 @@ from canopy_entropy.stats.regression import (
     PUBLISHED_MEAN,
     PUBLISHED_PRECISION,
     default_reference,
-    zscore,
 )
 
 MODELS = ("main", "interaction", "quadratic")
@@ -356,21 +355,9 @@ def rse_panel_from_frames(metrics: pd.DataFrame, rse: pd.DataFrame) -> pd.DataFr
     panel = panel.rename(
         columns={"entropy_rate": "Rbar", "mean_length": "Nbar", "rse_normalized": "RSE"}
     )
-    bad = ~np.isfinite(panel[["Rbar", "Nbar", "RSE"]].to_numpy(dtype=float)).all(axis=1)
-    bad |= panel["Nbar"].to_numpy(dtype=float) <= 0
-    if bad.any():
-        warnings.warn(
-            f"{int(bad.sum())} panel row(s) with missing RSE, entropy rate or length dropped",
-            UserWarning,
-            stacklevel=2,
-        )
-        panel = panel[~bad]
-    panel = panel.sort_values(["task", "prompt_id", "family", "variant"]).reset_index(drop=True)
-    panel["prompt"] = panel["task"].astype(str) + "/" + panel["prompt_id"].astype(str)
-    panel["R_sc"] = zscore(panel["Rbar"].to_numpy())
-    panel["invN_sc"] = zscore(1.0 / panel["Nbar"].to_numpy(dtype=float))
-    cols = ["task", "prompt", "prompt_id", "family", "variant", "model"]
-    return panel[[*cols, "RSE", "Rbar", "Nbar", "R_sc", "invN_sc"]]
+    from canopy_entropy.stats.regression import finish_panel
+
+    return finish_panel(panel, "RSE")
 
 
 def rse_panel(run_dir: str | os.PathLike[str]) -> pd.DataFrame:

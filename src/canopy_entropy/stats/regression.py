@@ -64,22 +64,13 @@ def panel_from_frames(metrics: pd.DataFrame, diversity: pd.DataFrame) -> pd.Data
         )
     dropped = len(left) + len(right) - 2 * len(panel)
     panel = panel.rename(columns={"entropy_rate": "Rbar", "mean_length": "Nbar", "diversity": "D"})
-    bad = ~np.isfinite(panel[["Rbar", "Nbar", "D"]].to_numpy(dtype=float)).all(axis=1)
-    bad |= panel["Nbar"].to_numpy(dtype=float) <= 0
-    if bad.any():
-        warnings.warn(
-            f"{int(bad.sum())} panel row(s) with missing D, entropy rate or length dropped",
-            UserWarning,
-            stacklevel=2,
-        )
-        panel = panel[~bad]
     if dropped:
         warnings.warn(
             f"{dropped} prompt row(s) present in only one of metrics/diversity were left out",
             UserWarning,
             stacklevel=2,
         )
-    panel = panel.sort_values(["task", "prompt_id", "family", "variant"]).reset_index(drop=True)
+    panel = finish_panel(panel, "D")
     d = panel["D"].to_numpy(dtype=float)
     n_clip = int(((d < CLIP) | (d > 1 - CLIP)).sum())
     if n_clip:
@@ -89,11 +80,29 @@ def panel_from_frames(metrics: pd.DataFrame, diversity: pd.DataFrame) -> pd.Data
             stacklevel=2,
         )
     panel["D"] = np.clip(d, CLIP, 1 - CLIP)
+    return panel
+
+
+def finish_panel(panel: pd.DataFrame, response: str) -> pd.DataFrame:
+    """The shared end of every regression panel: rows with a missing ``response``, rate or
+    length dropped (with a warning), sorted, and the derived columns ``prompt``, ``R_sc``
+    (z-scored Rbar) and ``invN_sc`` (z-scored 1 / Nbar) added."""
+    bad = ~np.isfinite(panel[["Rbar", "Nbar", response]].to_numpy(dtype=float)).all(axis=1)
+    bad |= panel["Nbar"].to_numpy(dtype=float) <= 0
+    if bad.any():
+        warnings.warn(
+            f"{int(bad.sum())} panel row(s) with missing {response}, entropy rate or length "
+            "dropped",
+            UserWarning,
+            stacklevel=3,
+        )
+        panel = panel[~bad]
+    panel = panel.sort_values(["task", "prompt_id", "family", "variant"]).reset_index(drop=True)
     panel["prompt"] = panel["task"].astype(str) + "/" + panel["prompt_id"].astype(str)
     panel["R_sc"] = zscore(panel["Rbar"].to_numpy())
     panel["invN_sc"] = zscore(1.0 / panel["Nbar"].to_numpy(dtype=float))
     cols = ["task", "prompt", "prompt_id", "family", "variant", "model"]
-    return panel[[*cols, "D", "Rbar", "Nbar", "R_sc", "invN_sc"]]
+    return panel[[*cols, response, "Rbar", "Nbar", "R_sc", "invN_sc"]]
 
 
 def build_panel(run_dir: str | Path) -> pd.DataFrame:
