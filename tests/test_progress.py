@@ -136,3 +136,27 @@ def test_live_view_says_estimating_then_the_measured_speed():
     d.observe("a", 800, 2)
     d.console.print(d.render())
     assert "100 tokens/s · ETA 4.0s" in d.console.file.getvalue()
+
+
+def _warning_child(run_dir, model_label, writer, progress):
+    """A generation child that leaves a library note and finishes."""
+    import warnings
+
+    warnings.warn("converted the model once in 1.0 s", stacklevel=1)
+    return "summary"
+
+
+def test_a_childs_warning_reaches_the_parent_as_a_warning(tmp_path):
+    """The per-model child's ``warnings.warn`` notes are raised again in the parent, so the CLI
+    prints them as its one-line ``warning:`` (not the child's raw ``file:line: UserWarning``)."""
+    import warnings
+
+    from canopy_entropy.runner.generation import generate_in_child
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary, peak, pid = generate_in_child(
+            _warning_child, {"run_dir": tmp_path, "model_label": "m"}, progress=lambda e: None
+        )
+    assert summary == "summary" and peak > 0 and pid > 0
+    assert [str(w.message) for w in caught] == ["converted the model once in 1.0 s"]

@@ -104,10 +104,15 @@ def resolve_model(name: str, verbose: bool = False) -> str:
             raise CanopyError(problem)
         return name
     target = cache_root() / "models" / name
-    if (target / "config.json").exists():
+    if not needs_conversion(name):
         return str(target)
     convert_gguf(alias.locate(), target, verbose=verbose)
     return str(target)
+
+
+def needs_conversion(name: str) -> bool:
+    """Whether loading ``name`` first converts an offline alias's GGUF file (minutes, once)."""
+    return name in ALIASES and not (cache_root() / "models" / name / "config.json").exists()
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ import pickle
 import sys
 import threading
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 from canopy_entropy.config import ExperimentConfig, config_dict, generation_fingerprint
 from canopy_entropy.errors import CanopyError, ConfigError
 from canopy_entropy.generate import FolderWriter, Shard, engine_prompts_per_call, owned_prompts
+from canopy_entropy.models import needs_conversion
 from canopy_entropy.run.manifest import PolicyRecord, read_manifest, update_manifest
 from canopy_entropy.runner.display import RunDisplay
 from canopy_entropy.store import RunStore
@@ -247,6 +249,13 @@ def run_generate(
                     highlight=False,
                 )
 
+        if display.live is None:  # logs: say what the first minutes are spent on
+            first_use = " (first use: converting it once, which takes minutes)"
+            display.console.print(
+                f"    {m.label}: loading {m.model}{first_use if needs_conversion(m.model) else ''}",
+                highlight=False,
+                markup=False,
+            )
         summary, _, _ = generate_in_child(
             fn,
             dict(
@@ -316,6 +325,8 @@ def generate_in_child(
                 writer.write_shard(*payload)
             elif kind == "progress":
                 progress(payload[0])
+            elif kind == "warning":  # the child's notes reach the user as this process's
+                warnings.warn(payload[0], stacklevel=1)
             elif kind == "error":
                 raise payload[0]
             else:
@@ -364,6 +375,7 @@ def _child_main(conn: Any, fn: Callable[..., Any], kwargs: dict[str, Any], threa
     import resource
 
     _exit_with_parent()
+    warnings.showwarning = lambda message, *_args, **_kw: conn.send(("warning", str(message)))
     if threads is not None:
         import torch
 
