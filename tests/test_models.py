@@ -123,3 +123,36 @@ def test_gguf_conversion_is_one_line_with_its_time(tmp_path, capfd):
     assert gguf_utils.tqdm is bar  # the GGUF loop's bar is restored for other callers
     config = json.loads((target / "config.json").read_text())
     assert "quantization_config" not in config and config["vocab_size"] == 49152
+
+
+def test_a_hub_id_with_the_hub_unreachable_is_answered_at_once(tmp_path, monkeypatch, capsys):
+    """Hub not marked offline but unreachable (here: HF_ENDPOINT on a closed local port): one
+    line naming the unreachable hub, from the CLI before any model code loads (exit 2)."""
+    import socket
+
+    from cli_helpers import run_cli
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty"))
+    code, _, err = run_cli(
+        [
+            "generate",
+            "--model",
+            "someorg/not-cached",
+            "--prompts",
+            "math",
+            "--run",
+            str(tmp_path / "run"),
+        ],
+        capsys,
+        monkeypatch,
+    )
+    joined = " ".join(err.split())
+    assert code == 2 and "Traceback" not in err, err
+    assert "not in the local Hugging Face cache and the hub (127.0.0.1) cannot be reached" in joined
+    assert not (tmp_path / "run").exists()

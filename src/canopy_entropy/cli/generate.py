@@ -85,6 +85,12 @@ def command(
         import os
 
         os.environ["CANOPY_VERBOSE"] = "1"  # the engines (and their child processes) read it
+    from canopy_entropy.config.models import check_model_available
+    from canopy_entropy.config.schema import ModelSpec
+
+    problem = check_model_available(ModelSpec(model=model), engine)  # before the heavy imports
+    if problem:
+        raise ConfigError(problem)
     import dataclasses
     import time
 

@@ -43,6 +43,23 @@ def _in_hub_cache(repo_id: str) -> bool:
     return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
+def _hub_unreachable() -> str | None:
+    """Why the model hub (``HF_ENDPOINT``, default huggingface.co) cannot be reached, or None.
+
+    One TCP connect with a short timeout: without it, loading an unknown id spends minutes in
+    the hub client's retries before failing."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=3.0).close()
+    except OSError as exc:
+        return f"the hub ({host}) cannot be reached: {exc.strerror or exc}"
+    return None
+
+
 def check_model_available(spec: ModelSpec, engine: str) -> str | None:
     """Why ``spec.model`` cannot be found, or None when it can (aliases, folders, hub ids)."""
     name = spec.model
@@ -63,6 +80,14 @@ def check_model_available(spec: ModelSpec, engine: str) -> str | None:
             f"(HF_HUB_OFFLINE=1); download it first (huggingface-cli download {name}) or unset "
             "HF_HUB_OFFLINE"
         )
+    if not _hub_offline() and not _in_hub_cache(name):
+        unreachable = _hub_unreachable()
+        if unreachable:
+            return (
+                f"model '{name}' is not in the local Hugging Face cache and {unreachable}; "
+                "check the name and the network, or give a local folder or an offline alias "
+                f"({', '.join(_aliases())})"
+            )
     return None
 
 
