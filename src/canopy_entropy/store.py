@@ -65,6 +65,8 @@ _REWRITTEN_BY = {
     "canopy-rollouts": "re-run the generation or the import that wrote it",
     "canopy-prompts": "re-run the generation or the import that wrote it",
     "canopy-metrics": "re-run 'canopy metrics'",
+    "canopy-rollout-metrics": "re-run 'canopy metrics'",
+    "canopy-running-rate": "re-run 'canopy metrics'",
     "canopy-embeddings": "re-run 'canopy embed'",
     "canopy-prompt-diversity": "re-run 'canopy embed'",
     "canopy-rollout-diversity": "re-run 'canopy embed'",

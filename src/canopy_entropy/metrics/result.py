@@ -24,6 +24,7 @@ from canopy_entropy.metrics.columns import (
     METRIC_COLUMNS,
     PROMPT_KEYS,
 )
+from canopy_entropy.metrics.curves import running_rate
 from canopy_entropy.metrics.pool import _extra_columns, _pool, _warn_notes, pool_group
 from canopy_entropy.metrics.prompt_stats import (
     _caps_and_hmax,
@@ -53,16 +54,21 @@ class MetricsResult:
     # one row per rollout: keys, rollout_index, length, finish_reason, H, r, surprisal,
     # stop_entropy (and d, the rollout's semantic distance, when diversity was merged)
     rollouts: pd.DataFrame | None = None
+    # per (model, variant, family, task, position): the running entropy rate of the rollouts
+    # still active there (metrics.curves.running_rate), from the same scan
+    running_rate: pd.DataFrame | None = None
     settings: dict[str, Any] = field(default_factory=dict)  # by, delta, h_max
     inputs: str = ""  # fingerprint of the run-folder inputs it was computed from
 
     def save(self, run_dir: str | os.PathLike[str]) -> list[Path]:
-        """Write RUN/metrics/ (prompts, pooled, rollouts Parquet; metrics.json) atomically."""
+        """Write RUN/metrics/ (prompts, pooled, rollouts, running-rate Parquet; metrics.json)
+        atomically."""
         paths = []
         for name, frame in (
             ("metrics.prompts", self.prompts),
             ("metrics.pooled", self.pooled),
             ("metrics.rollouts", self.rollouts),
+            ("metrics.running_rate", self.running_rate),
         ):
             if frame is None:
                 continue
@@ -91,10 +97,11 @@ class MetricsResult:
                 f"{json_path} is damaged ({exc}); re-run 'canopy metrics {run_dir}'"
             ) from exc
         frames = {}
-        for name in ("metrics.prompts", "metrics.pooled", "metrics.rollouts"):
+        optional = ("metrics.rollouts", "metrics.running_rate")
+        for name in ("metrics.prompts", "metrics.pooled", *optional):
             path = artefact_path(run_dir, name)
-            if name == "metrics.rollouts" and not path.exists():
-                frames[name] = None  # written by versions before the per-rollout table
+            if name in optional and not path.exists():
+                frames[name] = None  # written by versions before these tables
                 continue
             frames[name] = read_table(path, schema_of(name)).to_pandas()
         by = tuple(doc.get("by") or [c for c in GROUP_KEYS if c in frames["metrics.pooled"]])
@@ -107,6 +114,7 @@ class MetricsResult:
             by=by,
             notes=notes,
             rollouts=frames["metrics.rollouts"],
+            running_rate=frames["metrics.running_rate"],
             settings=dict(doc.get("settings") or {}),
             inputs=str(doc.get("inputs") or ""),
         )
@@ -478,4 +486,8 @@ def _assemble(
     rollouts["r"] = r
     rollouts["surprisal"] = surprisal
     rollouts["stop_entropy"] = stop
-    return MetricsResult(prompts=prompts, pooled=pooled, by=by, notes=notes, rollouts=rollouts)
+    steps = [red.entropy_steps[g] for g in order_prompts]
+    curve = running_rate(key_frame, code, red.length[order], H, steps)
+    return MetricsResult(
+        prompts=prompts, pooled=pooled, by=by, notes=notes, rollouts=rollouts, running_rate=curve
+    )
