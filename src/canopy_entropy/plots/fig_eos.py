@@ -8,6 +8,7 @@ rollouts still active at each position. ``eos_matrices(run)`` streams the rollou
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from canopy_entropy.store import SCHEMA_VERSION, RunStore, iter_file_batches
 
 MODES = ("combined", "prompt")
 CLIP = (0.01, 0.99)  # quantiles of log p(EOS) the colour scale is clipped to
+DISPLAY = (600, 800)  # at most this many (rows, columns) of cells drawn per panel
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,6 +66,22 @@ class EOSMatrix:
         positions = np.arange(1, self.width + 1)
         shorter = np.searchsorted(np.sort(self.lengths), positions, side="left")
         return self.lengths.size - shorter
+
+
+def displayed(matrix: np.ndarray, shape: tuple[int, int] = DISPLAY) -> np.ndarray:
+    """``matrix`` reduced to at most ``shape`` cells by block means over the steps present
+    (a panel shows no more pixels than that, so drawing cost stays bounded); unchanged when it
+    already fits."""
+    fr, fc = (-(-n // k) for n, k in zip(matrix.shape, shape, strict=True))
+    if fr == 1 and fc == 1:
+        return matrix
+    rows, cols = -(-matrix.shape[0] // fr) * fr, -(-matrix.shape[1] // fc) * fc
+    padded = np.full((rows, cols), np.nan, dtype=np.float32)
+    padded[: matrix.shape[0], : matrix.shape[1]] = matrix
+    blocks = padded.reshape(rows // fr, fr, cols // fc, fc)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN block (past every end)
+        return np.nanmean(blocks, axis=(1, 3))
 
 
 def check_mode(mode: str) -> None:
@@ -160,7 +178,7 @@ def eos_heatmap(
                 continue
             order = mat.order(mode)
             image = ax.imshow(
-                mat.dense(order),
+                displayed(mat.dense(order)),
                 aspect="auto",
                 interpolation="nearest",
                 cmap="viridis",
