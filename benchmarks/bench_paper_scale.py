@@ -11,7 +11,7 @@ best of each), with the thread count set explicitly (``--threads``, default 2):
   vs the metrics stage's scan of the store (issue 18: at most 1.2x);
 - store bytes per step vs 16 raw (token id, entropy, EOS mass, log-prob);
 - with ``--analysis``: the whole analysis, metrics through report without embedding
-  (``canopy metrics``, ``tables``, ``compare``, ``plot``, ``report`` one after another), wall and
+  (``canopy metrics``, ``compare``, ``tables --paper``, ``plot``, ``report`` one after another), wall and
   CPU-s per command (issue 12: under 60 s wall on 2 idle cores).
 
 Each command runs in a child process; CPU-s and peak RSS come from its own rusage.
@@ -88,7 +88,8 @@ for name in sorted({n for spec in REGISTRY.values() for n in spec.inputs}):
         pass
 """
 
-ANALYSIS = ("metrics", "tables", "compare", "plot", "report")
+# the analysis commands in the order their inputs need (tables --paper reads the comparison)
+ANALYSIS = (("metrics",), ("compare",), ("tables", "--paper"), ("plot",), ("report",))
 
 
 def child(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
@@ -167,9 +168,9 @@ def main() -> None:
 
     if args.analysis:
         wall = cpu = 0.0
-        for stage in ANALYSIS:
+        for stage, *flags in ANALYSIS:
             t0 = time.perf_counter()
-            c, _ = child([*canopy, stage, str(root)], env)
+            c, _ = child([*canopy, stage, str(root), *flags], env)
             dt = time.perf_counter() - t0
             wall, cpu = wall + dt, cpu + c
             print(f"analysis: canopy {stage}: {dt:.1f} s wall, {c:.1f} CPU-s")
