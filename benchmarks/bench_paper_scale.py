@@ -7,7 +7,12 @@ best of each), with the thread count set explicitly (``--threads``, default 2):
   columns plus per-rollout sums (np.add.reduceat), one thread per shard like the scan;
 - ``canopy compare`` (B = 2000) vs a naive per-replicate Python loop over the saved per-prompt
   table (resample prompts, mean paired difference of every metric per family x task);
-- store bytes per step vs 16 raw (token id, entropy, EOS mass, log-prob).
+- the plots stage's data loading (every figure input, the EOS heatmaps' eos_prob included)
+  vs the metrics stage's scan of the store (issue 18: at most 1.2x);
+- store bytes per step vs 16 raw (token id, entropy, EOS mass, log-prob);
+- with ``--analysis``: the whole analysis, metrics through report without embedding
+  (``canopy metrics``, ``compare``, ``tables --paper``, ``plot``, ``report`` one after another), wall and
+  CPU-s per command (issue 12: under 60 s wall on 2 idle cores).
 
 Each command runs in a child process; CPU-s and peak RSS come from its own rusage.
 
@@ -21,6 +26,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 FLOOR = """
@@ -62,6 +68,30 @@ print(len(rows), "groups x", len(metrics), "metrics")
 """
 
 
+SCAN = """
+import sys
+from canopy_entropy.metrics.scan import _reduce
+from canopy_entropy.store import RunStore
+_reduce(RunStore(sys.argv[1]))
+"""
+
+PLOT_DATA = """
+import sys
+from pathlib import Path
+from canopy_entropy.plots import data
+from canopy_entropy.plots.make import REGISTRY, RunInputs
+inputs = RunInputs(Path(sys.argv[1]))
+for name in sorted({n for spec in REGISTRY.values() for n in spec.inputs}):
+    try:
+        inputs.get(name)
+    except data.MissingInput:
+        pass
+"""
+
+# the analysis commands in the order their inputs need (tables --paper reads the comparison)
+ANALYSIS = (("metrics",), ("compare",), ("tables", "--paper"), ("plot",), ("report",))
+
+
 def child(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
     """(CPU-s, peak RSS in GiB) of one child process, from its own rusage."""
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -79,6 +109,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--bootstrap", type=int, default=2000)
+    ap.add_argument("--analysis", action="store_true", help="also time metrics through report")
     args = ap.parse_args()
     root = Path(args.root)
     env = dict(os.environ)
@@ -96,6 +127,7 @@ def main() -> None:
             [*canopy, "compare", str(root), "--bootstrap", str(args.bootstrap), "--json"],
             [*py, "-c", NAIVE, str(root), str(args.bootstrap)],
         ),
+        "plot-data": ([*py, "-c", PLOT_DATA, str(root)], [*py, "-c", SCAN, str(root)]),
     }
     best: dict[str, list[tuple[float, float]]] = {}
     for r in range(args.repeats):
@@ -124,10 +156,25 @@ def main() -> None:
         f"| `canopy compare`, B = {args.bootstrap} | {c[0]:.1f} CPU-s | naive per-replicate "
         f"Python loop over the saved per-prompt table {n[0]:.1f} CPU-s | {c[0] / n[0]:.2f}x |"
     )
+    pd_, sc = pick["plot-data/canopy"], pick["plot-data/alt"]
+    print(
+        f"| plots stage, data loading | {pd_[0]:.1f} CPU-s | the metrics stage's scan of the "
+        f"store {sc[0]:.1f} CPU-s | {pd_[0] / sc[0]:.2f}x the scan |"
+    )
     print(
         f"| store size | {size / 2**30:.3f} GiB, {size / steps:.2f} bytes/step | {steps / 1e6:.1f} "
         f"M steps x 16 bytes raw = {steps * 16 / 2**30:.3f} GiB | {size / (16 * steps):.2f}x raw |"
     )
+
+    if args.analysis:
+        wall = cpu = 0.0
+        for stage, *flags in ANALYSIS:
+            t0 = time.perf_counter()
+            c, _ = child([*canopy, stage, str(root), *flags], env)
+            dt = time.perf_counter() - t0
+            wall, cpu = wall + dt, cpu + c
+            print(f"analysis: canopy {stage}: {dt:.1f} s wall, {c:.1f} CPU-s")
+        print(f"analysis, metrics through report (no embedding): {wall:.1f} s wall, {cpu:.1f} CPU-s")
 
 
 if __name__ == "__main__":

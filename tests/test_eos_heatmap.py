@@ -88,3 +88,23 @@ def test_canopy_plot_draws_the_heatmaps_or_says_why_not(tmp_path):
     written = make_figures(bare, names=names, formats=("png",))
     assert list(written) == []
     assert "stored without eos_prob" in written.notes["fig7_eos_heatmap"]
+
+
+def test_large_panels_are_drawn_as_block_means():
+    from canopy_entropy.plots.fig_eos import displayed
+
+    rng = np.random.default_rng(0)
+    matrix = rng.normal(size=(7, 10)).astype(np.float32)
+    matrix[5:, 6:] = np.nan  # past the end of the longest rollouts
+    shown = displayed(matrix, (3, 4))  # blocks of 3 rows x 3 columns
+    assert shown.shape == (3, 4)
+    for i in range(3):
+        for j in range(4):
+            cells = [float(matrix[r, c]) for r in range(3 * i, min(3 * i + 3, 7))
+                     for c in range(3 * j, min(3 * j + 3, 10))]  # fmt: skip
+            cells = [v for v in cells if not math.isnan(v)]
+            if cells:
+                assert shown[i, j] == pytest.approx(sum(cells) / len(cells), rel=1e-6)
+            else:
+                assert math.isnan(shown[i, j])
+    assert displayed(matrix, (7, 10)) is matrix  # small panels drawn cell for cell

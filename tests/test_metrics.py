@@ -391,3 +391,17 @@ def test_greedy_run_gives_no_advice_to_add_prompts():
     assert any(n.startswith("SE is 0") for n in notes)
     noisy = compute_metrics(make_rollouts({"a": [[0.0], [1.0]], "b": [[0.0], [3.0]]}), warn=False)
     assert any("add more" in n for n in noisy.notes[("m", "base", "t")])
+
+
+def test_row_midranks_match_scipy_rankdata():
+    from scipy.stats import rankdata
+
+    from canopy_entropy.metrics.prompt_stats import _row_midranks
+
+    rng = np.random.default_rng(3)
+    for _ in range(50):  # ties, inf padding and a NaN row, as the padded matrices have
+        x = rng.integers(0, 4, size=(rng.integers(1, 6), rng.integers(1, 9))).astype(float)
+        x[rng.random(x.shape) < 0.2] = np.inf
+        if rng.random() < 0.2:
+            x[0, 0] = np.nan
+        np.testing.assert_array_equal(_row_midranks(x), rankdata(x, axis=1))

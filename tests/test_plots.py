@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 
 import canopy_entropy.plots as P
 from canopy_entropy.errors import CanopyError
+from canopy_entropy.metrics import compute_metrics
 from canopy_entropy.labels import label, term_label
 from canopy_entropy.plots import data
 from canopy_entropy.run.freshness import input_fingerprint
@@ -31,7 +32,8 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def scan(run_two_tasks):
-    return data.scan_rollouts(run_two_tasks)
+    """(per-rollout frame, running rate) as the plots stage reads them from metrics/."""
+    return data.rollouts_frame(run_two_tasks), data.running_rate(run_two_tasks)
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +61,45 @@ def test_running_rate_matches_brute_force_loop(run_two_tasks, scan):
         assert row.mean_rate == pytest.approx(sums[key] / counts[key], rel=1e-12, abs=1e-12)
 
 
-def test_scan_is_independent_of_batch_size(run_two_tasks, scan):
-    frame, rr = data.scan_rollouts(run_two_tasks, batch_size=7)
-    pd.testing.assert_frame_equal(rr, scan[1], check_exact=False, rtol=1e-12)
-    rows = RunStore(run_two_tasks).read_rollouts(columns=["entropy", "length"]).to_pylist()
-    h = np.array([sum(float(x) for x in r["entropy"]) for r in rows])
-    np.testing.assert_allclose(frame["H"], h, rtol=1e-12)
-    np.testing.assert_array_equal(frame["length"], [r["length"] for r in rows])
+def test_saved_curves_are_independent_of_batch_size(run_two_tasks, scan):
+    fresh = compute_metrics(run_two_tasks, warn=False, batch_size=7)
+    pd.testing.assert_frame_equal(fresh.running_rate, scan[1], check_exact=False, rtol=1e-12)
+    frame = scan[0]
+    rows = RunStore(run_two_tasks).read_rollouts(columns=["model", "task", "prompt_id",
+                                                           "rollout_index", "entropy"]).to_pylist()
+    brute = {(r["model"], r["task"], r["prompt_id"], r["rollout_index"]):
+             (len(r["entropy"]), sum(float(x) for x in r["entropy"])) for r in rows}  # fmt: skip
+    saved = RunStore(run_two_tasks).read_rollouts(columns=["rollout_index"]).num_rows
+    assert len(frame) == saved
+    for row in frame.assign(ridx=data.read_frame(run_two_tasks, "metrics.rollouts")[
+            "rollout_index"]).itertuples(index=False):  # fmt: skip
+        n, h = brute[(row.model, row.task, row.prompt_id, row.ridx)]
+        assert row.length == n
+        assert row.H == pytest.approx(h, rel=1e-12)
+        assert row.rate == pytest.approx(h / n, rel=1e-12)
+
+
+def test_plots_never_scan_the_store(run_two_tasks, tmp_path, monkeypatch):
+    import canopy_entropy.plots.fig_eos as fig_eos
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("the plots stage scanned the rollout store")
+
+    run = copy_run(run_two_tasks, tmp_path)
+    monkeypatch.setattr(fig_eos, "eos_matrices", lambda run: {})  # the heatmaps read eos_prob
+    monkeypatch.setattr(RunStore, "iter_batches", no_scan)
+    monkeypatch.setattr(RunStore, "read_rollouts", no_scan)
+    made = P.make_figures(run, formats=("png",), names=["fig1_running_rate",
+                          "fig2_length_distribution", "fig3_within_prompt_variance"])  # fmt: skip
+    assert len(made) == 3 and not made.notes
+
+
+def test_old_metrics_without_curves_get_a_note(run_two_tasks, tmp_path):
+    run = copy_run(run_two_tasks, tmp_path)
+    (run / "metrics" / "running_rate.parquet").unlink()
+    made = P.make_figures(run, formats=("png",), names=["fig1_running_rate"])
+    assert "older version" in made.notes["fig1_running_rate"]
+    assert "canopy metrics" in made.notes["fig1_running_rate"]
 
 
 def test_fig1_lines_are_the_running_rate_trimmed(scan):

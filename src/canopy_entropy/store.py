@@ -65,6 +65,8 @@ _REWRITTEN_BY = {
     "canopy-rollouts": "re-run the generation or the import that wrote it",
     "canopy-prompts": "re-run the generation or the import that wrote it",
     "canopy-metrics": "re-run 'canopy metrics'",
+    "canopy-rollout-metrics": "re-run 'canopy metrics'",
+    "canopy-running-rate": "re-run 'canopy metrics'",
     "canopy-embeddings": "re-run 'canopy embed'",
     "canopy-prompt-diversity": "re-run 'canopy embed'",
     "canopy-rollout-diversity": "re-run 'canopy embed'",
@@ -343,6 +345,43 @@ def _first_line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
+def _open_checked(path: Path, schema_tag: str) -> tuple[pq.ParquetFile, bool]:
+    """Open a canopy Parquet file once and check it from that open: content digest, footer,
+    schema tag. Returns the open reader (page checksums verified while decoding) and whether
+    the content matched its digest (False: written before digests, unverified)."""
+    try:
+        fh = pa.OSFile(str(path), "rb")
+    except OSError as exc:
+        reason = exc.strerror or _first_line(exc)
+        raise StoreError(
+            f"cannot read {path} ({reason}); check that it exists and is readable"
+        ) from exc
+    try:
+        size = fh.size()
+        offset = _digest_offset(fh, size)
+        if offset is not None:
+            fh.seek(offset)
+            if fh.read(_DIGEST_LEN) != _content_digest(fh, size, offset):
+                raise _Damaged("its bytes differ from those recorded when it was written")
+        fh.seek(0)
+        reader = pq.ParquetFile(fh, page_checksum_verification=True)
+    except (_Damaged, pa.ArrowException, OSError) as exc:
+        fh.close()
+        raise CorruptFileError(path, _first_line(exc), schema_tag) from exc
+    tag = (reader.metadata.metadata or {}).get(META_KEY)
+    if tag is None or tag.decode(errors="replace") != schema_tag:
+        fh.close()
+        if tag is None:
+            raise StoreError(
+                f"foreign file {path}: not written by canopy-entropy; move it out of the run folder"
+            )
+        raise StoreError(
+            f"file {path} has schema '{tag.decode(errors='replace')}' but '{schema_tag}' was "
+            "expected; it belongs to another store version or folder"
+        )
+    return reader, offset is not None
+
+
 def verify_file(path: str | os.PathLike[str], schema_tag: str) -> bool:
     """Check a canopy Parquet file before it is trusted: content digest, footer, schema tag.
 
@@ -350,35 +389,9 @@ def verify_file(path: str | os.PathLike[str], schema_tag: str) -> bool:
     were recorded (readable, unverified). Raises StoreError naming the file and the fix when it
     is damaged, unreadable, foreign or of another schema.
     """
-    path = Path(path)
-    try:
-        fh = open(path, "rb")
-    except OSError as exc:
-        raise StoreError(
-            f"cannot read {path} ({exc.strerror}); check that it exists and is readable"
-        ) from exc
-    try:
-        with fh:
-            size = os.fstat(fh.fileno()).st_size
-            offset = _digest_offset(fh, size)
-            if offset is not None:
-                fh.seek(offset)
-                if fh.read(_DIGEST_LEN) != _content_digest(fh, size, offset):
-                    raise _Damaged("its bytes differ from those recorded when it was written")
-        meta = pq.read_metadata(path)
-    except (_Damaged, pa.ArrowException, OSError) as exc:
-        raise CorruptFileError(path, _first_line(exc), schema_tag) from exc
-    tag = (meta.metadata or {}).get(META_KEY)
-    if tag is None:
-        raise StoreError(
-            f"foreign file {path}: not written by canopy-entropy; move it out of the run folder"
-        )
-    if tag.decode(errors="replace") != schema_tag:
-        raise StoreError(
-            f"file {path} has schema '{tag.decode(errors='replace')}' but '{schema_tag}' was "
-            "expected; it belongs to another store version or folder"
-        )
-    return offset is not None
+    reader, verified = _open_checked(Path(path), schema_tag)
+    reader.close(force=True)
+    return verified
 
 
 def _warn_unverified(paths: Sequence[Path], n_files: int) -> None:
@@ -430,14 +443,15 @@ def read_table(
 ) -> pa.Table:
     """Read (columns of) one canopy Parquet file, verified; the reader every stage uses."""
     path = Path(path)
-    if not verify_file(path, schema_tag):
+    reader, verified = _open_checked(path, schema_tag)
+    if not verified:
         _warn_unverified([path], 1)
     try:
-        return pq.read_table(
-            path, columns=list(columns) if columns else None, page_checksum_verification=True
-        )
+        return reader.read(columns=list(columns) if columns else None)
     except (pa.ArrowException, OSError) as exc:
         raise CorruptFileError(path, _first_line(exc), schema_tag) from exc
+    finally:
+        reader.close(force=True)  # the file _open_checked opened
 
 
 def iter_file_batches(
@@ -447,12 +461,13 @@ def iter_file_batches(
     batch_size: int = 4096,
     use_threads: bool = True,
 ) -> Iterator[pa.RecordBatch]:
-    """Stream record batches of one canopy Parquet file, verified (bounded memory)."""
+    """Stream record batches of one canopy Parquet file, verified (bounded memory); the file
+    is opened once, its digest and footer checked from that open."""
     path = Path(path)
-    if not verify_file(path, schema_tag):
+    reader, verified = _open_checked(path, schema_tag)
+    if not verified:
         _warn_unverified([path], 1)
     try:
-        reader = pq.ParquetFile(path, page_checksum_verification=True)
         yield from reader.iter_batches(
             batch_size=batch_size,
             columns=list(columns) if columns else None,
@@ -460,6 +475,8 @@ def iter_file_batches(
         )
     except (pa.ArrowException, OSError) as exc:
         raise CorruptFileError(path, _first_line(exc), schema_tag) from exc
+    finally:
+        reader.close(force=True)  # the file _open_checked opened
 
 
 def _fsync_dir(path: Path) -> None:

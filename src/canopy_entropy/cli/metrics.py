@@ -67,13 +67,13 @@ def command(
     if not run.is_dir():
         raise CanopyError(f"run folder {run} does not exist; pass the folder given to --run")
     result = write_metrics(run, by=keys, delta=delta, h_max=h_max)
-    doc = result.to_json()
-    text = json.dumps(doc, indent=2, allow_nan=False)
-    if out is not None:
-        atomic_write_text(out, text + "\n")
-    if json_out:
-        typer.echo(text)
-        return
+    if out is not None or json_out:
+        text = json.dumps(result.to_json(), indent=2, allow_nan=False)
+        if out is not None:
+            atomic_write_text(out, text + "\n")
+        if json_out:
+            typer.echo(text)
+            return
     table = Table(title=f"canopy metrics — {run}", title_justify="left")
     for k in keys:
         table.add_column(k, no_wrap=True)

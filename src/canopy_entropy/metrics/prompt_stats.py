@@ -12,6 +12,25 @@ from canopy_entropy.run.manifest import Manifest
 from canopy_entropy.stats.correlation import pearson_from_sums
 
 
+def _row_midranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..M within each row of ``x``, ties given their mid-rank (as
+    ``scipy.stats.rankdata(x, axis=1)``; a row holding NaN is all NaN), in numpy so the metrics
+    stage does not import scipy.stats."""
+    n_rows, width = x.shape
+    order = np.argsort(x, axis=1, kind="stable")
+    xs = np.take_along_axis(x, order, axis=1)
+    new_run = np.ones(xs.shape, dtype=bool)
+    new_run[:, 1:] = xs[:, 1:] != xs[:, :-1]
+    flat_new = new_run.ravel()
+    run_id = np.cumsum(flat_new) - 1
+    first = np.tile(np.arange(width, dtype=np.float64), n_rows)[flat_new]
+    mid = first + (np.bincount(run_id) - 1) / 2.0 + 1.0
+    ranks = np.empty(xs.shape)
+    np.put_along_axis(ranks, order, mid[run_id].reshape(xs.shape), axis=1)
+    ranks[np.isnan(x).any(axis=1)] = np.nan
+    return ranks
+
+
 def _padded(values: np.ndarray, code: np.ndarray, pos: np.ndarray, shape, fill) -> np.ndarray:
     out = np.full(shape, fill, dtype=np.float64)
     out[code, pos] = values

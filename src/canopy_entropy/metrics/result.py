@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from scipy.stats import rankdata
 
 from canopy_entropy.errors import CanopyError, StoreError
 from canopy_entropy.jsonvalues import decode_fields, json_value
@@ -24,6 +23,7 @@ from canopy_entropy.metrics.columns import (
     METRIC_COLUMNS,
     PROMPT_KEYS,
 )
+from canopy_entropy.metrics.curves import running_rate
 from canopy_entropy.metrics.pool import _extra_columns, _pool, _warn_notes, pool_group
 from canopy_entropy.metrics.prompt_stats import (
     _caps_and_hmax,
@@ -32,6 +32,7 @@ from canopy_entropy.metrics.prompt_stats import (
     _kendall_tau_b,
     _padded,
     _pearson_by_code,
+    _row_midranks,
     _tail_sum,
 )
 from canopy_entropy.metrics.scan import _as_store, _reduce, _Reduced
@@ -53,16 +54,21 @@ class MetricsResult:
     # one row per rollout: keys, rollout_index, length, finish_reason, H, r, surprisal,
     # stop_entropy (and d, the rollout's semantic distance, when diversity was merged)
     rollouts: pd.DataFrame | None = None
+    # per (model, variant, family, task, position): the running entropy rate of the rollouts
+    # still active there (metrics.curves.running_rate), from the same scan
+    running_rate: pd.DataFrame | None = None
     settings: dict[str, Any] = field(default_factory=dict)  # by, delta, h_max
     inputs: str = ""  # fingerprint of the run-folder inputs it was computed from
 
     def save(self, run_dir: str | os.PathLike[str]) -> list[Path]:
-        """Write RUN/metrics/ (prompts, pooled, rollouts Parquet; metrics.json) atomically."""
+        """Write RUN/metrics/ (prompts, pooled, rollouts, running-rate Parquet; metrics.json)
+        atomically."""
         paths = []
         for name, frame in (
             ("metrics.prompts", self.prompts),
             ("metrics.pooled", self.pooled),
             ("metrics.rollouts", self.rollouts),
+            ("metrics.running_rate", self.running_rate),
         ):
             if frame is None:
                 continue
@@ -91,10 +97,11 @@ class MetricsResult:
                 f"{json_path} is damaged ({exc}); re-run 'canopy metrics {run_dir}'"
             ) from exc
         frames = {}
-        for name in ("metrics.prompts", "metrics.pooled", "metrics.rollouts"):
+        optional = ("metrics.rollouts", "metrics.running_rate")
+        for name in ("metrics.prompts", "metrics.pooled", *optional):
             path = artefact_path(run_dir, name)
-            if name == "metrics.rollouts" and not path.exists():
-                frames[name] = None  # written by versions before the per-rollout table
+            if name in optional and not path.exists():
+                frames[name] = None  # written by versions before these tables
                 continue
             frames[name] = read_table(path, schema_of(name)).to_pandas()
         by = tuple(doc.get("by") or [c for c in GROUP_KEYS if c in frames["metrics.pooled"]])
@@ -107,6 +114,7 @@ class MetricsResult:
             by=by,
             notes=notes,
             rollouts=frames["metrics.rollouts"],
+            running_rate=frames["metrics.running_rate"],
             settings=dict(doc.get("settings") or {}),
             inputs=str(doc.get("inputs") or ""),
         )
@@ -120,28 +128,41 @@ class MetricsResult:
         "inf" / "-inf" (``canopy_entropy.jsonvalues``)."""
         groups = []
         by = list(self.by)
-        prompt_groups = (
-            dict(iter(self.prompts.groupby(by, sort=False, dropna=False)))
+        pcols = ["prompt_id", *[c for c in PROMPT_KEYS if c != "prompt_id"]]
+        pcols += [c for c in self.prompts.columns if c not in pcols]
+        # every prompt row made JSON-safe once, column by column, then split by group
+        columns = [_json_column(self.prompts[c]) for c in pcols]
+        records = [dict(zip(pcols, rec, strict=True)) for rec in zip(*columns)]
+        indices = (
+            self.prompts.groupby(by, sort=False, dropna=False).indices
             if by
-            else {(): self.prompts}
+            else {(): np.arange(len(self.prompts))}
         )
+        rows_of = {(k if isinstance(k, tuple) else (k,)): v for k, v in indices.items()}
         for _, row in self.pooled.iterrows():
             key = tuple(row[c] for c in by)
-            prows = prompt_groups.get(key, self.prompts.iloc[:0])
-            pcols = ["prompt_id", *[c for c in PROMPT_KEYS if c != "prompt_id"]]
-            pcols += [c for c in prows.columns if c not in pcols]
+            rows = rows_of.get(key, ())
             groups.append(
                 {
                     "key": {c: row[c] for c in by},
                     "pooled": {c: json_value(row[c]) for c in self.pooled.columns if c not in by},
-                    "prompts": [
-                        {c: json_value(v) for c, v in zip(pcols, rec, strict=True)}
-                        for rec in prows[pcols].itertuples(index=False, name=None)
-                    ],
+                    "prompts": [records[i] for i in rows],
                     "notes": list(self.notes.get(key, [])),
                 }
             )
         return {"groups": groups}
+
+
+def _json_column(column: pd.Series) -> list[Any]:
+    """A column's values made JSON-safe (``jsonvalues.json_value``) without a per-cell type
+    test: floats keep full precision, NaN -> None, +-inf -> "inf" / "-inf"."""
+    if not pd.api.types.is_float_dtype(column.dtype):
+        return [json_value(v) for v in column.tolist()]
+    values = column.to_numpy(np.float64)
+    out: list[Any] = values.tolist()
+    for i in np.flatnonzero(~np.isfinite(values)):  # only the few non-finite cells
+        out[i] = json_value(values[i])
+    return out
 
 
 def compute_metrics(
@@ -399,8 +420,8 @@ def _assemble(
     mmax = int(m.max())
     n_pad = _padded(N, code, pos, (P, mmax), np.inf)
     r_pad = _padded(r, code, pos, (P, mmax), np.inf)
-    rank_n = rankdata(n_pad, axis=1)[code, pos]
-    rank_r = rankdata(r_pad, axis=1)[code, pos]
+    rank_n = _row_midranks(n_pad)[code, pos]
+    rank_r = _row_midranks(r_pad)[code, pos]
     spearman, _, _ = _pearson_by_code(rank_n, rank_r, code, P, m)
     n_pad[~np.isfinite(n_pad)] = np.nan
     r_pad[~np.isfinite(r_pad)] = np.nan
@@ -478,4 +499,8 @@ def _assemble(
     rollouts["r"] = r
     rollouts["surprisal"] = surprisal
     rollouts["stop_entropy"] = stop
-    return MetricsResult(prompts=prompts, pooled=pooled, by=by, notes=notes, rollouts=rollouts)
+    steps = [red.entropy_steps[g] for g in order_prompts]
+    curve = running_rate(key_frame, code, red.length[order], H, steps)
+    return MetricsResult(
+        prompts=prompts, pooled=pooled, by=by, notes=notes, rollouts=rollouts, running_rate=curve
+    )

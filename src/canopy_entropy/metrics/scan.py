@@ -74,7 +74,8 @@ class _Reduced:
     stop_entropy: np.ndarray
     has_eos_prob: np.ndarray
     approximate: bool
-    hazard: list[np.ndarray]
+    hazard: list[np.ndarray]  # per prompt and step: sum of lambda over the rollouts that reach it
+    entropy_steps: list[np.ndarray]  # per prompt and step: sum of H_t over those rollouts
 
 
 def _iter_source_batches(source: Any, batch_size: int):
@@ -151,9 +152,9 @@ def _n_threads() -> int:
 
 
 def _merge_partials(partials: list[_Reduced]) -> _Reduced:
-    """Combine per-shard reductions: remap prompt codes, concatenate, add hazard sums."""
+    """Combine per-shard reductions: remap prompt codes, concatenate, add per-step sums."""
     key_to_code: dict[tuple[str, ...], int] = {}
-    hazard: list[np.ndarray] = []
+    steps: dict[str, list[np.ndarray]] = {"hazard": [], "entropy_steps": []}
     codes = []
     for part in partials:
         mapping = np.empty(len(part.prompt_keys), dtype=np.int64)
@@ -161,14 +162,11 @@ def _merge_partials(partials: list[_Reduced]) -> _Reduced:
             g = key_to_code.get(key)
             if g is None:
                 g = key_to_code[key] = len(key_to_code)
-                hazard.append(part.hazard[j])
+                for name, acc in steps.items():
+                    acc.append(getattr(part, name)[j])
             else:
-                a, b = hazard[g], part.hazard[j]
-                if a.size < b.size:
-                    a, b = b, a
-                merged = a.copy()
-                merged[: b.size] += b
-                hazard[g] = merged
+                for name, acc in steps.items():
+                    acc[g] = _add_padded(acc[g], getattr(part, name)[j])
             mapping[j] = g
         codes.append(mapping[part.code])
 
@@ -186,14 +184,24 @@ def _merge_partials(partials: list[_Reduced]) -> _Reduced:
         stop_entropy=cat("stop_entropy"),
         has_eos_prob=cat("has_eos_prob"),
         approximate=any(p.approximate for p in partials),
-        hazard=hazard,
+        **steps,
     )
+
+
+def _add_padded(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a + b`` for per-step sums of different lengths (the shorter one padded with zeros)."""
+    if a.size < b.size:
+        a, b = b, a
+    out = a.copy()
+    out[: b.size] += b
+    return out
 
 
 def _reduce_stream(batches) -> _Reduced | None:
     """Reduce one stream of record batches (per-step lists never leave their batch)."""
     key_to_code: dict[tuple[str, ...], int] = {}
     hazard: list[np.ndarray] = []
+    entropy_steps: list[np.ndarray] = []
     parts: dict[str, list[np.ndarray]] = {
         k: [] for k in ("code", "rollout_index", "length", "finish", "H", "surprisal", "stop")
     }
@@ -216,6 +224,7 @@ def _reduce_stream(batches) -> _Reduced | None:
             if code is None:
                 code = key_to_code[key] = len(key_to_code)
                 hazard.append(np.zeros(0))
+                entropy_steps.append(np.zeros(0))
             mapping[j] = code
         code = mapping[local]
 
@@ -236,6 +245,7 @@ def _reduce_stream(batches) -> _Reduced | None:
                 "one step (the EOS step counts)"
             )
         H = segment_sums(ent, off)
+        every = np.ones(n, dtype=bool)
 
         lp, lp_off, lp_valid = _list_parts(batch.column("logprob"))
         surprisal = -segment_sums(lp, lp_off)
@@ -245,11 +255,16 @@ def _reduce_stream(batches) -> _Reduced | None:
         lam, lam_off, lam_valid = _list_parts(batch.column("eos_prob"))
         lam_ok = lam_valid & (np.diff(lam_off) == length)
         stop = np.full(n, np.nan)
+        sums = [(entropy_steps, ent, off)]
         if lam_ok.any():
             lo, hi = int(lam_off[0]), int(lam_off[-1])
             lam_slice = lam[lo:hi]
             stop[lam_ok] = segment_sums(binary_entropy(lam_slice), lam_off - lo)[lam_ok]
-            _accumulate_hazard(hazard, code, lam_slice, lam_off - lo, lam_ok, length, mapping)
+            if lam_ok.all():  # the usual case: both sums share one cell index
+                sums.append((hazard, lam_slice, lam_off - lo))
+            else:
+                _accumulate_steps([(hazard, lam_slice, lam_off - lo)], code, lam_ok, length)
+        _accumulate_steps(sums, code, every, length)
 
         up = batch.column("entropy_upper")
         if up.null_count < len(up):
@@ -279,43 +294,40 @@ def _reduce_stream(batches) -> _Reduced | None:
         has_eos_prob=cat["has_eos"].astype(bool),
         approximate=approximate,
         hazard=hazard,
+        entropy_steps=entropy_steps,
     )
 
 
-def _accumulate_hazard(
-    hazard: list[np.ndarray],
+def _accumulate_steps(
+    sums: list[tuple[list[np.ndarray], np.ndarray, np.ndarray]],
     code: np.ndarray,
-    lam: np.ndarray,
-    offsets: np.ndarray,
     ok: np.ndarray,
     length: np.ndarray,
-    mapping: np.ndarray,
 ) -> None:
-    """Add ``lambda_in`` of every step into its prompt's per-step accumulator (bincount)."""
+    """Add each step's value into its prompt's per-step accumulator (one bincount per
+    ``(accumulators, flat values, row offsets)`` of ``sums``, over the rows ``ok``): for
+    ``eos_prob`` the EOS-hazard numerator, for ``entropy`` the running-rate curves."""
     rows = np.flatnonzero(ok)
     if rows.size == 0:
         return
     lens = length[rows]
-    starts = offsets[rows]
     total = int(lens.sum())
     first_step = np.cumsum(lens) - lens  # where each rollout's steps begin in the flat order
-    if rows.size == len(ok) and starts[0] == 0 and offsets[-1] == total:
-        values = lam[:total]  # every row valid and contiguous: no gather needed
-    else:
-        values = lam[np.repeat(starts - first_step, lens) + np.arange(total)]
     # cell = local prompt * width + step position, built with one repeat and one add
     uniq, local = np.unique(code[rows], return_inverse=True)
     width = int(lens.max())
     cell = np.repeat(local * width - first_step, lens)
     cell += np.arange(total, dtype=np.int64)
     size = len(uniq) * width
-    sums = np.bincount(cell, weights=values, minlength=size).reshape(len(uniq), width)
-    for j, g in enumerate(uniq):  # loop over prompts only
-        acc = hazard[g]
-        if acc.size < width:
-            acc = np.concatenate([acc, np.zeros(width - acc.size)])
-        acc[:width] += sums[j]
-        hazard[g] = acc
+    for accs, values, offsets in sums:
+        starts = offsets[rows]
+        if rows.size == len(ok) and starts[0] == 0 and offsets[-1] == total:
+            flat = values[:total]  # every row and contiguous: no gather needed
+        else:
+            flat = values[np.repeat(starts - first_step, lens) + np.arange(total)]
+        added = np.bincount(cell, weights=flat, minlength=size).reshape(len(uniq), width)
+        for j, g in enumerate(uniq):  # loop over prompts only
+            accs[g] = _add_padded(accs[g], added[j])
 
 
 def per_rollout_frame(source: Any) -> pd.DataFrame:

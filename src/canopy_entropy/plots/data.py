@@ -4,8 +4,8 @@ Every artefact is read through the run contract (``run.layout``): the path and s
 ``ARTEFACTS[name]``, a verified read (``store.read_table``) and the exact columns its writer
 writes. A missing artefact raises :class:`MissingInput`, whose message is the note shown in
 place of a figure or section and names the command that makes it; a damaged one is a one-line
-:class:`~canopy_entropy.errors.CanopyError`. Per-step data are only touched by
-:func:`scan_rollouts`, vectorised over the flat entropy arrays of each record batch.
+:class:`~canopy_entropy.errors.CanopyError`. The per-rollout values and the running-rate
+curves come from the metrics stage's single scan (its saved tables), never from the store.
 """
 
 from __future__ import annotations
@@ -14,10 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from canopy_entropy.errors import CanopyError
 from canopy_entropy.run.layout import ARTEFACTS, GROUP_KEYS, PROMPT_KEYS, artefact_path, schema_of
@@ -91,53 +88,32 @@ def read_manifest(run: Path) -> Manifest:
 
 
 # --- rollouts ------------------------------------------------------------------------------
-def _flat(entropy: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Lengths and flat float64 values of a list<float32> column (slice-safe)."""
-    if isinstance(entropy, pa.ChunkedArray):
-        entropy = entropy.combine_chunks()
-    lengths = pc.list_value_length(entropy).fill_null(0).to_numpy(zero_copy_only=False)
-    flat = pc.list_flatten(entropy).to_numpy(zero_copy_only=False).astype(np.float64)
-    return lengths.astype(np.int64), flat
+ROLLOUT_FRAME_COLUMNS = [*GROUP_KEY_LIST, "prompt_id", "length", "finish_reason", "H", "r"]
 
 
-class _RunningRate:
-    """Accumulates, per group, the sum of prefix rates and the active count per position."""
+def rollouts_frame(run: Path) -> pd.DataFrame:
+    """Per rollout: keys, prompt_id, length N, finish_reason, H = sum_t H_t and rate = H / N,
+    from the per-rollout table of the metrics stage (metrics/rollouts.parquet); the per-step
+    data are not read again."""
+    frame = read_frame(run, "metrics.rollouts", ROLLOUT_FRAME_COLUMNS)
+    return frame.rename(columns={"r": "rate"})
 
-    def __init__(self) -> None:
-        self.sums: dict[tuple[str, ...], np.ndarray] = {}
-        self.counts: dict[tuple[str, ...], np.ndarray] = {}
 
-    def add(self, key: tuple[str, ...], s: np.ndarray, c: np.ndarray) -> None:
-        old_s = self.sums.get(key, np.zeros(0))
-        old_c = self.counts.get(key, np.zeros(0, dtype=np.int64))
-        n = max(old_s.size, s.size)
-        new_s, new_c = np.zeros(n), np.zeros(n, dtype=np.int64)
-        new_s[: old_s.size] += old_s
-        new_c[: old_c.size] += old_c
-        new_s[: s.size] += s
-        new_c[: c.size] += c
-        self.sums[key], self.counts[key] = new_s, new_c
-
-    def frame(self) -> pd.DataFrame:
-        frames = []
-        for key in sorted(self.sums):
-            s, c = self.sums[key], self.counts[key]
-            keep = c > 0
-            frame = pd.DataFrame(
-                {
-                    "position": np.nonzero(keep)[0] + 1,
-                    "mean_rate": s[keep] / c[keep],
-                    "n_active": c[keep],
-                }
-            )
-            for name, value in zip(GROUP_KEY_LIST, key, strict=True):
-                frame[name] = value
-            frames.append(frame)
-        if not frames:
-            raise MissingInput("every rollout in rollouts/ is empty (zero steps)")
-        return pd.concat(frames, ignore_index=True)[
-            [*GROUP_KEY_LIST, "position", "mean_rate", "n_active"]
-        ]
+def running_rate(run: Path) -> pd.DataFrame:
+    """The running entropy rate per (model, variant, family, task, position): ``mean_rate``
+    of the prefix rates ``sum_{s<=t} H_s / t`` of the ``n_active`` rollouts with N >= t, as
+    the metrics stage's scan saved it (metrics/running_rate.parquet)."""
+    if artefact_path(run, "metrics.json").exists() and not artefact_path(
+        run, "metrics.running_rate"
+    ).exists():
+        raise MissingInput(
+            f"no running-rate curves (the metrics were saved by an older version): run "
+            f"`canopy metrics {run}` or the metrics stage of `canopy run`"
+        )
+    frame = read_frame(run, "metrics.running_rate")
+    if frame.empty:
+        raise MissingInput("every rollout in rollouts/ is empty (zero steps)")
+    return frame
 
 
 def _store(run: Path) -> RunStore:
@@ -145,48 +121,6 @@ def _store(run: Path) -> RunStore:
     if not store.shard_files():
         raise MissingInput(missing_note(run, "generate"))
     return store
-
-
-def scan_rollouts(run: Path, batch_size: int = 1024) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One streaming pass over the rollouts: (per-rollout frame, running-rate frame).
-
-    Per-rollout frame: keys, prompt_id, length N, finish_reason, H = sum_t H_t, rate = H / N.
-    Running rate: at position t (1-based) every rollout with N >= t contributes its prefix rate
-    ``sum_{s<=t} H_s / t``; one row per (model, variant, family, task, position) with
-    ``mean_rate`` over those rollouts and ``n_active`` (how many have N >= t). Vectorised: one
-    cumsum and one bincount per record batch, never a loop over steps or rollouts.
-    """
-    store = _store(run)
-    cols = [*GROUP_KEY_LIST, "prompt_id", "finish_reason", "entropy"]
-    frames = []
-    acc = _RunningRate()
-    for batch in store.iter_batches(columns=cols, batch_size=batch_size):
-        lengths, flat = _flat(batch.column("entropy"))
-        df = batch.select([*GROUP_KEY_LIST, "prompt_id", "finish_reason"]).to_pandas()
-        ends = np.cumsum(lengths)
-        starts = ends - lengths
-        cs = np.concatenate([[0.0], np.cumsum(flat)])  # cs[k] = sum of the first k steps
-        df["length"] = lengths
-        df["H"] = cs[ends] - cs[starts]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            df["rate"] = df["H"].to_numpy() / lengths
-        frames.append(df)
-        if flat.size == 0:
-            continue
-        grouped = df.groupby(GROUP_KEY_LIST, sort=False)
-        local = grouped.ngroup().to_numpy()
-        local_keys = list(grouped.size().index)
-        step_row = np.repeat(np.arange(lengths.size), lengths)
-        pos = np.arange(flat.size) - starts[step_row]  # 0-based position within its rollout
-        prefix_rate = (cs[1:] - cs[starts][step_row]) / (pos + 1)
-        width = int(lengths.max())
-        index = local[step_row] * width + pos
-        size = len(local_keys) * width
-        s = np.bincount(index, weights=prefix_rate, minlength=size).reshape(-1, width)
-        c = np.bincount(index, minlength=size).reshape(-1, width)
-        for k, key in enumerate(local_keys):
-            acc.add(tuple(str(v) for v in key), s[k], c[k])
-    return pd.concat(frames, ignore_index=True), acc.frame()
 
 
 def rollout_counts(run: Path) -> pd.DataFrame:

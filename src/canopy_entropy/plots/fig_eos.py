@@ -8,12 +8,12 @@ rollouts still active at each position. ``eos_matrices(run)`` streams the rollou
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow.compute as pc
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
@@ -25,6 +25,8 @@ from canopy_entropy.store import SCHEMA_VERSION, RunStore, iter_file_batches
 
 MODES = ("combined", "prompt")
 CLIP = (0.01, 0.99)  # quantiles of log p(EOS) the colour scale is clipped to
+_SEPARATOR = "\x1f"  # joins model and task into one key (neither may contain it)
+DISPLAY = (600, 800)  # at most this many (rows, columns) of cells drawn per panel
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,6 +68,22 @@ class EOSMatrix:
         return self.lengths.size - shorter
 
 
+def displayed(matrix: np.ndarray, shape: tuple[int, int] = DISPLAY) -> np.ndarray:
+    """``matrix`` reduced to at most ``shape`` cells by block means over the steps present
+    (a panel shows no more pixels than that, so drawing cost stays bounded); unchanged when it
+    already fits."""
+    fr, fc = (-(-n // k) for n, k in zip(matrix.shape, shape, strict=True))
+    if fr == 1 and fc == 1:
+        return matrix
+    rows, cols = -(-matrix.shape[0] // fr) * fr, -(-matrix.shape[1] // fc) * fc
+    padded = np.full((rows, cols), np.nan, dtype=np.float32)
+    padded[: matrix.shape[0], : matrix.shape[1]] = matrix
+    blocks = padded.reshape(rows // fr, fr, cols // fc, fc)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN block (past every end)
+        return np.nanmean(blocks, axis=(1, 3))
+
+
 def check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown EOS heatmap mode {mode!r}; use one of {', '.join(MODES)}")
@@ -85,15 +103,23 @@ def eos_matrices(run_dir: str | Path, batch_size: int = 1024) -> dict[tuple[str,
             eos = batch.column("eos_prob")
             lengths = pc.list_value_length(eos).fill_null(0).to_numpy(zero_copy_only=False)
             flat = pc.list_flatten(eos).to_numpy(zero_copy_only=False).astype(np.float64)
-            keys = batch.select(["model", "task"]).to_pandas()
-            codes, uniques = pd.MultiIndex.from_frame(keys).factorize()
+            # (model, task) codes with pyarrow, no pandas per batch (a shard is usually one)
+            joined = pc.binary_join_element_wise(
+                batch.column("model"), batch.column("task"), _SEPARATOR
+            ).dictionary_encode()
+            uniques = [tuple(k.split(_SEPARATOR)) for k in joined.dictionary.to_pylist()]
             prompt = batch.column("prompt_id").to_numpy(zero_copy_only=False)
             ridx = batch.column("rollout_index").to_numpy(zero_copy_only=False)
+            lengths = lengths.astype(np.int64)
+            if len(uniques) == 1:
+                parts.setdefault(uniques[0], []).append((lengths, flat, prompt, ridx))
+                continue
+            codes = joined.indices.to_numpy(zero_copy_only=False)
             step_code = np.repeat(codes, lengths)
             for k, key in enumerate(uniques):
                 rows = codes == k
-                parts.setdefault((str(key[0]), str(key[1])), []).append(
-                    (lengths[rows].astype(np.int64), flat[step_code == k], prompt[rows], ridx[rows])
+                parts.setdefault(key, []).append(
+                    (lengths[rows], flat[step_code == k], prompt[rows], ridx[rows])
                 )
     out = {}
     for key in sorted(parts):
@@ -160,7 +186,7 @@ def eos_heatmap(
                 continue
             order = mat.order(mode)
             image = ax.imshow(
-                mat.dense(order),
+                displayed(mat.dense(order)),
                 aspect="auto",
                 interpolation="nearest",
                 cmap="viridis",

@@ -78,7 +78,7 @@ def running_rate(
 ) -> Figure:
     """Running entropy rate of still-active rollouts vs position; lower panels: active count.
 
-    ``rr`` is the running-rate frame of ``data.scan_rollouts``. Each line stops where fewer
+    ``rr`` is the running-rate frame of ``data.running_rate``. Each line stops where fewer
     than ``min_active`` rollouts remain, and the x-axis is trimmed there.
     """
     palette = palette or Palette.of(rr)

@@ -131,14 +131,11 @@ class RunInputs:
             raise value
         return value
 
-    def scan(self) -> tuple[pd.DataFrame, pd.DataFrame]:
-        return data.scan_rollouts(self.run)
-
     def running_rate(self) -> pd.DataFrame:
-        return self.get("scan")[1]
+        return data.running_rate(self.run)
 
     def rollouts(self) -> pd.DataFrame:
-        return self.get("scan")[0]
+        return data.rollouts_frame(self.run)
 
     def length_caps(self) -> dict[str, int]:
         return data.length_caps(self.run)

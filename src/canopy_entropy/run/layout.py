@@ -38,6 +38,7 @@ _ALL = (
     Artefact("rollouts", "rollouts", "canopy-rollouts/1", ROLLOUT_KEYS, "generate"),
     Artefact("prompts", "prompts", "canopy-prompts/1", PROMPT_KEYS, "generate"),
     Artefact("metrics.rollouts", "metrics/rollouts.parquet", "canopy-rollout-metrics/1", ROLLOUT_KEYS, "metrics"),
+    Artefact("metrics.running_rate", "metrics/running_rate.parquet", "canopy-running-rate/1", (*GROUP_KEYS, "position"), "metrics"),
     Artefact("metrics.prompts", "metrics/prompts.parquet", "canopy-metrics/1", PROMPT_KEYS, "metrics"),
     Artefact("metrics.pooled", "metrics/pooled.parquet", "canopy-metrics/1", (), "metrics"),
     Artefact("metrics.json", "metrics/metrics.json", None, (), "metrics"),

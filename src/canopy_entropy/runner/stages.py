@@ -91,6 +91,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
             "metrics/prompts.parquet",
             "metrics/pooled.parquet",
             "metrics/rollouts.parquet",
+            "metrics/running_rate.parquet",
             "metrics/metrics.json",
         ),
         needs=("generate",),
