@@ -9,7 +9,9 @@ with ``canopy run --stages generate`` in fresh subprocesses and every torch pool
   2 shards    canopy run CONFIG --out C --shard 1/2 & --shard 2/2   (concurrently)
 
 Wall time is from start to the last process's exit (model loading included: what a user
-waits for); rollouts/s and tokens/s are over it; the ratio is against one process. The three
+waits for); rollouts/s and tokens/s are over it; the ratio is against one process. "steady"
+is decoding once the models are loaded: the tokens of every prompt after the first committed
+over the time from the first commit to the last (file times of the store). The three
 stores are checked to hold the same rollouts. The tiny test model by default (its cost is
 mostly per-step overhead), ``--model smollm2-135m-instruct`` for the offline SmolLM2 alias.
 
@@ -28,6 +30,7 @@ import time
 from pathlib import Path
 
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from canopy_entropy.store import RunStore
 
@@ -75,6 +78,16 @@ def _timed(commands: list[list[str]], env: dict[str, str], logs: Path) -> float:
         if proc.wait() != 0:
             raise SystemExit(f"{' '.join(proc.args)} failed; see {log.name}")
     return time.perf_counter() - start
+
+
+def _steady_tokens_per_s(run: Path) -> float:
+    """Tokens of every prompt but the first committed over the time from the first commit to
+    the last (shard file times): decoding once every process has loaded its model."""
+    files = sorted(RunStore(run).shard_files(), key=lambda f: f.stat().st_mtime_ns)
+    span = (files[-1].stat().st_mtime_ns - files[0].stat().st_mtime_ns) / 1e9
+    tokens = sum(int(pc.sum(pq.read_table(f, columns=["length"])["length"]).as_py())
+                 for f in files[1:])  # fmt: skip
+    return tokens / span if span > 0 else float("nan")
 
 
 def _rollouts(run: Path):
@@ -128,11 +141,14 @@ def main() -> None:
           f"(max {args.max_new_tokens} new tokens): {n_roll} rollouts, {tokens} tokens; "
           f"model {Path(model).name}; {os.cpu_count()} CPUs; local Ray started in "
           f"{ray_start:.1f} s (not counted)")  # fmt: skip
-    print(f"{'mode':<15}{'wall s':>9}{'rollouts/s':>12}{'tokens/s':>11}{'ratio':>8}")
+    print(f"{'mode':<15}{'wall s':>9}{'rollouts/s':>12}{'tokens/s':>11}{'ratio':>8}"
+          f"{'steady tok/s':>14}{'ratio':>8}")  # fmt: skip
     base = walls["1 process"]
+    steady = {mode: _steady_tokens_per_s(root / d) for mode, d in zip(walls, "abc", strict=True)}
     for mode, wall in walls.items():
         print(f"{mode:<15}{wall:>9.1f}{n_roll / wall:>12.2f}{tokens / wall:>11.1f}"
-              f"{base / wall:>8.2f}")  # fmt: skip
+              f"{base / wall:>8.2f}{steady[mode]:>14.1f}"
+              f"{steady[mode] / steady['1 process']:>8.2f}")  # fmt: skip
     print(f"rollouts identical in all three stores: {'yes' if same else 'NO'}")
     if not same:
         raise SystemExit(1)

@@ -104,7 +104,8 @@ def test_docs_twin_on_two_workers_equals_one_process(cluster, twin, one_process,
 def test_killed_worker_units_requeued_result_identical(cluster, twin, one_process, tmp_path):
     """os.kill of the first worker handed its third unit (6 units, 2 workers holding at most
     2 each: one always is; it has returned one and holds one): the units it held go back to
-    the queue; every prompt is written once and the rollouts are those of one process."""
+    the queue and the other worker samples them (no restart: one model load less); every
+    prompt is written once and the rollouts are those of one process."""
     out = tmp_path / "run"
     events, written, taken, killed = [], [], {}, []
 
@@ -122,15 +123,15 @@ def test_killed_worker_units_requeued_result_identical(cluster, twin, one_proces
             super().write_shard(name, *tables)
 
     summary = ray_pool.generate_on_ray(
-        out, **_kwargs(twin), workers=2, ray_options=RayConfig(num_cpus=1, restarts=1),
+        out, **_kwargs(twin), workers=2, ray_options=RayConfig(num_cpus=1, restarts=0),
         writer=Writer(out), on_event=on_event,
     )  # fmt: skip
     (died,) = [info for kind, info in events if kind == "died"]
     (k,) = killed
-    assert died["worker"] == k and died["replaced"]
+    assert died["worker"] == k and not died["replaced"]
     assert taken[k][2] in died["requeued"]  # sent to a dead worker: certainly not done
     requeued = set(died["requeued"])
-    # each re-queued unit was handed out again, to another worker, and nothing else twice
+    # each re-queued unit was handed out again, to the other worker, and nothing else twice
     again = [u for w, units in taken.items() if w != k for u in units if u in requeued]
     assert sorted(again) == sorted(requeued)
     handed = [u for units in taken.values() for u in units]
@@ -184,3 +185,21 @@ def test_without_ray_installed_the_error_names_the_extra(monkeypatch):
     with pytest.raises(MissingExtraError, match=r"pip install 'canopy-entropy\[ray\]'"):
         with ray_pool.session(RayConfig()):
             pass
+
+
+@needs_ray
+def test_an_engine_that_cannot_start_fails_at_once(cluster, twin, tmp_path):
+    """A worker whose engine raises while starting is not retried: the engine's one line."""
+    from canopy_entropy.errors import CanopyError
+
+    events = []
+    kwargs = {**_kwargs(twin), "engine": "openai", "engine_options": {"base_url": "localhost:1"}}
+    with pytest.raises(CanopyError, match="the engine could not start on Ray worker 1: ") as exc:
+        ray_pool.generate_on_ray(
+            tmp_path / "run", **kwargs, workers=1, ray_options=RayConfig(restarts=3),
+            on_event=lambda kind, info: events.append(kind),
+        )  # fmt: skip
+    assert str(exc.value).endswith(
+        "base_url 'localhost:1' needs a scheme; write it as http://localhost:1"
+    )
+    assert events == []  # never ready, never replaced

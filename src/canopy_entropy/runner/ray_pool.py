@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import logging
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -102,13 +102,12 @@ class _Worker:
     """One engine replica (the Ray actor): renders prompts and samples units of them."""
 
     def __init__(self, engine: str, model: str, options: dict[str, Any], threads: int) -> None:
-        if importlib.util.find_spec("torch") is not None:
-            import torch
-
-            torch.set_num_threads(threads)  # CPU float kernels split work by thread count
         from canopy_entropy.engines.registry import get_engine
 
         self.engine = get_engine(engine, model, **options)
+        torch = sys.modules.get("torch")  # an engine that uses torch: the reserved CPUs only
+        if torch is not None:
+            torch.set_num_threads(threads)  # (CPU float kernels split work by thread count)
 
     def ready(self, texts: list[str], variant: str) -> tuple[dict[str, Any], list[Any]]:
         """The engine's facts and ``texts`` rendered for ``variant`` (text, token ids)."""
@@ -313,6 +312,11 @@ class _Pool:
             try:
                 value = ray.get(ref)
             except ray.exceptions.RayActorError as exc:
+                if exc.actor_init_failed:  # the engine cannot start there: not worth retrying
+                    lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
+                    raise CanopyError(
+                        f"the engine could not start on Ray worker {h.number}: {lines[-1]}"
+                    ) from None
                 self._died(h, exc)
                 continue
             except ray.exceptions.RayTaskError as exc:  # the engine raised: raise that error
