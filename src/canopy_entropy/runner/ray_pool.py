@@ -3,7 +3,7 @@
 A work unit is one fixed chunk of ``prompts_per_call`` consecutive prompts of a model's prompt
 list, the same chunks a local run samples (one (model, task, prompt) with the transformers
 engine), so every batch, and with it every float, is the one a single process makes. The
-driver (this process) keeps each worker ``IN_FLIGHT`` units ahead, handing out the next unit
+driver (this process) gives each worker ``IN_FLIGHT`` units at a time and hands it the next
 whenever one comes back, so no worker waits on a barrier or on the slowest prompt. A worker
 sends back only each prompt's reduced per-step arrays (``RolloutBatch``); the driver writes
 them through the run folder's writer as they arrive. A worker that dies (node lost, out of
