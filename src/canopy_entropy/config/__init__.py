@@ -26,6 +26,7 @@ from canopy_entropy.config.schema import (
     ModelSpec,
     PlotsConfig,
     PromptsConfig,
+    RayConfig,
     RegressConfig,
 )
 from canopy_entropy.config.write import config_dict, generation_fingerprint, resolved_config_toml
@@ -45,6 +46,7 @@ __all__ = [
     "ModelSpec",
     "PlotsConfig",
     "PromptsConfig",
+    "RayConfig",
     "RegressConfig",
     "check_model_available",
     "config_dict",

@@ -12,6 +12,7 @@ from typing import Any
 from canopy_entropy.config.checks import _TYPE_NAMES, _check, _check_keys, _Ctx, _get, _suggest
 from canopy_entropy.config.models import _parse_model, check_model_available
 from canopy_entropy.config.schema import (
+    BACKENDS,
     FIGURE_FORMATS,
     STAGE_OPTIONS,
     STAGES,
@@ -22,6 +23,7 @@ from canopy_entropy.config.schema import (
     GenerationConfig,
     PlotsConfig,
     PromptsConfig,
+    RayConfig,
     RegressConfig,
 )
 from canopy_entropy.engines.registry import ENGINES, engine_options_problem
@@ -72,7 +74,31 @@ def _parse_engine(ctx: _Ctx, data: dict) -> EngineConfig:
         device=_get(ctx, data, "device", str, "auto", t),
         dtype=_get(ctx, data, "dtype", str, "auto", t),
         options=_get(ctx, data, "options", dict, {}, t),
+        backend=_get(ctx, data, "backend", str, "local", t),
+        workers=_get(ctx, data, "workers", int, 1, t),
+        ray=_parse_ray(ctx, _get(ctx, data, "ray", dict, {}, t)),
     )
+    if e.backend not in BACKENDS:
+        ctx.fail(
+            f"unknown engine.backend '{e.backend}'; use one of {list(BACKENDS)} "
+            f"({_suggest(e.backend, list(BACKENDS))})",
+            t,
+            "backend",
+        )
+    _check(ctx, e.workers >= 1, t, "workers", e.workers, "must be >= 1")
+    if e.backend == "local":  # the Ray settings would be silently unused
+        _check(ctx, e.workers == 1, t, "workers", e.workers,
+               "needs backend = 'ray' (a local run samples a model in one process; or split "
+               "the run into jobs with --shard)")  # fmt: skip
+        changed = [k for k, v in dataclasses.asdict(e.ray).items()
+                   if v != getattr(RayConfig(), k)]  # fmt: skip
+        if changed:
+            ctx.fail(
+                f"engine.ray.{changed[0]} is set but engine.backend is 'local'; set "
+                "backend = 'ray' or drop [engine.ray]",
+                "engine.ray",
+                changed[0],
+            )
     if e.name not in ENGINES:
         ctx.fail(
             f"unknown engine '{e.name}'; use one of {list(ENGINES)} "
@@ -94,6 +120,22 @@ def _parse_engine(ctx: _Ctx, data: dict) -> EngineConfig:
         "is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'",
     )
     return e
+
+
+def _parse_ray(ctx: _Ctx, data: dict) -> RayConfig:
+    t = "engine.ray"
+    _check_keys(ctx, data, [f.name for f in dataclasses.fields(RayConfig)], t)
+    d = RayConfig()
+    r = RayConfig(
+        address=_get(ctx, data, "address", str, d.address, t),
+        num_cpus=_get(ctx, data, "num_cpus", float, d.num_cpus, t),
+        num_gpus=_get(ctx, data, "num_gpus", float, d.num_gpus, t),
+        restarts=_get(ctx, data, "restarts", int, d.restarts, t),
+    )
+    _check(ctx, r.num_cpus > 0, t, "num_cpus", r.num_cpus, "must be > 0")
+    _check(ctx, r.num_gpus >= 0, t, "num_gpus", r.num_gpus, "must be >= 0 (0 = CPU workers)")
+    _check(ctx, r.restarts >= 0, t, "restarts", r.restarts, "must be >= 0")
+    return r
 
 
 _PROMPT_KEYS = [f.name for f in dataclasses.fields(PromptsConfig)]

@@ -64,14 +64,30 @@ class GenerationConfig:
     batch_size: int = 0  # 0 = engine default / adaptive
 
 
+BACKENDS = ("local", "ray")
+
+
+@dataclass
+class RayConfig:
+    """``[engine.ray]``: where the Ray workers run and what each one reserves."""
+
+    address: str = ""  # '' = $RAY_ADDRESS if set, else a local Ray started for the run
+    num_cpus: float = 1.0  # CPUs per worker (on CPU also its torch threads)
+    num_gpus: float = 0.0  # GPUs per worker (1 per replica; tensor_parallel_size with vLLM)
+    restarts: int = 3  # dead workers replaced per model before the run fails
+
+
 @dataclass
 class EngineConfig:
-    """Which sampling engine runs the models."""
+    """Which sampling engine runs the models, and where its replicas run."""
 
     name: str = "hf"  # 'hf' (transformers), 'vllm' or 'openai' (an OpenAI-compatible server)
     device: str = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
     dtype: str = "auto"  # 'auto', 'float32', 'bfloat16', 'float16'
     options: dict[str, Any] = field(default_factory=dict)  # passed to the engine as is
+    backend: str = "local"  # 'local': one child process per model; 'ray': Ray actor workers
+    workers: int = 1  # engine replicas per model, fed from one queue of prompts ('ray')
+    ray: RayConfig = field(default_factory=RayConfig)
 
 
 @dataclass

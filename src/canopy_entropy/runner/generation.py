@@ -2,13 +2,16 @@
 
 Each model is sampled in a fresh child process (multiprocessing spawn) that sends its shards to
 this process, which writes them: the model's memory (GPU memory too, which vLLM does not free
-reliably on deletion) goes with the child, so nothing accumulates across models. The manifest is
+reliably on deletion) goes with the child, so nothing accumulates across models; with
+``[engine] backend = 'ray'`` a model's fresh Ray workers do the sampling instead
+(``runner.ray_pool``) and this process writes what they send. The manifest is
 the authority on how a folder's rollouts were made: a config whose policy, seed, models or
 prompts differ is refused before anything is sampled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing
 import multiprocessing.connection
@@ -27,6 +30,7 @@ from canopy_entropy.errors import CanopyError, ConfigError
 from canopy_entropy.generate import FolderWriter, Shard, engine_prompts_per_call, owned_prompts
 from canopy_entropy.models import needs_conversion
 from canopy_entropy.run.manifest import PolicyRecord, read_manifest, update_manifest
+from canopy_entropy.runner import ray_pool
 from canopy_entropy.runner.display import RunDisplay
 from canopy_entropy.store import RunStore
 from canopy_entropy.tasks import Prompt, load_task_prompts
@@ -217,7 +221,8 @@ def run_generate(
     shard: Shard | None = None,
 ) -> str:
     """Generate every missing rollout (of ``shard``'s share), model by model, each model in
-    its own child process, with ``fn`` (the stage's ``generate_run``)."""
+    its own child process with ``fn`` (the stage's ``generate_run``), or on fresh Ray workers
+    (``[engine] backend = 'ray'``)."""
     prompts = load_prompts(cfg)
     counts = check_store_matches(run_dir, cfg, prompts)
     M = cfg.generation.rollouts
@@ -231,55 +236,10 @@ def run_generate(
         display.done[(label, task)] += counts.get((label, task, pid), 0) >= M
     display.refresh()
     generated = 0
-    for m in cfg.models:
-        if all(display.done[(m.label, t)] >= display.totals[(m.label, t)] for t in cfg.tasks):
-            continue
-        sampled = [0]  # prompts this model's engine finished in this session
-
-        def progress(event: dict[str, Any], m=m, sampled=sampled) -> None:
-            key = (m.label, str(event["task"]))
-            display.done[key] = min(display.done[key] + 1, display.totals[key])
-            sampled[0] += 1
-            display.observe(m.label, int(event["tokens"]), sampled[0])  # measured decoding
-            display.refresh()
-            if display.live is None:  # logs: one line per prompt
-                d, t = display.done[key], display.totals[key]
-                display.console.print(
-                    f"    {m.label} · {key[1]} {d}/{t} prompts · {display.speed()}",
-                    highlight=False,
-                )
-
-        if display.live is None:  # logs: say what the first minutes are spent on
-            first_use = " (first use: converting it once, which takes minutes)"
-            display.console.print(
-                f"    {m.label}: loading {m.model}{first_use if needs_conversion(m.model) else ''}",
-                highlight=False,
-                markup=False,
-            )
-        summary, _, _ = generate_in_child(
-            fn,
-            dict(
-                run_dir=run_dir,
-                model=m.model,
-                prompts=[p for t in cfg.tasks for p in prompts[t]],  # fixed chunks: all tasks
-                rollouts=M,
-                policy=_policy(cfg),
-                variant=m.variant,
-                family=m.family,
-                model_label=m.label,
-                engine=cfg.engine.name,
-                device=cfg.engine.device,
-                dtype=cfg.engine.dtype,
-                seed=cfg.generation.seed,
-                common_random_numbers=cfg.generation.common_random_numbers,
-                batch_size=cfg.generation.batch_size or None,
-                engine_options=_engine_options(cfg, m),
-                run_name=cfg.name,
-                shard=shard,
-            ),
-            progress,
-        )
-        generated += summary.prompts_generated
+    ray = cfg.engine.backend == "ray"
+    with ray_pool.session(cfg.engine.ray) if ray else contextlib.nullcontext():
+        for m in cfg.models:
+            generated += _generate_model(run_dir, cfg, m, prompts, display, fn, shard, ray)
     counts = _store_counts(run_dir)
     missing = [u for u in units if counts.get(u, 0) < M]
     if missing:
@@ -294,6 +254,79 @@ def run_generate(
     if shard is not None:
         return f"shard {shard}: {generated} prompts sampled, {n_roll} rollouts in store"
     return f"{generated} prompts sampled, {n_roll} rollouts in store" if generated else ""
+
+
+def _generate_model(
+    run_dir: Path,
+    cfg: ExperimentConfig,
+    m: Any,
+    prompts: dict[str, list[Prompt]],
+    display: RunDisplay,
+    fn: Callable[..., Any],
+    shard: Shard | None,
+    ray: bool,
+) -> int:
+    """Sample model ``m``'s missing rollouts: in a fresh child process, or on Ray workers."""
+    if all(display.done[(m.label, t)] >= display.totals[(m.label, t)] for t in cfg.tasks):
+        return 0
+    sampled = [0]  # prompts this model's engine finished in this session
+
+    def progress(event: dict[str, Any], m=m, sampled=sampled) -> None:
+        key = (m.label, str(event["task"]))
+        display.done[key] = min(display.done[key] + 1, display.totals[key])
+        sampled[0] += 1
+        display.observe(m.label, int(event["tokens"]), sampled[0])  # measured decoding
+        display.refresh()
+        if display.live is None:  # logs: one line per prompt
+            d, t = display.done[key], display.totals[key]
+            display.console.print(
+                f"    {m.label} · {key[1]} {d}/{t} prompts · {display.speed()}",
+                highlight=False,
+            )
+
+    if display.live is None:  # logs: say what the first minutes are spent on
+        first_use = " (first use: converting it once, which takes minutes)"
+        display.console.print(
+            f"    {m.label}: loading {m.model}{first_use if needs_conversion(m.model) else ''}",
+            highlight=False,
+            markup=False,
+        )
+    kwargs = dict(
+        run_dir=run_dir,
+        model=m.model,
+        prompts=[p for t in cfg.tasks for p in prompts[t]],  # fixed chunks: all tasks
+        rollouts=cfg.generation.rollouts,
+        policy=_policy(cfg),
+        variant=m.variant,
+        family=m.family,
+        model_label=m.label,
+        engine=cfg.engine.name,
+        device=cfg.engine.device,
+        dtype=cfg.engine.dtype,
+        seed=cfg.generation.seed,
+        common_random_numbers=cfg.generation.common_random_numbers,
+        batch_size=cfg.generation.batch_size or None,
+        engine_options=_engine_options(cfg, m),
+        run_name=cfg.name,
+        shard=shard,
+    )
+    if not ray:
+        return generate_in_child(fn, kwargs, progress)[0].prompts_generated
+
+    def on_event(kind: str, info: dict[str, Any]) -> None:
+        if kind == "died":  # never silent: the run goes on with the units re-queued
+            what = "replaced" if info["replaced"] else "not replaced (restarts used up)"
+            display.console.print(
+                f"    {m.label}: Ray worker {info['worker']} (pid {info['pid']}) died; "
+                f"{len(info['requeued'])} prompt chunks re-queued, worker {what}",
+                highlight=False,
+            )
+
+    summary = ray_pool.generate_on_ray(
+        **kwargs, workers=cfg.engine.workers, ray_options=cfg.engine.ray, progress=progress,
+        on_event=on_event,
+    )  # fmt: skip
+    return summary.prompts_generated
 
 
 def generate_in_child(

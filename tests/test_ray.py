@@ -1,0 +1,205 @@
+"""Ray workers for generation: same rollouts as one process, a killed worker's units re-queued.
+
+One local Ray cluster (2 CPUs) for the module; the reference is ``generate_run`` sampling the
+same prompts in this process with the same torch thread count as each worker (1).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from canopy_entropy import runner
+from canopy_entropy.config import RayConfig, parse_config
+from canopy_entropy.errors import MissingExtraError
+from canopy_entropy.generate import generate_run
+from canopy_entropy.runner import generation, ray_pool
+from canopy_entropy.store import RunStore, slug
+from cli_helpers import run_cli
+from test_docs import fenced_blocks
+
+REPO = Path(__file__).parents[1]
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs ray")
+
+
+def _twin_text(model: Path) -> str:
+    """The CPU twin of docs/scaling.md, with the tiny model in place of ``tiny-model``."""
+    (body,) = [b for _, info, b in fenced_blocks(REPO / "docs/scaling.md")
+               if info == "toml" and 'name = "ray-twin"' in b]  # fmt: skip
+    assert 'backend = "ray"' in body and 'model = "tiny-model"' in body
+    return body.replace('model = "tiny-model"', f'model = "{model}"')
+
+
+def _rollouts(run_dir: Path):
+    keys = ["model", "task", "prompt_id", "rollout_index"]
+    return RunStore(run_dir).read_rollouts().sort_by([(k, "ascending") for k in keys])
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray = pytest.importorskip("ray")
+    import logging
+
+    ray.init(
+        num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
+    )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def twin(tiny_model):
+    return parse_config(_twin_text(tiny_model), source="tiny-ray.toml")
+
+
+def _kwargs(cfg) -> dict:
+    """What the runner gives each model's generation (one model in the twin)."""
+    (m,) = cfg.models
+    prompts = generation.load_prompts(cfg)
+    return dict(
+        model=m.model, prompts=[p for t in cfg.tasks for p in prompts[t]],
+        rollouts=cfg.generation.rollouts, policy=generation._policy(cfg), variant=m.variant,
+        family=m.family, model_label=m.label, engine=cfg.engine.name, device=cfg.engine.device,
+        dtype=cfg.engine.dtype, seed=cfg.generation.seed, run_name=cfg.name,
+        engine_options=generation._engine_options(cfg, m),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def one_process(twin, tmp_path_factory) -> Path:
+    """The twin's rollouts sampled by ``generate_run`` in this process, 1 torch thread."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # = [engine.ray] num_cpus: CPU kernels split work by threads
+    try:
+        summary = generate_run(out, **_kwargs(twin))
+    finally:
+        torch.set_num_threads(threads)
+    assert summary.prompts_generated == 6
+    return out
+
+
+@needs_ray
+def test_docs_twin_on_two_workers_equals_one_process(cluster, twin, one_process, tmp_path):
+    out = tmp_path / "run"
+    results = {r.name: r for r in runner.run_experiment(twin, out)}
+    assert results["generate"].status == "done", results["generate"]
+    assert results["metrics"].status == "done", results["metrics"]
+    assert results["generate"].detail == "6 prompts sampled, 18 rollouts in store"
+    got, want = _rollouts(out), _rollouts(one_process)
+    assert got.num_rows == 18 and got.equals(want)  # token ids, entropies, seeds: every byte
+    # the driver wrote the manifest as a local run does; the config records the backend
+    manifest = (out / "manifest.json").read_text()
+    assert '"backend": "ray"' in manifest and '"workers": 2' in manifest
+    assert cluster.is_initialized()  # a cluster the run found is left running
+
+
+@needs_ray
+def test_killed_worker_units_requeued_result_identical(cluster, twin, one_process, tmp_path):
+    """os.kill of the first worker handed its third unit (6 units, 2 workers holding at most
+    2 each: one always is; it has returned one and holds one): the units it held go back to
+    the queue and the other worker samples them (no restart: one model load less); every
+    prompt is written once and the rollouts are those of one process."""
+    out = tmp_path / "run"
+    events, written, taken, killed = [], [], {}, []
+
+    def on_event(kind, info):
+        events.append((kind, info))
+        if kind == "taken":
+            taken.setdefault(info["worker"], []).append(info["unit"])
+            if not killed and len(taken[info["worker"]]) == 3:
+                killed.append(info["worker"])
+                os.kill(info["pid"], signal.SIGKILL)  # before the unit is sent to it
+
+    class Writer(ray_pool.FolderWriter):
+        def write_shard(self, name, *tables):
+            written.append(name)
+            super().write_shard(name, *tables)
+
+    summary = ray_pool.generate_on_ray(
+        out, **_kwargs(twin), workers=2, ray_options=RayConfig(num_cpus=1, restarts=0),
+        writer=Writer(out), on_event=on_event,
+    )  # fmt: skip
+    (died,) = [info for kind, info in events if kind == "died"]
+    (k,) = killed
+    assert died["worker"] == k and not died["replaced"]
+    assert taken[k][2] in died["requeued"]  # sent to a dead worker: certainly not done
+    requeued = set(died["requeued"])
+    # each re-queued unit was handed out again, to the other worker, and nothing else twice
+    again = [u for w, units in taken.items() if w != k for u in units if u in requeued]
+    assert sorted(again) == sorted(requeued)
+    handed = [u for units in taken.values() for u in units]
+    assert len(handed) == 6 + len(requeued)
+    prompts = _kwargs(twin)["prompts"]
+    assert sorted(written) == sorted(slug("tiny", p.task, p.id) for p in prompts)
+    assert summary.prompts_generated == 6
+    assert _rollouts(out).equals(_rollouts(one_process))
+
+
+def _config_error(tmp_path, capsys, monkeypatch, engine: str) -> str:
+    path = tmp_path / "bad.toml"
+    path.write_text(f'[engine]\n{engine}\n\n[[models]]\nmodel = "{tmp_path}"\n')
+    code, _, err = run_cli(["run", str(path), "--out", str(tmp_path / "r")], capsys, monkeypatch)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("engine", "message"),
+    [
+        ('backend = "rey"', "line 2: unknown engine.backend 'rey'; use one of ['local', 'ray'] (did you mean 'ray'?)"),
+        ("workers = 2", "line 2: engine.workers = 2 needs backend = 'ray'"),
+        ('backend = "ray"\nworkers = 0', "line 3: engine.workers = 0 must be >= 1"),
+        ('backend = "ray"\n[engine.ray]\nnum_cpu = 2', "line 4: unknown key 'num_cpu' in [engine.ray]; did you mean 'num_cpus'?"),
+        ('backend = "ray"\n[engine.ray]\nnum_gpus = -1', "line 4: engine.ray.num_gpus = -1.0 must be >= 0"),
+        ('[engine.ray]\naddress = "auto"', "line 3: engine.ray.address is set but engine.backend is 'local'"),
+    ],
+)  # fmt: skip
+def test_misspelled_ray_settings_are_one_line_errors(
+    engine, message, tmp_path, capsys, monkeypatch
+):
+    err = _config_error(tmp_path, capsys, monkeypatch, engine)
+    assert message in err, err
+
+
+def test_resolved_config_keeps_the_ray_settings(tiny_model):
+    from canopy_entropy.config import resolved_config_toml
+
+    cfg = parse_config(_twin_text(tiny_model))
+    again = parse_config(resolved_config_toml(cfg))
+    assert again.engine == cfg.engine
+    assert (cfg.engine.backend, cfg.engine.workers, cfg.engine.ray.num_cpus) == ("ray", 2, 1.0)
+    assert re.search(r"\[engine\.ray\]", resolved_config_toml(cfg))
+
+
+def test_without_ray_installed_the_error_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(MissingExtraError, match=r"pip install 'canopy-entropy\[ray\]'"):
+        with ray_pool.session(RayConfig()):
+            pass
+
+
+@needs_ray
+def test_an_engine_that_cannot_start_fails_at_once(cluster, twin, tmp_path):
+    """A worker whose engine raises while starting is not retried: the engine's one line."""
+    from canopy_entropy.errors import CanopyError
+
+    events = []
+    kwargs = {**_kwargs(twin), "engine": "openai", "engine_options": {"base_url": "localhost:1"}}
+    with pytest.raises(CanopyError, match="the engine could not start on Ray worker 1: ") as exc:
+        ray_pool.generate_on_ray(
+            tmp_path / "run", **kwargs, workers=1, ray_options=RayConfig(restarts=3),
+            on_event=lambda kind, info: events.append(kind),
+        )  # fmt: skip
+    assert str(exc.value).endswith(
+        "base_url 'localhost:1' needs a scheme; write it as http://localhost:1"
+    )
+    assert events == []  # never ready, never replaced
