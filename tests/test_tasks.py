@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from canopy_entropy.errors import CanopyError, MissingExtraError
-from canopy_entropy.tasks import TASK_NAMES, builtin_exemplars, load_task_prompts
+from canopy_entropy.tasks import TASK_NAMES, TASKS, builtin_exemplars, load_task_prompts
 from canopy_entropy.tasks.hf import clean_text, latest_version_split, load_hf_prompts
 from canopy_entropy.tasks.jsonl import content_id
-from canopy_entropy.tasks.render import render_fewshot, strip_closing_fence
+from canopy_entropy.tasks.render import strip_closing_fence
 
 # the repository root is parents[1]; the shared data folder sits next to it
 PAPER = Path(__file__).parents[1] / ".." / "shared" / "data" / "paper-prompts"
@@ -64,8 +64,11 @@ def test_fewshot_concat_rendering():
         load_task_prompts("completion", fewshot=9)
 
 
-def test_render_fewshot_k0_is_identity():
-    assert render_fewshot("math", "x", [("q", "a")], 0) == "x"
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_zero_shot_template_is_identity(task):
+    # every built-in task file renders a zero-shot prompt as its text, for base and instruct
+    for chat in (False, True):
+        assert TASKS[task].render({"prompt": " x \n"}, [], chat=chat) == " x \n"
 
 
 def test_strip_closing_fence():
