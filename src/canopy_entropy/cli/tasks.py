@@ -76,6 +76,6 @@ def _show(out, spec, index: int) -> None:
     out.print(f"stop: {list(spec.stop) or 'none'}; scorer: {spec.scorer or 'none'}"
               + (f"; reference: {p.reference!r}" if spec.reference else ""))  # fmt: skip
     out.print(Rule("base (raw text, as the model sees it)"))
-    out.print(p.text_for("base"), markup=False)
+    out.print(p.text_for("base"), markup=False, soft_wrap=True)
     out.print(Rule("instruct (the user turn, inside the model's chat template)"))
-    out.print(p.text_for("instruct"), markup=False)
+    out.print(p.text_for("instruct"), markup=False, soft_wrap=True)

@@ -90,6 +90,8 @@ def scored_rollouts(
 ) -> pd.DataFrame:
     """Scores joined with the per-rollout metrics (and the prompt's RSE when present)."""
     keys = list(ROLLOUT_KEYS)
+    if "rate" not in rollouts.columns and "r" in rollouts.columns:  # the saved table's name
+        rollouts = rollouts.rename(columns={"r": "rate"})
     measures = [m for m in MEASURES if m in rollouts.columns]
     frame = scores[[*keys, "correct", "score", "answer"]].merge(
         rollouts[[*keys, *measures]], on=keys, how="inner", validate="one_to_one"
@@ -118,6 +120,9 @@ def compute_accuracy(
     with warnings.catch_warnings():  # prompts with fewer rollouts than k: NaN, by design
         warnings.simplefilter("ignore")
         prompts = prompt_correctness(frame, ks=ks)
+    # a prompt none of whose rollouts gave an answer the scorer could read has no vote at all
+    voted = frame.assign(_a=frame["answer"].notna()).groupby(list(PROMPT_KEYS), sort=True)["_a"]
+    prompts.loc[~voted.any().to_numpy(), "majority"] = np.nan
     pooled = pool_correctness(prompts, by=by)
     measures = [m for m in MEASURES if m in frame.columns]
     link = uncertainty_link(frame, measures, by=by)
@@ -151,16 +156,79 @@ def merge_accuracy(prompts: pd.DataFrame, run_dir: str | os.PathLike[str]) -> pd
 
 def accuracy_run(run_dir: str | os.PathLike[str], by: Sequence[str] = BY) -> AccuracyResult:
     """The correctness tables of a run folder from its saved scores and metrics (in memory)."""
+    frame = scored_frame(run_dir)
+    if frame is None:
+        raise CanopyError(
+            f"{run_dir} has no scores or no per-rollout metrics; run the metrics and score "
+            "stages first (a task needs a scorer)"
+        )
+    return compute_accuracy(frame, by=by)
+
+
+def compare_auroc(
+    frame: pd.DataFrame,
+    a: str,
+    b: str,
+    by: Sequence[str] = ("family", "task"),
+    n_boot: int = 2000,
+    seed: int = 0,
+    a_key: str = "variant",
+) -> pd.DataFrame:
+    """Paired prompt bootstrap of each uncertainty's AUROC (side ``b`` minus side ``a``), on a
+    ``scored_rollouts`` frame: the prompts present on both sides are resampled with the same
+    draws as the metric comparison (``comparison.bootstrap.bootstrap_indices``), each draw
+    weighting every rollout by how often its prompt was drawn. Rows in the comparison's tidy
+    layout, ``metric`` = ``auroc_<measure>``, ``kind`` = ``auroc`` (a difference, not a ratio)."""
+    from canopy_entropy.comparison.bootstrap import bootstrap_indices
+    from canopy_entropy.comparison.columns import CI_LEVEL, TIDY_COLUMNS, pairing_columns
+    from canopy_entropy.scoring.estimators import auroc
+    from canopy_entropy.stats.pooling import resample_counts
+
+    by = list(by)
+    pair_cols = pairing_columns(by, a_key)
+    measures = [m for m in MEASURES if m in frame.columns]
+    alpha = (1 - CI_LEVEL) / 2
+    rows = []
+    sides = frame[frame[a_key].astype(str).isin([a, b])]
+    for key, sel in sides.groupby(by, sort=True) if by else [((), sides)]:
+        key = key if isinstance(key, tuple) else (key,)
+        parts = {s: sel[sel[a_key].astype(str) == s] for s in (a, b)}
+        shared = parts[a][pair_cols].drop_duplicates().merge(parts[b][pair_cols].drop_duplicates())
+        shared = shared.sort_values(pair_cols, kind="stable").reset_index(drop=True)
+        if len(shared) < 2:
+            continue
+        shared["_p"] = np.arange(len(shared))
+        idx = bootstrap_indices(len(shared), n_boot, seed, tuple(str(k) for k in key))
+        counts = resample_counts(idx, len(shared))
+        for m in measures:
+            stats = {}
+            for side, part in parts.items():
+                g = part.merge(shared, on=pair_cols).dropna(subset=[m])
+                u, y = g[m].to_numpy(np.float64), ~g["correct"].to_numpy(bool)
+                stats[side] = (auroc(u, y), np.atleast_1d(auroc(u, y, counts[:, g["_p"]])))
+            (va, ra), (vb, rb) = stats[a], stats[b]
+            row = {**dict(zip(by, key, strict=True)), "metric": f"auroc_{m}", "kind": "auroc",
+                   "a": va, "b": vb, "diff": vb - va}  # fmt: skip
+            for name, reps in (("a", ra), ("b", rb), ("diff", rb - ra)):
+                ok = reps[np.isfinite(reps)]
+                row[f"{name}_se"] = float(ok.std(ddof=1)) if len(ok) > 1 else np.nan
+                lo, hi = np.quantile(ok, [alpha, 1 - alpha]) if len(ok) else (np.nan, np.nan)
+                row[f"{name}_lo"], row[f"{name}_hi"] = float(lo), float(hi)
+            row.update(pct=np.nan, pct_se=np.nan, pct_lo=np.nan, pct_hi=np.nan,
+                       ratio_lo=np.nan, ratio_hi=np.nan, n_prompts=len(shared),
+                       a_label=a, b_label=b)  # fmt: skip
+            rows.append(row)
+    return pd.DataFrame(rows, columns=[*by, *TIDY_COLUMNS])
+
+
+def scored_frame(run_dir: str | os.PathLike[str]) -> pd.DataFrame | None:
+    """The run's ``scored_rollouts`` frame, or None when the run was not scored."""
     from canopy_entropy.store import read_table
 
-    scores_path = artefact_path(run_dir, "scores.rollouts")
-    metrics_path = artefact_path(run_dir, "metrics.rollouts")
-    for path, what in ((scores_path, "scores (the score stage)"),
-                       (metrics_path, "per-rollout metrics (canopy metrics)")):  # fmt: skip
-        if not path.exists():
-            raise CanopyError(f"{run_dir} has no {what}: {path} is missing; run that stage first")
-    scores = read_table(scores_path, schema_of("scores.rollouts")).to_pandas()
-    rollouts = read_table(metrics_path, schema_of("metrics.rollouts")).to_pandas()
-    prompts_path = artefact_path(run_dir, "metrics.prompts")
-    prompts = read_table(prompts_path, schema_of("metrics.prompts")).to_pandas()
-    return compute_accuracy(scored_rollouts(scores, rollouts, prompts), by=by)
+    names = ("scores.rollouts", "metrics.rollouts", "metrics.prompts")
+    if not all(artefact_path(run_dir, n).exists() for n in names):
+        return None
+    scores, rollouts, prompts = (
+        read_table(artefact_path(run_dir, n), schema_of(n)).to_pandas() for n in names
+    )
+    return scored_rollouts(scores, rollouts, prompts)

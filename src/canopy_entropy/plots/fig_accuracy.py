@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from canopy_entropy.plots.data import MissingInput, check_run_dir, missing_note
+from canopy_entropy.plots.data import MissingInput, check_run_dir
 from canopy_entropy.plots.style import Palette, new_figure, panel_title, suptitle
 
 
@@ -24,7 +24,9 @@ def accuracy_tables(run_dir: str | Path):
 
     run = check_run_dir(run_dir)
     if not artefact_path(run, "scores.bins").exists():
-        raise MissingInput(missing_note(run, "score", " (a task needs a scorer)"))
+        raise MissingInput(
+            "no correctness scores: give a task a scorer and run the score stage of `canopy run`"
+        )
     return AccuracyResult.load(run)
 
 

@@ -122,7 +122,7 @@ def load_task_prompts(
         from canopy_entropy.tasks.hf import load_hf_prompts
 
         items = load_hf_prompts(task)
-        what = f"dataset {TASKS[task].hf.dataset}"
+        what = f"dataset {TASKS[task].hub.dataset}"
 
     items = _subset(items, n, sample, seed, what)
 

@@ -20,6 +20,8 @@ def load_rows(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
     from canopy_entropy.tasks.hf import _datasets
 
     datasets = _datasets()
+    datasets.disable_progress_bars()  # one-line errors and quiet runs: no bars on stderr
+    datasets.logging.set_verbosity_error()
     try:
         if spec.file:
             path = Path(spec.file)
@@ -31,6 +33,11 @@ def load_rows(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
                     f"'{split}'; draw exemplars from split = '{spec.split}'"
                 )
             fmt = FILE_FORMATS[path.suffix.lower()]
+            if path.stat().st_size == 0 or (fmt == "json" and not path.read_text().strip()):
+                raise TaskFileError(
+                    f"task '{spec.name}': split '{split}' of {spec.source_text()} has no rows; "
+                    "add rows or pick another split"
+                )
             data = datasets.load_dataset(fmt, data_files={split: str(path)}, split=split)
         else:
             data = datasets.load_dataset(spec.dataset, spec.config, split=split)
