@@ -349,3 +349,36 @@ def test_demo_task_end_to_end(demo_run, capsys, monkeypatch):
         for p, t in zip(joined.prompt_id, joined.text, strict=True)
     ]
     assert joined["correct"].tolist() == want
+
+
+def test_scores_are_cached_per_scorer_version(demo_run, tmp_path, capsys, monkeypatch):
+    """A custom ``module:function`` scorer is called once per distinct (response, reference);
+    a second scoring with the same version calls it not at all; a new version re-scores."""
+    from canopy_entropy.scoring.run import score_rollouts
+
+    if not (demo_run / "run" / "rollouts").is_dir():  # run on its own: generate first
+        assert _cli_run(demo_run, capsys, monkeypatch, "--stages", "generate")[0] == 0
+
+    (tmp_path / "counting_scorer.py").write_text(
+        "CALLS = []\n\ndef contains(response, reference):\n"
+        "    CALLS.append(response)\n    return reference in response\n\n"
+        'contains.__canopy_version__ = "1"\n'
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import counting_scorer
+
+    task = DEMO_TASK.replace('"regex_match"', '"counting_scorer:contains"')
+    task = task.replace('"letters.jsonl"', json.dumps(str(demo_run / "letters.jsonl")))
+    (tmp_path / "letters.toml").write_text(task)
+    spec = read_task_file(tmp_path / "letters.toml")
+    run = demo_run / "run"
+    first = score_rollouts(run, {"letters": spec}, {})
+    distinct = len(set(zip(first.prompt_id, first.text_hash, strict=True)))
+    assert len(counting_scorer.CALLS) == distinct
+    assert first["scorer_version"].eq("counting_scorer:contains@1").all()
+    again = score_rollouts(run, {"letters": spec}, {})
+    assert len(counting_scorer.CALLS) == distinct  # all from the cache
+    pd.testing.assert_frame_equal(first, again)
+    counting_scorer.contains.__canopy_version__ = "2"
+    score_rollouts(run, {"letters": spec}, {})
+    assert len(counting_scorer.CALLS) == 2 * distinct

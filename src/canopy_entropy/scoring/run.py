@@ -144,7 +144,8 @@ def score_rollouts(
     out = pd.concat(parts, ignore_index=True)[[*ROLLOUT_KEYS, *SCORE_FIELDS]]
     out["correct"] = out["correct"].astype(bool)
     out["score"] = out["score"].astype(np.float64)
-    out["answer"] = [None if a is None or a is np.nan else str(a) for a in out["answer"]]
+    out["answer"] = [None if a is None or (isinstance(a, float) and np.isnan(a)) else str(a)
+                     for a in out["answer"]]  # fmt: skip
     schema = pa.Table.from_pandas(out, preserve_index=False).schema
     schema = schema.set(schema.get_field_index("answer"), pa.field("answer", pa.string()))
     atomic_write_table(
