@@ -77,8 +77,31 @@ def toml_blocks() -> list[tuple[str, str, str]]:
         (f"{rel(p)}:{line}", info, body)
         for p in MARKDOWN
         for line, info, body in fenced_blocks(p)
-        if info.split()[:1] == ["toml"]
+        if info.split()[:1] == ["toml"] and "task" not in info.split()
     ]
+
+
+def task_blocks() -> list[tuple[str, str]]:
+    """``toml task`` blocks: task files, parsed with the task-file parser."""
+    return [
+        (f"{rel(p)}:{line}", body)
+        for p in MARKDOWN
+        for line, info, body in fenced_blocks(p)
+        if info.split() == ["toml", "task"]
+    ]
+
+
+@pytest.mark.parametrize(("name", "body"), task_blocks(), ids=[b[0] for b in task_blocks()])
+def test_task_block_is_the_example_task_file(name, body):
+    import dataclasses
+
+    from canopy_entropy.tasks import parse_task, read_task_file
+
+    tomllib = pytest.importorskip("tomllib")
+    example = REPO / "examples" / "tasks" / "capitals.toml"
+    spec = parse_task(tomllib.loads(body), "capitals", name, example.parent)
+    assert spec == dataclasses.replace(read_task_file(example), path="")
+    assert body.strip() == example.read_text().strip()
 
 
 TOML_BLOCKS = toml_blocks()

@@ -253,8 +253,9 @@ def test_titles_and_labels_stay_inside_the_figure(fixture, request):
 
 def test_make_figures_writes_real_images_and_the_index(drawn, run_two_tasks):
     run, made = drawn
-    assert made.notes == {}
-    assert sorted(p.stem for p in made) == sorted(P.FIGURE_NAMES)
+    scored = {"fig8_accuracy_vs_rate", "fig8_auroc"}  # this run has no task with a scorer
+    assert set(made.notes) == scored and all("scorer" in made.notes[n] for n in scored)
+    assert sorted(p.stem for p in made) == sorted(set(P.FIGURE_NAMES) - scored)
     for path in made:
         img = mpimg.imread(path)
         assert img.ndim == 3 and min(img.shape[:2]) > 200
@@ -291,7 +292,9 @@ def test_freshness_follows_the_declared_inputs(run_two_tasks, tmp_path):
 def test_missing_stages_give_notes_naming_the_command(run_one_task, tmp_path):
     run = copy_run(run_one_task, tmp_path)
     made = P.make_figures(run, formats=("png",))
-    assert sorted(made.notes) == ["fig6_coefficients", "fig6_rate_vs_diversity"]
+    assert sorted(made.notes) == [
+        "fig6_coefficients", "fig6_rate_vs_diversity", "fig8_accuracy_vs_rate", "fig8_auroc"
+    ]  # fmt: skip
     assert made.notes["fig6_coefficients"] == (
         f"no regression: run `canopy regress {run}` or the regress stage of `canopy run`"
     )

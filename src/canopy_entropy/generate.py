@@ -265,7 +265,9 @@ def generate_run(
             resolved = dataclasses.replace(policy, eos_token_ids=tuple(eng.eos_token_ids))
         resolved.validate()
         sampled = [i for k in groups for i in range(k * chunk, min((k + 1) * chunk, len(prompts)))]
-        rendered = {i: render_prompt(eng.tokenizer, prompts[i].text, variant) for i in sampled}
+        rendered = {
+            i: render_prompt(eng.tokenizer, prompts[i].text_for(variant), variant) for i in sampled
+        }
         _check_context(prompts, rendered, resolved, eng.context_length)
         writer.record_model(
             run, requested_rec, seed_rec,
@@ -279,7 +281,7 @@ def generate_run(
             group = list(range(k * chunk, min((k + 1) * chunk, len(prompts))))
             requests = [
                 (
-                    prompts[i].text if chat else rendered[i][1],
+                    prompts[i].text_for(variant) if chat else rendered[i][1],
                     np.array(
                         [
                             rollout_seed(seed, prompts[i].id, r, stream=stream)
@@ -399,7 +401,7 @@ def _prompt_table(
         "family": [family],
         "task": [prompt.task],
         "prompt_id": [prompt.id],
-        "text": [prompt.text],
+        "text": [prompt.text_for(variant)],
         "rendered": [rendered],
         "token_count": [count],
     }

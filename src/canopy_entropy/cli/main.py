@@ -41,6 +41,10 @@ COMMANDS = {
         "import_cmd",
         "Import rollouts from a JSONL file (prompt_id + per-step entropy per line) into a run.",
     ),
+    "tasks": (
+        "tasks",
+        "List the available tasks, or show one task's rendered prompt for base and instruct.",
+    ),
     "metrics": (
         "metrics",
         "Compute CE*, GenPPL, BF, rho(N, r), decompositions and error bounds for a run.",

@@ -19,6 +19,10 @@ RATIO_METRICS = (
     "vendi",
     "rse",
     "rse_normalized",
+    "accuracy",
+    "majority",
+    "pass_at_5",
+    "pass_at_10",
 )
 
 
@@ -29,6 +33,16 @@ METRIC_SETS = {
     "entropy": ("ce_star", "genppl", "bf", "entropy_rate", "mean_length", "length_entropy"),
     "correlation": CORRELATION_METRICS,
     "diversity": ("diversity", "vendi", "rse", "rse_normalized"),
+    "correctness": (
+        "accuracy",
+        "majority",
+        "pass_at_5",
+        "pass_at_10",
+        "auroc_rate",
+        "auroc_H",
+        "auroc_surprisal",
+        "auroc_rse",
+    ),
 }
 
 

@@ -202,5 +202,11 @@ def compare_run(
 ) -> CompareResult:
     """The compare stage: compare the run's saved metrics and write RUN/compare/."""
     result = compare(current_metrics(run_dir), a=a, b=b, by=by, n_boot=n_boot, seed=seed, on=a_key)
+    from canopy_entropy.metrics.accuracy import compare_auroc, scored_frame
+
+    scored = scored_frame(run_dir)  # AUROCs of a scored run, bootstrapped the same way
+    if scored is not None:
+        extra = compare_auroc(scored, a, b, by=by, n_boot=n_boot, seed=seed, a_key=a_key)
+        result.table = pd.concat([result.table, extra], ignore_index=True)
     result.save(run_dir)
     return result

@@ -25,11 +25,13 @@ from canopy_entropy.config.schema import (
     PromptsConfig,
     RayConfig,
     RegressConfig,
+    ScoringConfig,
 )
 from canopy_entropy.engines.registry import ENGINES, engine_options_problem
-from canopy_entropy.errors import ConfigError
+from canopy_entropy.errors import CanopyError, ConfigError
 from canopy_entropy.run.layout import VARIANTS
-from canopy_entropy.tasks.catalog import SAMPLING, SOURCES, TASK_NAMES
+from canopy_entropy.tasks.catalog import SAMPLING, SOURCES, TASK_NAMES, TASKS, is_task_path
+from canopy_entropy.tasks.spec import TaskSpec, parse_task, read_task_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -187,6 +189,8 @@ _TOP_KEYS = [
     "compare",
     "regress",
     "plots",
+    "scoring",
+    "task",
 ]
 
 
@@ -204,7 +208,8 @@ def parse_config(
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{ctx.source}: not valid TOML ({exc}); fix the syntax") from exc
     _check_keys(ctx, data, _TOP_KEYS, "")
-    for key in ("generation", "engine", "prompts", "embed", "compare", "regress", "plots"):
+    for key in ("generation", "engine", "prompts", "embed", "compare", "regress", "plots",
+                "scoring", "task"):  # fmt: skip
         if key in data and not isinstance(data[key], dict):
             ctx.fail(f"'{key}' must be a table ([{key}]), got {data[key]!r}", "", key)
 
@@ -213,18 +218,7 @@ def parse_config(
     if not re.match(r"^[\w.-]+$", cfg.name):
         ctx.fail(f"name = {cfg.name!r}: use letters, digits, '.', '_' or '-' only", "", "name")
 
-    tasks = _get(ctx, data, "tasks", list, list(TASK_NAMES), "")
-    for task in tasks:
-        if task not in TASK_NAMES:
-            ctx.fail(
-                f"unknown task '{task}'; use some of {list(TASK_NAMES)} "
-                f"({_suggest(task, list(TASK_NAMES))})",
-                "",
-                "tasks",
-            )
-    if not tasks or len(set(tasks)) != len(tasks):
-        ctx.fail("tasks must list each task once, at least one", "", "tasks")
-    cfg.tasks = list(tasks)
+    _parse_tasks(ctx, data, cfg, base_dir)
 
     stages = _get(ctx, data, "stages", list, list(STAGES), "")
     for stage in stages:
@@ -241,7 +235,8 @@ def parse_config(
     cfg.engine = _parse_engine(ctx, data.get("engine", {}))
 
     prompts = dict(data.get("prompts", {}))
-    overrides = {k: prompts.pop(k) for k in list(prompts) if k in TASK_NAMES}
+    named = {*TASK_NAMES, *cfg.tasks}
+    overrides = {k: prompts.pop(k) for k in list(prompts) if k in named}
     cfg.prompts = _parse_prompts(ctx, prompts, "prompts", PromptsConfig(), base_dir)
     for task, sub in overrides.items():
         if not isinstance(sub, dict):
@@ -249,6 +244,31 @@ def parse_config(
         if task not in cfg.tasks:
             ctx.fail(f"[prompts.{task}] is set but '{task}' is not in tasks", f"prompts.{task}")
         cfg.task_prompts[task] = _parse_prompts(ctx, sub, f"prompts.{task}", cfg.prompts, base_dir)
+    for task in cfg.task_specs:
+        p = cfg.prompts_for(task)
+        if p.source != "builtin" or p.path or p.fewshot_path:
+            t = f"prompts.{task}" if task in cfg.task_prompts else "prompts"
+            ctx.fail(
+                f"[{t}] source/path/fewshot_path apply to built-in tasks, but task '{task}' "
+                "reads its own [source]; set them in [prompts.<built-in task>] instead",
+                t,
+            )
+    stops = {tuple(cfg.task_spec(t).stop) for t in cfg.tasks}
+    if len(stops) > 1:
+        ctx.fail(
+            f"the tasks declare different stop strings ({sorted(stops)}) but a run samples with "
+            "one policy; run them in separate studies or move the stops to [generation] stop",
+            "",
+            "tasks",
+        )
+
+    sc = data.get("scoring", {})
+    _check_keys(ctx, sc, [f.name for f in dataclasses.fields(ScoringConfig)], "scoring")
+    cfg.scoring = ScoringConfig(
+        execute_code=_get(ctx, sc, "execute_code", bool, False, "scoring"),
+        workers=_get(ctx, sc, "workers", int, 1, "scoring"),
+    )
+    _check(ctx, cfg.scoring.workers >= 1, "scoring", "workers", cfg.scoring.workers, "must be >= 1")
 
     models = data.get("models")
     if not models:
@@ -351,6 +371,59 @@ def parse_config(
         ctx, cfg.plots.min_active >= 1, "plots", "min_active", cfg.plots.min_active, "must be >= 1"
     )
     return cfg
+
+
+def _parse_tasks(ctx: _Ctx, data: dict, cfg: ExperimentConfig, base_dir: Path) -> None:
+    """``tasks``: built-in names, task-file paths (``*.toml``) and names of ``[task.NAME]``
+    tables; each task once, by its name."""
+    tables = data.get("task", {})
+    tasks = _get(ctx, data, "tasks", list, list(TASK_NAMES), "")
+    names: list[str] = []
+    for ref in tasks:
+        if not isinstance(ref, str):
+            ctx.fail(
+                f"tasks holds {ref!r}; list task names or task-file paths (strings)", "", "tasks"
+            )
+        spec: TaskSpec | None = None
+        if ref in tables:
+            table = tables[ref]
+            if not isinstance(table, dict):
+                ctx.fail(f"[task.{ref}] must be a table", "task", ref)
+            try:
+                spec = parse_task(table, ref, f"{ctx.source} [task.{ref}]", base_dir)
+            except CanopyError as exc:
+                ctx.fail(str(exc), f"task.{ref}")
+            resolved = dict(table)
+            if isinstance(table.get("source"), dict) and spec.file:
+                resolved["source"] = {**table["source"], "file": spec.file}
+            cfg.task_tables[spec.name] = resolved
+        elif is_task_path(ref):
+            try:
+                spec = read_task_file((base_dir / Path(ref).expanduser()).resolve())
+            except CanopyError as exc:
+                ctx.fail(str(exc), "", "tasks")
+        elif ref not in TASKS:
+            ctx.fail(
+                f"unknown task '{ref}'; use some of {list(TASK_NAMES)} "
+                f"({_suggest(ref, list(TASK_NAMES))}), a task file (*.toml) or a [task.{ref}] "
+                "table",
+                "",
+                "tasks",
+            )
+        name = spec.name if spec is not None else ref
+        if spec is not None:
+            if name in TASKS:
+                ctx.fail(f"task '{ref}' is named '{name}', a built-in task; rename it", "", "tasks")
+            cfg.task_specs[name] = spec
+        names.append(name)
+    for name in tables:
+        if name not in tasks:
+            ctx.fail(
+                f"[task.{name}] is defined but '{name}' is not in tasks; add it", f"task.{name}"
+            )
+    if not names or len(set(names)) != len(names):
+        ctx.fail("tasks must list each task once, at least one", "", "tasks")
+    cfg.tasks = names
 
 
 def _stage_options(ctx: _Ctx, data: dict, section: str) -> dict[str, Any]:

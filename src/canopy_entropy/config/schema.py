@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from canopy_entropy.tasks.catalog import TASK_NAMES
+from canopy_entropy.tasks.spec import TaskSpec
 
 if sys.version_info >= (3, 11):
     pass
@@ -15,7 +16,17 @@ else:  # pragma: no cover - Python 3.10
     pass
 
 
-STAGES = ("generate", "embed", "metrics", "tables", "compare", "regress", "plots", "report")
+STAGES = (
+    "generate",
+    "embed",
+    "metrics",
+    "score",
+    "tables",
+    "compare",
+    "regress",
+    "plots",
+    "report",
+)
 
 
 # What a stage's ``[section] options`` table may hold (name -> type), passed to the stage as
@@ -135,6 +146,14 @@ class RegressConfig:
 
 
 @dataclass
+class ScoringConfig:
+    """Per-rollout correctness of the tasks that name a scorer."""
+
+    execute_code: bool = False  # code-execution scorers run generated code only when true
+    workers: int = 1  # rollouts scored in parallel (threads; code execution runs subprocesses)
+
+
+@dataclass
 class PlotsConfig:
     """Figures (and the report's copies of them)."""
 
@@ -158,7 +177,22 @@ class ExperimentConfig:
     compare: CompareConfig = field(default_factory=CompareConfig)
     regress: RegressConfig = field(default_factory=RegressConfig)
     plots: PlotsConfig = field(default_factory=PlotsConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    task_specs: dict[str, TaskSpec] = field(default_factory=dict)  # task files and [task.X] tables
+    task_tables: dict[str, dict[str, Any]] = field(default_factory=dict)  # [task.X] as written
     source: str = ""  # the file it came from (not written back)
+
+    def task_spec(self, task: str) -> TaskSpec:
+        """The task named ``task``: a task file or [task.X] table of this config, or a built-in."""
+        from canopy_entropy.tasks.catalog import TASKS
+
+        return self.task_specs.get(task) or TASKS[task]
+
+    def stop_strings(self) -> list[str]:
+        """[generation] stop plus the stop strings the tasks declare (the parser checked that
+        all tasks declare the same ones)."""
+        extra = [s for t in self.tasks for s in self.task_spec(t).stop]
+        return list(dict.fromkeys([*self.generation.stop, *extra]))
 
     def prompts_for(self, task: str) -> PromptsConfig:
         """The prompt settings of ``task`` ([prompts] with its [prompts.<task>] overrides)."""

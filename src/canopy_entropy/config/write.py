@@ -8,7 +8,7 @@ import dataclasses
 import sys
 from typing import Any
 
-from canopy_entropy.config.schema import ExperimentConfig, PromptsConfig
+from canopy_entropy.config.schema import ExperimentConfig, PromptsConfig, ScoringConfig
 
 if sys.version_info >= (3, 11):
     pass
@@ -24,9 +24,13 @@ def config_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     embed = dataclasses.asdict(cfg.embed)
     if embed["prefix"] is None:
         del embed["prefix"]
-    return {
+    tasks = [
+        cfg.task_specs[t].path if t in cfg.task_specs and t not in cfg.task_tables else t
+        for t in cfg.tasks
+    ]
+    out = {
         "name": cfg.name,
-        "tasks": list(cfg.tasks),
+        "tasks": tasks,
         "stages": list(cfg.stages),
         "generation": dataclasses.asdict(cfg.generation),
         "engine": dataclasses.asdict(cfg.engine),
@@ -37,6 +41,11 @@ def config_dict(cfg: ExperimentConfig) -> dict[str, Any]:
         "plots": dataclasses.asdict(cfg.plots),
         "models": [dataclasses.asdict(m) for m in cfg.models],
     }
+    if cfg.scoring != ScoringConfig():
+        out["scoring"] = dataclasses.asdict(cfg.scoring)
+    if cfg.task_tables:
+        out["task"] = copy.deepcopy(cfg.task_tables)
+    return out
 
 
 def _prompts_dict(p: PromptsConfig) -> dict[str, Any]:
@@ -69,4 +78,5 @@ def generation_fingerprint(cfg: ExperimentConfig | dict[str, Any]) -> dict[str, 
         "prompts": d["prompts"],
         "tasks": d["tasks"],
         "models": models,
+        **({"task": d["task"]} if d.get("task") else {}),
     }

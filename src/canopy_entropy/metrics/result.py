@@ -356,6 +356,9 @@ def current_metrics(run_dir: str | os.PathLike[str]) -> MetricsResult:
             f"the saved metrics of {run_dir} are older than the rollouts or diversity they come "
             f"from; run 'canopy metrics {run_dir}' first"
         )
+    from canopy_entropy.metrics.accuracy import merge_accuracy
+
+    metrics.prompts = merge_accuracy(metrics.prompts, run_dir)  # correctness, when scored
     return metrics
 
 

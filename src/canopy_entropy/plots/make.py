@@ -21,7 +21,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from canopy_entropy.errors import CanopyError
-from canopy_entropy.plots import data, fig_eos
+from canopy_entropy.plots import data, fig_accuracy, fig_eos
 from canopy_entropy.plots import figures as F
 from canopy_entropy.plots.style import Palette, style
 from canopy_entropy.run.freshness import input_fingerprint
@@ -96,6 +96,18 @@ REGISTRY: dict[str, FigureSpec] = {
         ("eos_matrices",),
         "as fig7, rows grouped into prompt blocks (each sorted by length)",
     ),
+    "fig8_accuracy_vs_rate": FigureSpec(
+        fig_accuracy.accuracy_vs_rate,
+        "Accuracy vs entropy rate",
+        ("accuracy",),
+        "accuracy of the rollouts in each entropy-rate decile; bars: 95% Wilson intervals",
+    ),
+    "fig8_auroc": FigureSpec(
+        fig_accuracy.auroc_bars,
+        "AUROC of the uncertainties for incorrect rollouts",
+        ("accuracy",),
+        "all rollouts of a model and task ranked together; dashed: chance",
+    ),
 }
 FIGURE_NAMES = tuple(REGISTRY)
 # Drawn by the regress stage (stats.dharma) into figures/, listed in the index and the report.
@@ -151,6 +163,9 @@ class RunInputs:
 
     def regression_result(self) -> dict[str, Any]:
         return data.regression_result(self.run)
+
+    def accuracy(self) -> Any:
+        return fig_accuracy.accuracy_tables(self.run)
 
     def eos_matrices(self) -> dict[tuple[str, str], fig_eos.EOSMatrix]:
         return fig_eos.eos_matrices(self.run)

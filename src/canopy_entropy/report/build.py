@@ -16,6 +16,7 @@ from canopy_entropy.plots.make import (
     read_index,
 )
 from canopy_entropy.report import sections, tables
+from canopy_entropy.report.correctness import correctness
 from canopy_entropy.report.html import CSP, asset, esc, note
 from canopy_entropy.store import atomic_write_text
 
@@ -25,6 +26,7 @@ TITLES = {
     "errors": "How sure are the estimates",
     "comparison": "Comparison",
     "regression": "Entropy rate → diversity regression",
+    "correctness": "Correctness and uncertainty",
     "figures": "Figures",
     "reproduce": "Provenance",
 }
@@ -79,6 +81,7 @@ def _results(run: Path, alerts: list[str]) -> dict[str, str]:
         except data.MissingInput:
             pass
     out["regression"] = sections.regression(run, alerts)
+    out["correctness"] = correctness(run, alerts)
     return out
 
 

@@ -23,6 +23,7 @@ STAGE_SECTIONS = {
     "generate": ("summary",),
     "embed": ("metrics",),
     "metrics": ("metrics", "errors"),
+    "score": ("correctness",),
     "compare": ("comparison",),
     "regress": ("regression",),
     "plots": ("figures",),

@@ -108,7 +108,10 @@ def parse_stage_list(names: list[str] | None, what: str) -> list[str]:
 
 
 def _pair_problem(stage: Stage, cfg: ExperimentConfig) -> str | None:
-    """Why a two-sided stage has nothing to compare in this config, or None."""
+    """Why a stage has nothing to do (a two-sided one nothing to compare) here, or None."""
+    idle = stage.idle(cfg)
+    if idle:
+        return idle
     if not stage.needs_pair:
         return None
     if stage.name == "compare" and cfg.compare.on == "model":
@@ -262,7 +265,7 @@ def _run_stage(
         return StageResult(name, "not run", "not selected")
     problem = _needs_problem(stage, run_dir, results) or _pair_problem(stage, cfg)
     if problem:
-        if "which failed" in problem:  # what it made from the failed stage's outputs is stale
+        if "which failed" in problem or stage.idle(cfg):  # earlier outputs are stale now
             _remove_outputs(run_dir, stage)
         return StageResult(name, "skipped", problem)
     display.set_stage(name)

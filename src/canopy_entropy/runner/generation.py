@@ -50,6 +50,7 @@ def load_prompts(cfg: ExperimentConfig) -> dict[str, list[Prompt]]:
             sample=p.sample,
             seed=p.seed,
             fewshot_path=p.fewshot_path or None,
+            spec=cfg.task_specs.get(task),
         )
     return out
 
@@ -172,7 +173,7 @@ def _policy(cfg: ExperimentConfig) -> Any:
         top_p=g.top_p,
         min_p=g.min_p,
         max_new_tokens=g.max_new_tokens,
-        stop_strings=tuple(g.stop),
+        stop_strings=tuple(cfg.stop_strings()),
     )
 
 

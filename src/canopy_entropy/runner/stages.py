@@ -1,6 +1,6 @@
 """The stage table of ``canopy run``: what each stage calls, reads, writes and is given.
 
-Stages run in order: generate -> embed -> metrics -> tables -> compare -> regress -> plots ->
+Stages run in order: generate -> embed -> metrics -> score -> tables -> compare -> regress -> plots ->
 report. Each names its function as ``"module:function"``, imported when the stage runs; an import
 failure is a failed stage (with the reason), never a silently skipped one. Each stage gets
 explicit keyword arguments built from the typed config (``options``): the config parser has
@@ -32,9 +32,13 @@ class Stage:
     options: Callable[[ExperimentConfig], dict[str, Any]] = lambda cfg: {}
     config_key: str = ""  # config section that changes the results (part of the fingerprint)
     what: str = ""
+    settings_of: Callable[[ExperimentConfig], Any] | None = None  # instead of config_key
+    idle: Callable[[ExperimentConfig], str | None] = lambda cfg: None  # why nothing to do
 
     def settings(self, cfg: ExperimentConfig) -> Any:
         """The config part that changes this stage's results (fingerprinted)."""
+        if self.settings_of is not None:
+            return self.settings_of(cfg)
         return config_dict(cfg).get(self.config_key) if self.config_key else None
 
 
@@ -53,6 +57,22 @@ def _compare_options(cfg: ExperimentConfig) -> dict[str, Any]:
     c = cfg.compare
     return {"a": c.a, "b": c.b, "by": tuple(c.by), "n_boot": c.bootstrap, "seed": c.seed,
             "a_key": c.on, **c.options}  # fmt: skip
+
+
+def _scored_tasks(cfg: ExperimentConfig) -> dict[str, Any]:
+    return {t: cfg.task_spec(t) for t in cfg.tasks if cfg.task_spec(t).scorer}
+
+
+def _score_options(cfg: ExperimentConfig) -> dict[str, Any]:
+    prompts = {t: {"fewshot": cfg.prompts_for(t).fewshot} for t in _scored_tasks(cfg)}
+    return {"tasks": _scored_tasks(cfg), "prompts": prompts,
+            "execute_code": cfg.scoring.execute_code, "workers": cfg.scoring.workers}  # fmt: skip
+
+
+def _score_settings(cfg: ExperimentConfig) -> Any:
+    from canopy_entropy.scoring.run import scoring_settings
+
+    return scoring_settings(_scored_tasks(cfg), cfg.scoring.execute_code)
 
 
 def _plots_options(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -98,6 +118,23 @@ STAGE_TABLE: tuple[Stage, ...] = (
         what="CE*, GenPPL, BF, correlations, decompositions, error bounds",
     ),
     Stage(
+        "score",
+        "canopy_entropy.scoring.run:score_run",
+        inputs=("rollouts", "metrics/rollouts.parquet", "metrics/prompts.parquet"),
+        # scores/rollouts.parquet is the per-rollout cache: kept across re-runs, never removed
+        outputs=(
+            "scores/prompts.parquet",
+            "scores/pooled.parquet",
+            "scores/uncertainty_link.parquet",
+            "scores/accuracy_by_rate.parquet",
+        ),
+        needs=("generate", "metrics"),
+        options=_score_options,
+        settings_of=_score_settings,
+        idle=lambda cfg: None if _scored_tasks(cfg) else "no task names a scorer",
+        what="per-rollout correctness, accuracy, pass@k, AUROC of the uncertainties",
+    ),
+    Stage(
         "tables",
         "canopy_entropy.runner.summary:write_tables",
         inputs=("metrics/pooled.parquet",),
@@ -108,7 +145,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
     Stage(
         "compare",
         "canopy_entropy.comparison:compare_run",
-        inputs=("metrics",),
+        inputs=("metrics", "scores/prompts.parquet"),
         outputs=("compare/comparison.parquet", "compare/length_matched.parquet"),
         needs=("metrics",),
         needs_pair=True,
@@ -119,7 +156,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
     Stage(
         "regress",
         "canopy_entropy.stats.regression:regress_run",
-        inputs=("metrics",),
+        inputs=("metrics", "scores/prompts.parquet"),
         outputs=("regression/result.json", "regression/panel.parquet"),
         needs=("metrics", "embed"),
         needs_pair=True,
@@ -130,7 +167,15 @@ STAGE_TABLE: tuple[Stage, ...] = (
     Stage(
         "plots",
         "canopy_entropy.plots:make_figures",
-        inputs=("manifest.json", "rollouts", "metrics", "semantic", "compare", "regression"),
+        inputs=(
+            "manifest.json",
+            "rollouts",
+            "metrics",
+            "semantic",
+            "compare",
+            "regression",
+            "scores",
+        ),
         outputs=("figures",),
         needs=("metrics",),
         options=_plots_options,
@@ -140,7 +185,15 @@ STAGE_TABLE: tuple[Stage, ...] = (
     Stage(
         "report",
         "canopy_entropy.report:build_report",
-        inputs=("manifest.json", "metrics", "semantic", "compare", "regression", "figures"),
+        inputs=(
+            "manifest.json",
+            "metrics",
+            "semantic",
+            "compare",
+            "regression",
+            "figures",
+            "scores",
+        ),
         outputs=("report.html",),
         needs=("metrics",),
         # embed the figures of the plots stage as they are; draw them only when there are none

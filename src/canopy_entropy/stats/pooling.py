@@ -20,6 +20,11 @@ MEAN_COLUMNS = (
     "vendi",
     "rse",
     "rse_normalized",
+    # correctness (metrics.accuracy), merged in when the run was scored
+    "accuracy",
+    "majority",
+    "pass_at_5",
+    "pass_at_10",
 )
 # ... of which these are pooled on the log scale: exp(mean_p log v_p), an effective number
 LOG_MEAN_COLUMNS = ("vendi",)

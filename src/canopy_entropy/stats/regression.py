@@ -45,6 +45,10 @@ def zscore(values: np.ndarray) -> np.ndarray:
     return (values - values.mean()) / sd
 
 
+# per-prompt correctness (metrics.accuracy) carried into the panel as covariates / responses
+PANEL_EXTRA = ("accuracy", "majority", "pass_at_5", "pass_at_10")
+
+
 def panel_from_frames(metrics: pd.DataFrame, diversity: pd.DataFrame) -> pd.DataFrame:
     """Join per-prompt metrics and diversity into the SPEC section 7 panel."""
     for name, frame, cols in (
@@ -54,7 +58,8 @@ def panel_from_frames(metrics: pd.DataFrame, diversity: pd.DataFrame) -> pd.Data
         missing = [c for c in cols if c not in frame.columns]
         if missing:
             raise CanopyError(f"{name} lacks column(s) {', '.join(missing)}; re-create it")
-    left = metrics[[*KEYS, "entropy_rate", "mean_length"]]
+    extra = [c for c in PANEL_EXTRA if c in metrics.columns]  # correctness, when scored
+    left = metrics[[*KEYS, "entropy_rate", "mean_length", *extra]]
     right = diversity[[*KEYS, "diversity"]]
     panel = left.merge(right, on=KEYS, how="inner", validate="one_to_one")
     if panel.empty:
@@ -102,7 +107,8 @@ def finish_panel(panel: pd.DataFrame, response: str) -> pd.DataFrame:
     panel["R_sc"] = zscore(panel["Rbar"].to_numpy())
     panel["invN_sc"] = zscore(1.0 / panel["Nbar"].to_numpy(dtype=float))
     cols = ["task", "prompt", "prompt_id", "family", "variant", "model"]
-    return panel[[*cols, response, "Rbar", "Nbar", "R_sc", "invN_sc"]]
+    extra = [c for c in PANEL_EXTRA if c in panel.columns and c != response]
+    return panel[[*cols, response, "Rbar", "Nbar", "R_sc", "invN_sc", *extra]]
 
 
 def build_panel(run_dir: str | Path) -> pd.DataFrame:

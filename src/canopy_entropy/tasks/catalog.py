@@ -1,62 +1,41 @@
-"""The four task kinds and how each one renders few-shot prompts and maps HF datasets."""
+"""The built-in tasks (task files shipped in ``data/tasks``) and finding a task by name or path."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from canopy_entropy.errors import CanopyError
+from canopy_entropy.tasks.spec import TaskSpec, read_task_file
+
+# the built-in task files, in the default order of a config's ``tasks``
+TASK_NAMES = ("math", "coding", "completion", "stories")
+SOURCES = ("builtin", "jsonl", "paper", "hf")
+SAMPLING = ("first", "random")
 
 
-@dataclass(frozen=True)
-class HFSource:
-    """Where a task's prompts live on the Hugging Face hub and which field holds the text.
-
-    ``split=None`` means "the latest version split" (BigCodeBench names splits v0.1.0, ...).
-    """
-
-    dataset: str
-    config: str | None
-    split: str | None
-    field: str
-    id_field: str | None = None
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """A task kind: its few-shot layout and its Hugging Face dataset."""
-
-    name: str
-    description: str
-    # 'qa': "Question: ...\nAnswer: ..." blocks; 'concat': exemplar text followed by its answer.
-    fewshot_style: str
-    hf: HFSource
+def builtin_dir() -> Path:
+    """The package folder holding the built-in task files and their prompt data."""
+    return Path(str(resources.files("canopy_entropy") / "data" / "tasks"))
 
 
 TASKS: dict[str, TaskSpec] = {
-    "math": TaskSpec(
-        "math",
-        "grade-school word problems (GSM8K)",
-        "qa",
-        HFSource("openai/gsm8k", "main", "test", "question"),
-    ),
-    "coding": TaskSpec(
-        "coding",
-        "function completion (BigCodeBench)",
-        "concat",
-        HFSource("bigcode/bigcodebench", None, None, "complete_prompt", "task_id"),
-    ),
-    "completion": TaskSpec(
-        "completion",
-        "sentence completion (HellaSwag contexts)",
-        "concat",
-        HFSource("Rowan/hellaswag", None, "validation", "ctx", "ind"),
-    ),
-    "stories": TaskSpec(
-        "stories",
-        "creative stories and problem solving (WritingPrompts)",
-        "qa",
-        HFSource("euclaise/writingprompts", None, "test", "prompt"),
-    ),
+    name: read_task_file(builtin_dir() / f"{name}.toml", builtin=True) for name in TASK_NAMES
 }
 
-TASK_NAMES = tuple(TASKS)
-SOURCES = ("builtin", "jsonl", "paper", "hf")
-SAMPLING = ("first", "random")
+
+def is_task_path(ref: str) -> bool:
+    """A task reference that names a file (``*.toml``) rather than a built-in task."""
+    return ref.endswith(".toml")
+
+
+def find_task(ref: str, base_dir: Path | None = None) -> TaskSpec:
+    """The built-in task ``ref``, or the task file at path ``ref`` (relative to ``base_dir``)."""
+    if is_task_path(ref):
+        return read_task_file((Path(base_dir or Path.cwd()) / Path(ref).expanduser()).resolve())
+    if ref not in TASKS:
+        raise CanopyError(
+            f"unknown task '{ref}'; use one of {list(TASK_NAMES)} or the path of a task file "
+            "(*.toml)"
+        )
+    return TASKS[ref]

@@ -9,7 +9,7 @@ import re
 from typing import Any
 
 from canopy_entropy.errors import CanopyError, MissingExtraError
-from canopy_entropy.tasks.catalog import TASKS, HFSource
+from canopy_entropy.tasks.spec import HubSource
 
 _VERSION = re.compile(r"^v?(\d+(?:\.\d+)*)$")
 _WP_TAG = re.compile(r"^\s*\[\s*[A-Za-z]{2,3}\s*\]\s*")
@@ -45,9 +45,13 @@ def clean_text(task: str, text: str) -> str:
     return text.strip() if task != "coding" else text
 
 
-def load_hf_prompts(task: str, source: HFSource | None = None) -> list[tuple[str, str]]:
+def load_hf_prompts(task: str, source: HubSource | None = None) -> list[tuple[str, str]]:
     """All ``(id, text)`` pairs of the task's dataset split, ids from the source index or id field."""
-    src = source or TASKS[task].hf
+    if source is None:
+        from canopy_entropy.tasks.catalog import TASKS
+
+        source = TASKS[task].hub
+    src = source
     datasets = _datasets()
     try:
         split = src.split

@@ -1,4 +1,8 @@
-"""``load_task_prompts``: one entry point for every prompt source of the four tasks."""
+"""``load_task_prompts``: one entry point for every prompt source of every task.
+
+Built-in tasks read their packaged prompts (or a JSONL file, the paper's folder, their hub
+dataset); task files read their own source through ``datasets``. Both render through the
+task's templates."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from canopy_entropy.errors import CanopyError
 from canopy_entropy.tasks.base import Prompt
 from canopy_entropy.tasks.catalog import SAMPLING, SOURCES, TASK_NAMES, TASKS
 from canopy_entropy.tasks.jsonl import PromptFileError, read_exemplar_file, read_prompt_file
-from canopy_entropy.tasks.render import render_fewshot, strip_closing_fence
+from canopy_entropy.tasks.spec import TaskSpec
 
 
 def _builtin_file(name: str) -> Path:
@@ -73,6 +77,7 @@ def load_task_prompts(
     sample: str = "first",
     seed: int = 0,
     fewshot_path: str | Path | None = None,
+    spec: TaskSpec | None = None,
 ) -> list[Prompt]:
     """Prompts of ``task`` from ``source``: the first ``n`` or a seeded random subset of ``n``.
 
@@ -80,9 +85,13 @@ def load_task_prompts(
     holding ``<task>.jsonl``), ``paper`` (``path`` is a folder with ``<task>.jsonl`` and
     ``<task>_fewshot.jsonl``), ``hf`` (the task's Hugging Face dataset; needs ``datasets``).
     ``fewshot=k`` prefixes k exemplars (builtin ones unless ``fewshot_path`` gives a JSONL of
-    ``question``/``answer`` lines); paper few-shot prompts come pre-rendered. Coding prompts
-    ending with a closing code fence get it stripped. Ids are stable across runs.
+    ``question``/``answer`` lines); paper few-shot prompts come pre-rendered. Every prompt goes
+    through the task file's template (the coding one drops a closing code fence). ``spec``: a
+    task file's task, whose own source is read (``n``, ``sample``, ``seed`` and ``fewshot``
+    apply; ``fewshot=0`` keeps the file's ``[fewshot] k``). Ids are stable across runs.
     """
+    if spec is not None and not spec.builtin:
+        return _spec_subset(spec, n, sample, seed, fewshot)
     if task not in TASKS:
         raise CanopyError(f"unknown task '{task}'; use one of {list(TASK_NAMES)}")
     if source not in SOURCES:
@@ -93,7 +102,7 @@ def load_task_prompts(
         raise CanopyError(f"fewshot must be >= 0 (got {fewshot})")
 
     if source == "builtin":
-        items = read_prompt_file(_builtin_file(f"{task}.jsonl"), task)
+        items = read_prompt_file(Path(TASKS[task].file), task)
         what = f"the builtin '{task}' set"
     elif source == "jsonl":
         if path is None:
@@ -113,7 +122,7 @@ def load_task_prompts(
         from canopy_entropy.tasks.hf import load_hf_prompts
 
         items = load_hf_prompts(task)
-        what = f"dataset {TASKS[task].hf.dataset}"
+        what = f"dataset {TASKS[task].hub.dataset}"
 
     items = _subset(items, n, sample, seed, what)
 
@@ -126,11 +135,27 @@ def load_task_prompts(
                 f"fewshot = {fewshot} but only {len(exemplars)} exemplars exist for '{task}'; "
                 "lower fewshot or give more exemplars in prompts.fewshot_path"
             )
+    spec = TASKS[task]
+    shots = []
+    if fewshot > 0 and source != "paper":
+        shots = [{"question": q, "answer": a} for q, a in exemplars[:fewshot]]
     prompts = []
     for pid, text in items:
-        if task == "coding":
-            text = strip_closing_fence(text)
-        if fewshot > 0 and source != "paper":
-            text = render_fewshot(task, text, exemplars, fewshot)
-        prompts.append(Prompt(id=pid, text=text, task=task))
+        row = {"prompt": text}
+        raw = spec.render(row, shots, chat=False)
+        chat = spec.render(row, shots, chat=True) if spec.chat != spec.raw else None
+        prompts.append(Prompt(id=pid, text=raw, task=task, chat_text=chat))
     return prompts
+
+
+def _spec_subset(
+    spec: TaskSpec, n: int | None, sample: str, seed: int, fewshot: int
+) -> list[Prompt]:
+    from canopy_entropy.tasks.rows import spec_prompts
+
+    if sample not in SAMPLING:
+        raise CanopyError(f"unknown prompt sampling '{sample}'; use one of {list(SAMPLING)}")
+    if fewshot < 0:
+        raise CanopyError(f"fewshot must be >= 0 (got {fewshot})")
+    prompts = spec_prompts(spec, fewshot or None)
+    return _subset(prompts, n, sample, seed, f"task '{spec.name}' ({spec.source_text()})")

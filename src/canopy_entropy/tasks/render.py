@@ -1,11 +1,8 @@
-"""Zero-shot and few-shot prompt rendering, and the closing-code-fence fix for coding prompts."""
+"""The closing-code-fence fix for coding prompts (a filter of the task templates)."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-
-from canopy_entropy.tasks.catalog import TASKS
 
 _CLOSING_FENCE = re.compile(r"\n?```[ \t]*\s*\Z")
 
@@ -19,19 +16,3 @@ def strip_closing_fence(text: str) -> str:
     if text.count("```") % 2 or not _CLOSING_FENCE.search(text):
         return text
     return _CLOSING_FENCE.sub("", text).rstrip(" \t") + "\n"
-
-
-def render_fewshot(task: str, text: str, exemplars: Sequence[tuple[str, str]], k: int) -> str:
-    """Prefix ``text`` with the first ``k`` exemplars in the task's few-shot layout.
-
-    'qa' tasks use ``Question: q\\nAnswer: a`` blocks and end with ``Answer:``; 'concat' tasks
-    put each exemplar (question immediately followed by its answer) before the prompt.
-    """
-    if k <= 0:
-        return text
-    shots = list(exemplars)[:k]
-    if TASKS[task].fewshot_style == "qa":
-        blocks = [f"Question: {q.strip()}\nAnswer: {a.strip()}" for q, a in shots]
-        return "\n\n".join([*blocks, f"Question: {text.strip()}\nAnswer:"])
-    blocks = [(q + a).rstrip() for q, a in shots]
-    return "\n\n".join([*blocks, text])
