@@ -21,7 +21,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from canopy_entropy.errors import CanopyError
-from canopy_entropy.plots import data, fig_eos
+from canopy_entropy.plots import data, fig_eos, fig_series
 from canopy_entropy.plots import figures as F
 from canopy_entropy.plots.style import Palette, style
 from canopy_entropy.run.freshness import input_fingerprint
@@ -96,6 +96,12 @@ REGISTRY: dict[str, FigureSpec] = {
         ("eos_matrices",),
         "as fig7, rows grouped into prompt blocks (each sorted by length)",
     ),
+    "fig8_series_trend": FigureSpec(
+        fig_series.series_trend,
+        "Checkpoint series: metrics against step",
+        ("series_table",),
+        "pooled metrics of each checkpoint against its step; band: ± SE of CE*",
+    ),
 }
 FIGURE_NAMES = tuple(REGISTRY)
 # Drawn by the regress stage (stats.dharma) into figures/, listed in the index and the report.
@@ -157,6 +163,9 @@ class RunInputs:
 
     def eos_matrices(self) -> dict[tuple[str, str], fig_eos.EOSMatrix]:
         return fig_eos.eos_matrices(self.run)
+
+    def series_table(self) -> pd.DataFrame:
+        return fig_series.series_input(self.run)
 
     def palette(self) -> Palette:
         """One palette for every figure: the families of the manifest and the rollouts."""

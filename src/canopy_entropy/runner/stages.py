@@ -79,7 +79,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
     ),
     Stage(
         "metrics",
-        "canopy_entropy.metrics:write_metrics",
+        "canopy_entropy.metrics.phases:write_metrics_and_phases",
         inputs=(
             "manifest.json",
             "rollouts",
@@ -94,6 +94,8 @@ STAGE_TABLE: tuple[Stage, ...] = (
             "metrics/metrics.json",
         ),
         needs=("generate",),
+        options=lambda cfg: {"phase_markers": tuple(cfg.analysis.phase_markers)},
+        config_key="analysis",  # the phase split of [analysis] phase_markers
         what="CE*, GenPPL, BF, correlations, decompositions, error bounds",
     ),
     Stage(
