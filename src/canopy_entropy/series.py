@@ -27,7 +27,7 @@ TREND_METRICS = (
     ("ce_star", "CE* (nats)"),
     ("genppl", "GenPPL"),
     ("bf", "branching factor"),
-    ("pearson", "rho(N, r)"),
+    ("pearson", "ρ(N, r)"),
     ("accuracy", "accuracy"),
 )
 # teacher-forced diagnostics (diagnostics/answers.parquet), pooled as means over answers
