@@ -5,6 +5,7 @@ template's enable_thinking reaching the template."""
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 import shutil
 from pathlib import Path
@@ -116,7 +117,7 @@ def markers(run_two_tasks, tiny_model):
     counts = collections.Counter()
     for row in rows:
         ids = row["token_ids"]
-        counts.update(set(zip(ids, ids[1:], strict=False)))
+        counts.update(set(itertools.pairwise(ids)))
     token_marker = text_marker = None
     for (a, b), n in counts.most_common():
         text = tok.decode([a, b])
@@ -176,7 +177,9 @@ def test_first_match_end_stays_inside_each_rollout():
     seqs = [np.array([7, 1]), np.array([5])]
     np.testing.assert_array_equal(first_match_end(tokens, offsets, seqs), [1, 1, 2])
     # [5, 9] spans the boundary between row 1 and row 2: no match there
-    np.testing.assert_array_equal(first_match_end(tokens, offsets, [np.array([5, 9])]), [-1, -1, -1])
+    np.testing.assert_array_equal(
+        first_match_end(tokens, offsets, [np.array([5, 9])]), [-1, -1, -1]
+    )
 
 
 def test_metrics_stage_writes_phases_and_the_report_shows_them(run_two_tasks, markers, tmp_path):

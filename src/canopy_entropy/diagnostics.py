@@ -796,5 +796,6 @@ def vllm_prompt_diagnostics(
             top[row, : len(items)] = [lp for _, lp in items]
             row += 1
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    return offsets, topk_diagnostics(top, t_ids, t_lp, t_rank, vocab_size=vocab_size,
-                                     top_ids=top_ids)
+    return offsets, topk_diagnostics(
+        top, t_ids, t_lp, t_rank, vocab_size=vocab_size, top_ids=top_ids
+    )

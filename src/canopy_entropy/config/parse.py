@@ -13,9 +13,9 @@ from canopy_entropy.config.checks import _TYPE_NAMES, _check, _check_keys, _Ctx,
 from canopy_entropy.config.models import _parse_model, check_model_available, check_series
 from canopy_entropy.config.schema import (
     FIGURE_FORMATS,
-    AnalysisConfig,
     STAGE_OPTIONS,
     STAGES,
+    AnalysisConfig,
     CompareConfig,
     EmbedConfig,
     EngineConfig,
