@@ -259,3 +259,21 @@ def test_thinking_off_keeps_old_run_folders_continuable():
     on = config_dict(parse_config(text + "enable_thinking = true\n", check_models=False))
     assert generation_fingerprint(on)["models"][0]["enable_thinking"] is True
     assert generation_fingerprint(on) != generation_fingerprint(new)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('[[models]]\nmodel = "gemma3-270m"\nenable_thinking = true\n', "on a base model"),
+        ('[generation]\nenable_thinking = true\n[[models]]\nmodel = "gemma3-270m"\n',
+         "no model is an instruct model"),
+        ('[engine]\nname = "openai"\noptions = { chat = true }\n[[models]]\nmodel = '
+         '"gemma3-270m"\nvariant = "instruct"\nenable_thinking = true\n', "chat = true sends"),
+    ],
+)  # fmt: skip
+def test_thinking_where_it_would_do_nothing_is_a_config_error(body, message):
+    from canopy_entropy.config import parse_config
+    from canopy_entropy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        parse_config('name = "s"\n' + body, check_models=False)

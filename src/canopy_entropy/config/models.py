@@ -141,3 +141,25 @@ def check_series(ctx: _Ctx, models: list[ModelSpec]) -> None:
                 i,
             )
         seen[key] = i
+
+
+def check_thinking(
+    ctx: _Ctx, models: list[ModelSpec], default: bool, engine: str, options: dict[str, Any]
+) -> None:
+    """enable_thinking reaches the chat template of instruct prompts rendered here: on a base
+    model, or with a chat endpoint that sends the user text to a server, it would do nothing."""
+    for i, m in enumerate(models):
+        if m.enable_thinking and m.variant != "instruct":
+            ctx.fail(f"models[{i}].enable_thinking is set on a base model; it only changes the "
+                     "chat template of instruct models (variant = 'instruct')",
+                     "models", "enable_thinking", i)  # fmt: skip
+    if default and not any(m.variant == "instruct" for m in models):
+        ctx.fail("[generation] enable_thinking = true but no model is an instruct model; it "
+                 "only changes the chat template of instruct prompts", "generation",
+                 "enable_thinking")  # fmt: skip
+    for i, m in enumerate(models):
+        thinking = default if m.enable_thinking is None else m.enable_thinking
+        if thinking and engine == "openai" and {**options, **m.engine_options}.get("chat"):
+            ctx.fail(f"models[{i}] thinks (enable_thinking) but the openai engine with chat = "
+                     "true sends the user text to the server, which applies its own chat "
+                     "template; drop chat or set thinking on the server", "models", None, i)  # fmt: skip

@@ -10,7 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from canopy_entropy.config.checks import _TYPE_NAMES, _check, _check_keys, _Ctx, _get, _suggest
-from canopy_entropy.config.models import _parse_model, check_model_available, check_series
+from canopy_entropy.config.models import (
+    _parse_model,
+    check_model_available,
+    check_series,
+    check_thinking,
+)
 from canopy_entropy.config.schema import (
     FIGURE_FORMATS,
     STAGE_OPTIONS,
@@ -232,6 +237,9 @@ def parse_config(
             )
         seen[m.label] = i
     check_series(ctx, cfg.models)
+    check_thinking(
+        ctx, cfg.models, cfg.generation.enable_thinking, cfg.engine.name, cfg.engine.options
+    )
     for i, m in enumerate(cfg.models):
         problem = engine_options_problem(
             cfg.engine.name, {**cfg.engine.options, **m.engine_options}

@@ -118,12 +118,20 @@ class PhaseResult:
         from canopy_entropy.store import atomic_write_table
 
         paths = []
+        meta = {b"markers": "\x1f".join(self.markers).encode(),
+                b"inputs": phases_inputs(run_dir, self.markers).encode()}  # fmt: skip
         for path, frame in zip(phases_paths(run_dir), (self.pooled, self.prompts), strict=True):
             table = pa.Table.from_pandas(frame, preserve_index=False)
-            meta = {b"markers": "\x1f".join(self.markers).encode()}
             atomic_write_table(path, table.replace_schema_metadata(meta), PHASES_SCHEMA_VERSION)
             paths.append(path)
         return paths
+
+
+def phases_inputs(run_dir: str | os.PathLike[str], markers: Sequence[str]) -> str:
+    """Fingerprint of what a phase split is computed from (rollouts, manifest, markers)."""
+    from canopy_entropy.run.freshness import input_fingerprint
+
+    return input_fingerprint(run_dir, ("manifest.json", "rollouts"), {"markers": list(markers)})
 
 
 def phases_paths(run_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
@@ -341,12 +349,20 @@ def write_metrics_and_phases(
 
 
 def read_phases(run_dir: str | os.PathLike[str]) -> tuple[pd.DataFrame, tuple[str, ...]] | None:
-    """The saved pooled phase table of a run and its markers (None when there is none)."""
+    """The saved pooled phase table of a run and its markers (None when there is none); a
+    CanopyError naming the command when it is older than the rollouts it was split from."""
     from canopy_entropy.store import read_table
 
     path = phases_paths(run_dir)[0]
     if not path.exists():
         return None
     table = read_table(path, PHASES_SCHEMA_VERSION)
-    raw = (table.schema.metadata or {}).get(b"markers", b"")
-    return table.to_pandas(), tuple(raw.decode().split("\x1f")) if raw else ()
+    meta = table.schema.metadata or {}
+    raw = meta.get(b"markers", b"")
+    markers = tuple(raw.decode().split("\x1f")) if raw else ()
+    if meta.get(b"inputs", b"").decode() != phases_inputs(run_dir, markers):
+        raise CanopyError(
+            f"the phase split of {run_dir} is older than its rollouts; run 'canopy phases "
+            f"{run_dir}' (or the metrics stage) again"
+        )
+    return table.to_pandas(), markers

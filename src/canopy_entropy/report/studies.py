@@ -42,9 +42,13 @@ def series_section(run: Path) -> str:
 
 def phases_section(run: Path) -> str:
     """Per-phase metrics (``metrics/phases.parquet``), or a note."""
+    from canopy_entropy.errors import CanopyError
     from canopy_entropy.metrics.phases import read_phases
 
-    saved = read_phases(run)
+    try:
+        saved = read_phases(run)
+    except CanopyError as exc:
+        return note(str(exc))
     if saved is None:
         return note(
             "no phase split: set [analysis] phase_markers (e.g. ['</think>']) or run "
