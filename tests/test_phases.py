@@ -118,18 +118,23 @@ def markers(run_two_tasks, tiny_model):
     for row in rows:
         ids = row["token_ids"]
         counts.update(set(itertools.pairwise(ids)))
-    token_marker = text_marker = None
-    for (a, b), n in counts.most_common():
-        text = tok.decode([a, b])
-        if n >= 4 and "\ufffd" not in text and tok.encode(text, add_special_tokens=False) == [a, b]:
-            token_marker = token_marker or text
-            inner = text[1:]  # drops a character: may split a token in two
-            if len(inner) >= 2 and text_marker is None:
-                seqs = _sequences(tok, [inner])
-                hows = {_brute_split(r["token_ids"], seqs, tok, [inner])[1] for r in rows}
-                if "text" in hows:
-                    text_marker = inner
-        if token_marker and text_marker:
+    usable = [
+        tok.decode([a, b])
+        for (a, b), n in counts.most_common()
+        if n >= 4 and "\ufffd" not in tok.decode([a, b])
+        and tok.encode(tok.decode([a, b]), add_special_tokens=False) == [a, b]
+    ]  # fmt: skip
+    token_marker = usable[0] if usable else None
+    text_marker = None
+    for text in usable[1:]:
+        inner = text[1:]  # drops a character: may split a token in two
+        if len(inner) < 2:
+            continue
+        chosen = [token_marker, inner]
+        seqs = _sequences(tok, chosen)
+        hows = {_brute_split(r["token_ids"], seqs, tok, chosen)[1] for r in rows}
+        if {"tokens", "text", "none"} <= hows:
+            text_marker = inner
             break
     assert token_marker and text_marker, "the tiny run holds no usable marker"
     return tok, token_marker, text_marker
@@ -189,10 +194,9 @@ def test_metrics_stage_writes_phases_and_the_report_shows_them(run_two_tasks, ma
 
     _, token_marker, _ = markers
     run = Path(shutil.copytree(run_two_tasks, tmp_path / "run"))
-    text = (run / "config.toml").read_text()
-    escaped = token_marker.replace("\\", "\\\\").replace('"', '\\"')
-    (run / "config.toml").write_text(text + f'\n[analysis]\nphase_markers = ["{escaped}"]\n')
-    results = run_experiment(load_config(run / "config.toml"), run, stages=["metrics"])
+    cfg = load_config(run / "config.toml")
+    cfg.analysis.phase_markers = [token_marker]  # [analysis] phase_markers = [...]
+    results = run_experiment(cfg, run, stages=["metrics"])
     assert [r.status for r in results if r.name == "metrics"] == ["done"]
     pooled, saved_markers = read_phases(run)
     assert saved_markers == (token_marker,)

@@ -179,10 +179,13 @@ def _split_batch(batch: pa.RecordBatch, tokenizer: Any, seqs, markers) -> dict[s
         if k > 0:
             split[i], matched[i] = k, "text"
     split = np.minimum(np.where(split < 0, length, split), length)
-    starts = ent_off[:-1]
+    starts = ent_off[:-1] - ent_off[0]
     bounds = np.empty(2 * len(length) + 1, dtype=np.int64)
-    bounds[0:-1:2], bounds[1:-1:2], bounds[-1] = starts, starts + split, ent_off[-1]
-    parts = segment_sums(ent, bounds)  # alternating reasoning / answer sums, float64
+    bounds[0:-1:2], bounds[1:-1:2], bounds[-1] = starts, starts + split, ent_off[-1] - ent_off[0]
+    # alternating reasoning / answer sums (float64); a trailing zero keeps an empty last answer
+    # segment from clipping the reasoning segment before it
+    padded = np.append(ent[ent_off[0] : ent_off[-1]], np.float32(0))
+    parts = segment_sums(padded, np.append(bounds, bounds[-1] + 1))[:-1]
     keys = {k: batch.column(k).to_numpy(zero_copy_only=False) for k in PROMPT_KEYS}
     return {
         **keys,
