@@ -281,3 +281,23 @@ def test_thinking_where_it_would_do_nothing_is_a_config_error(body, message):
 
     with pytest.raises(ConfigError, match=message):
         parse_config('name = "s"\n' + body, check_models=False)
+
+
+@pytest.mark.parametrize(
+    ("analysis", "message"),
+    [
+        ('phase_markers = [""]', "must be a non-empty string"),
+        ('phase_markers = ["</think>", "</think>"]', "lists a marker twice"),
+        ('phase_marker = ["</think>"]', "did you mean 'phase_markers'"),
+        ('phase_markers = "</think>"', "must be"),
+    ],
+)
+def test_analysis_section_is_validated(analysis, message):
+    from canopy_entropy.config import parse_config
+    from canopy_entropy.errors import ConfigError
+
+    head = 'name = "s"\n[[models]]\nmodel = "gemma3-270m"\n[analysis]\n'
+    with pytest.raises(ConfigError, match=message):
+        parse_config(head + analysis + "\n", check_models=False)
+    ok = parse_config(head + 'phase_markers = ["</think>", "Answer:"]\n', check_models=False)
+    assert ok.analysis.phase_markers == ["</think>", "Answer:"]
