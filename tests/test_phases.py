@@ -301,3 +301,14 @@ def test_analysis_section_is_validated(analysis, message):
         parse_config(head + analysis + "\n", check_models=False)
     ok = parse_config(head + 'phase_markers = ["</think>", "Answer:"]\n', check_models=False)
     assert ok.analysis.phase_markers == ["</think>", "Answer:"]
+
+
+def test_generate_cli_refuses_thinking_on_base_and_half_a_checkpoint(tmp_path, capsys, monkeypatch):
+    from cli_helpers import run_cli
+
+    base = ["generate", "--model", "gemma3-270m", "--prompts", str(tmp_path / "p.jsonl"),
+            "--run", str(tmp_path / "run")]  # fmt: skip
+    code, _, err = run_cli([*base, "--variant", "base", "--enable-thinking"], capsys, monkeypatch)
+    assert code == 2 and "--enable-thinking changes the chat template" in err
+    code, _, err = run_cli([*base, "--variant", "base", "--step", "3"], capsys, monkeypatch)
+    assert code == 2 and "--series NAME and --step N" in err
