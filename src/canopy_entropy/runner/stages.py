@@ -131,7 +131,15 @@ STAGE_TABLE: tuple[Stage, ...] = (
     Stage(
         "plots",
         "canopy_entropy.plots:make_figures",
-        inputs=("manifest.json", "rollouts", "metrics", "semantic", "compare", "regression"),
+        inputs=(
+            "manifest.json",
+            "rollouts",
+            "metrics",
+            "semantic",
+            "compare",
+            "regression",
+            "diagnostics/answers.parquet",
+        ),
         outputs=("figures",),
         needs=("metrics",),
         options=_plots_options,
@@ -141,7 +149,15 @@ STAGE_TABLE: tuple[Stage, ...] = (
     Stage(
         "report",
         "canopy_entropy.report:build_report",
-        inputs=("manifest.json", "metrics", "semantic", "compare", "regression", "figures"),
+        inputs=(
+            "manifest.json",
+            "metrics",
+            "semantic",
+            "compare",
+            "regression",
+            "figures",
+            "diagnostics/answers.parquet",
+        ),
         outputs=("report.html",),
         needs=("metrics",),
         # embed the figures of the plots stage as they are; draw them only when there are none
