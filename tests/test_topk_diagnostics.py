@@ -64,3 +64,18 @@ def test_expected_rank_bounds_are_attained():
     flat = np.full((1, 8), np.log(1 / 8))
     point = topk_diagnostics(flat, [3], flat[:, 3], [8], vocab_size=8)
     assert point.expected_rank_lower[0] == point.expected_rank_upper[0] == pytest.approx(4.5)
+
+
+def test_score_run_vllm_options_are_checked(tmp_path):
+    from canopy_entropy.diagnostics import ReferenceAnswer, score_run
+    from canopy_entropy.engines.base import DecodingPolicy
+    from canopy_entropy.errors import ConfigError
+
+    answers = [ReferenceAnswer(id="a", task="t", prompt="p", answer="x")]
+    kw = dict(model="gemma3-270m", answers=answers)
+    with pytest.raises(ConfigError, match="raw distribution only"):
+        score_run(tmp_path, engine="vllm", policy=DecodingPolicy(temperature=0.5), **kw)
+    with pytest.raises(ConfigError, match="use it with --engine vllm"):
+        score_run(tmp_path, prompt_logprobs=5, **kw)
+    with pytest.raises(ConfigError, match="unknown scoring engine"):
+        score_run(tmp_path, engine="openai", **kw)

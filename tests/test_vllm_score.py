@@ -69,3 +69,17 @@ def test_top_k_prompt_logprobs_bound_the_exact_values(setup):
     assert np.all(flat["entropy"] <= got.entropy_upper + tol)
     assert np.all(got.expected_rank_lower <= flat["expected_rank"] * (1 + tol))
     assert np.all(flat["expected_rank"] <= got.expected_rank_upper * (1 + tol))
+
+
+def test_score_run_through_vllm_writes_the_transformers_numbers(setup, tiny_model, tmp_path):
+    from canopy_entropy.diagnostics import score_run
+
+    llm, *_ = setup
+    hf = score_run(tmp_path / "hf", model=str(tiny_model), answers=ANSWERS, device="cpu",
+                   dtype="float32")  # fmt: skip
+    via = score_run(tmp_path / "vllm", model=str(tiny_model), answers=ANSWERS, engine="vllm",
+                    engine_instance=llm)  # fmt: skip
+    for col in ("mean_nll", "mean_entropy", "mean_relative_rank"):
+        np.testing.assert_allclose(via.answers[col], hf.answers[col], atol=5e-4)
+    np.testing.assert_array_equal(via.answers["share_above_expected"],
+                                  hf.answers["share_above_expected"])  # fmt: skip

@@ -507,12 +507,18 @@ def score_run(
     engine_instance: Any = None,
     progress: Callable[[int, int], None] | None = None,
     run_name: str | None = None,
+    engine: str = "hf",
+    prompt_logprobs: int | None = None,
 ) -> ScoreSummary:
     """Score reference answers teacher-forced and write the two diagnostics files of ``run_dir``.
 
     ``answers`` is a JSONL path (``read_answer_file``) or a list. The model's rows (by label)
     in existing files are replaced, other models' rows kept. ``engine_instance`` reuses a loaded
     ``HFEngine``; ``policy`` adds ``policy_*`` columns under that renormalised sampling policy.
+    ``engine="vllm"`` scores through vLLM's prompt log-probs (``prompt_logprobs`` entries per
+    position, default the whole vocabulary: exact); with fewer, ``entropy``, ``expected_rank``
+    and ``relative_rank`` hold one end of their interval and ``*_upper`` / ``relative_rank_lower``
+    the other (``vllm_prompt_diagnostics``); ``engine_instance`` is then a ``vllm.LLM``.
     """
     from canopy_entropy.generate import default_model_label
     from canopy_entropy.prompting import VARIANTS
@@ -522,6 +528,14 @@ def score_run(
         raise ConfigError(f"unknown variant '{variant}'; use base or instruct")
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1 (got {batch_size})")
+    if engine not in ("hf", "vllm"):
+        raise ConfigError(f"unknown scoring engine '{engine}'; use hf or vllm")
+    if engine == "vllm" and policy is not None:
+        raise ConfigError("the vLLM path scores the raw distribution only; drop the sampling "
+                          "policy options or use --engine hf")  # fmt: skip
+    if prompt_logprobs is not None and (engine != "vllm" or prompt_logprobs < 1):
+        raise ConfigError("--prompt-logprobs is the vLLM path's top-k (>= 1); use it with "
+                          "--engine vllm")  # fmt: skip
     if policy is not None:
         policy = DecodingPolicy(policy.temperature, policy.top_k, policy.top_p, policy.min_p,
                                 eos_token_ids=(0,))  # fmt: skip
@@ -537,22 +551,28 @@ def score_run(
     run = run_name or Path(run_dir).resolve().name
     eng = engine_instance
     try:
-        if eng is None:
+        if engine == "vllm":
+            offsets, flat, elapsed, facts = _score_vllm(
+                model, answers, variant, dtype, prompt_logprobs, engine_instance
+            )
+            eng = None
+        elif eng is None:
             from canopy_entropy.engines.hf import HFEngine
 
             eng = HFEngine(model, device=device, dtype=dtype)
-        encoded = encode_answers(eng.tokenizer, answers, variant, eng.context_length)
-        start = time.perf_counter()  # scoring time, without loading the model
-        offsets, flat = teacher_force(
-            eng.model,
-            encoded,
-            policy=policy,
-            batch_size=batch_size,
-            chunk_bytes=chunk_bytes,
-            progress=None if progress is None else lambda k: progress(k, len(encoded)),
-        )
-        elapsed = time.perf_counter() - start
-        facts = eng.describe()
+        if engine == "hf":
+            encoded = encode_answers(eng.tokenizer, answers, variant, eng.context_length)
+            start = time.perf_counter()  # scoring time, without loading the model
+            offsets, flat = teacher_force(
+                eng.model,
+                encoded,
+                policy=policy,
+                batch_size=batch_size,
+                chunk_bytes=chunk_bytes,
+                progress=None if progress is None else lambda k: progress(k, len(encoded)),
+            )
+            elapsed = time.perf_counter() - start
+            facts = eng.describe()
     finally:
         if engine_instance is None and eng is not None:
             eng.close()
@@ -584,6 +604,36 @@ def score_run(
         elapsed_s=elapsed,
         paths=(tokens_path, answers_path, record_path),
     )
+
+
+def _score_vllm(model: str, answers, variant: str, dtype: str, k: int | None, llm: Any = None):
+    """(offsets, flat columns, scoring seconds, engine facts) of the vLLM prompt log-prob path."""
+    from canopy_entropy.models import resolve_model
+
+    if llm is None:
+        from transformers import AutoTokenizer
+
+        vllm = require("vllm", "vllm")
+        path = resolve_model(model)
+        vocab = len(AutoTokenizer.from_pretrained(path))
+        llm = vllm.LLM(model=path, dtype=dtype, max_logprobs=max(k or 0, vocab), seed=0,
+                       generation_config="vllm")  # fmt: skip
+    config = llm.llm_engine.model_config
+    vocab = int(config.get_vocab_size())
+    k = min(k or vocab, vocab)
+    encoded = encode_answers(llm.get_tokenizer(), answers, variant, int(config.max_model_len))
+    start = time.perf_counter()
+    offsets, d = vllm_prompt_diagnostics(llm, encoded, k=k, vocab_size=vocab)
+    elapsed = time.perf_counter() - start
+    flat = {"token_ids": np.concatenate([np.asarray(e.answer_ids, np.int32) for e in encoded]),
+            "p": d.p, "logp": d.logp, "entropy": d.entropy_lower, "rank": d.rank,
+            "expected_rank": d.expected_rank_lower, "relative_rank": d.relative_rank_upper}  # fmt: skip
+    exact = bool(d.exact.all())
+    if not exact:  # the other end of each interval
+        flat.update(entropy_upper=d.entropy_upper, expected_rank_upper=d.expected_rank_upper,
+                    relative_rank_lower=d.relative_rank_lower)  # fmt: skip
+    facts = {"engine": "vllm", "prompt_logprobs": k, "vocab_size": vocab, "exact": exact}
+    return offsets, flat, elapsed, facts
 
 
 def _read_json(path: Path) -> dict:
