@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import math
 import shutil
 from pathlib import Path
@@ -20,6 +21,7 @@ from canopy_entropy.metrics import MetricsResult
 from canopy_entropy.metrics.phases import compute_phases, first_match_end, read_phases
 from canopy_entropy.run.layout import PROMPT_KEYS
 from canopy_entropy.store import RunStore
+from cli_helpers import run_cli
 
 KEYS = list(PROMPT_KEYS)
 
@@ -187,7 +189,9 @@ def test_first_match_end_stays_inside_each_rollout():
     )
 
 
-def test_metrics_stage_writes_phases_and_the_report_shows_them(run_two_tasks, markers, tmp_path):
+def test_metrics_stage_writes_phases_and_the_report_shows_them(
+    run_two_tasks, markers, tmp_path, capsys, monkeypatch
+):
     from canopy_entropy.config import load_config
     from canopy_entropy.report.studies import phases_section
     from canopy_entropy.runner import run_experiment
@@ -207,6 +211,12 @@ def test_metrics_stage_writes_phases_and_the_report_shows_them(run_two_tasks, ma
         assert f'data-sort="{float(value)!r}"' in html
     with pytest.raises(CanopyError, match="no phase markers"):
         compute_phases(run, [])
+    capsys.readouterr()  # the stage table printed above
+    code, out, err = run_cli(["phases", str(run), "--json"], capsys, monkeypatch)  # config's
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["markers"] == [token_marker]
+    np.testing.assert_array_equal([r["ce_star"] for r in doc["phases"]], direct["ce_star"])
 
 
 THINK_TEMPLATE = (

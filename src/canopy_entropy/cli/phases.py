@@ -17,8 +17,8 @@ def command(
         list[str] | None,
         typer.Option(
             "--marker",
-            help="Phase marker, e.g. '</think>' (repeat for several; default: the run's "
-            "[analysis] phase_markers).",
+            help="Phase marker, e.g. '</think>' (repeat for several; default: [analysis] "
+            "phase_markers of RUN/config.toml).",
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
@@ -64,8 +64,10 @@ def command(
 
 
 def _config_markers(run: Path) -> list[str]:
-    """[analysis] phase_markers of the run's recorded config (none when it has no config)."""
-    from canopy_entropy.run.manifest import read_manifest
+    """[analysis] phase_markers of the run's config.toml (none when it has no config)."""
+    from canopy_entropy.config import load_config
 
-    experiment = read_manifest(run).experiment or {}
-    return list((experiment.get("analysis") or {}).get("phase_markers") or [])
+    path = run / "config.toml"
+    return (
+        list(load_config(path, check_models=False).analysis.phase_markers) if path.exists() else []
+    )
