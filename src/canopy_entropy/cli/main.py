@@ -47,7 +47,7 @@ COMMANDS = {
     ),
     "series": (
         "series",
-        "Metrics against the step of each checkpoint of a series (CE*, GenPPL, BF, rho, accuracy).",
+        "Metrics against the step of each checkpoint of a series: CE*, GenPPL, BF, rho, accuracy.",
     ),
     "phases": (
         "phases",

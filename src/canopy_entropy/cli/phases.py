@@ -23,8 +23,11 @@ def command(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
 ) -> None:
-    """Split every rollout after the first phase marker and report the metrics per phase
-    (whole, reasoning, answer); writes RUN/metrics/phases.parquet. No new sampling.
+    """CE*, entropy rate, length and rho(N, r) per reasoning / answer phase (split at a marker).
+
+    Every rollout is split after the first phase marker; metrics per phase (whole, reasoning,
+    answer) from the stored rollouts, no new sampling; writes RUN/metrics/phases.parquet.
+    Definitions and the marker matching: docs/metrics.md (section 9).
     """
     from rich.console import Console
     from rich.table import Table

@@ -18,10 +18,13 @@ def command(
     run: Annotated[Path, typer.Argument(help="Run folder whose models set series and step.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
 ) -> None:
-    """Metrics per series, step and task (CE*, GenPPL, BF, rho(N, r), accuracy and the
-    teacher-forced diagnostics when present); writes RUN/tables/series.csv.
+    """Metrics against the step of each checkpoint of a series: CE*, GenPPL, BF, rho, accuracy.
 
-    Compare two steps with 'canopy compare RUN --on step --a 1000 --b 2000'.
+    One row per series, step and task, with the teacher-forced diagnostics of 'canopy score'
+    when present; writes RUN/tables/series.csv.
+
+    Compare two steps with 'canopy compare RUN --on step --a 1000 --b 2000'. Definitions:
+    docs/metrics.md (section 8).
     """
     from rich.console import Console
     from rich.table import Table
