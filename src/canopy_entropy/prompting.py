@@ -2,9 +2,9 @@
 
 Base models get the raw text (tokenised with the tokenizer's own special tokens, e.g. one
 BOS). Instruct models get the chat template (one user turn, generation prompt on, thinking
-off where supported, on with
-``enable_thinking``); the templated string already holds its BOS, so it is tokenised
-WITHOUT adding special tokens again (the double-BOS defect of the original code).
+off where supported unless ``enable_thinking``); the templated string already holds its BOS,
+so it is tokenised WITHOUT adding special tokens again (the double-BOS defect of the original
+code).
 """
 
 from __future__ import annotations

@@ -26,11 +26,12 @@ def _table(df: pd.DataFrame, keys: list[str], shown: tuple[str, ...]) -> str:
 
 def series_section(run: Path) -> str:
     """Pooled metrics per series, step and task (``series_table``), or a note."""
+    from canopy_entropy.errors import CanopyError
     from canopy_entropy.plots.fig_series import series_input
 
     try:
         table = series_input(run)
-    except data.MissingInput as exc:
+    except (data.MissingInput, CanopyError) as exc:  # none, or metrics not per model
         return note(str(exc))
     keys = ["series", "step", "model", *(k for k in ("variant", "task") if table[k].nunique() > 1)]
     return (
