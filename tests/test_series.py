@@ -46,8 +46,8 @@ def _label(step: int) -> str:
 def test_config_fields_parse_and_are_validated():
     head = 'name = "s"\n'
     ok = parse_config(
-        head + '[[models]]\nmodel = "gemma3-270m"\nseries = "sft-run"\nstep = 1000\n'
-        "enable_thinking = true\n",
+        head + '[[models]]\nmodel = "gemma3-270m"\nvariant = "instruct"\nseries = "sft-run"\n'
+        "step = 1000\nenable_thinking = true\n",
         check_models=False,
     )
     m = ok.models[0]
