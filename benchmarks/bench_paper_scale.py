@@ -174,7 +174,9 @@ def main() -> None:
             dt = time.perf_counter() - t0
             wall, cpu = wall + dt, cpu + c
             print(f"analysis: canopy {stage}: {dt:.1f} s wall, {c:.1f} CPU-s")
-        print(f"analysis, metrics through report (no embedding): {wall:.1f} s wall, {cpu:.1f} CPU-s")
+        print(
+            f"analysis, metrics through report (no embedding): {wall:.1f} s wall, {cpu:.1f} CPU-s"
+        )
 
 
 if __name__ == "__main__":

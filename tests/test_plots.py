@@ -15,8 +15,8 @@ from matplotlib.figure import Figure
 
 import canopy_entropy.plots as P
 from canopy_entropy.errors import CanopyError
-from canopy_entropy.metrics import compute_metrics
 from canopy_entropy.labels import label, term_label
+from canopy_entropy.metrics import compute_metrics
 from canopy_entropy.plots import data
 from canopy_entropy.run.freshness import input_fingerprint
 from canopy_entropy.runner.stages import stage_named
@@ -65,8 +65,11 @@ def test_saved_curves_are_independent_of_batch_size(run_two_tasks, scan):
     fresh = compute_metrics(run_two_tasks, warn=False, batch_size=7)
     pd.testing.assert_frame_equal(fresh.running_rate, scan[1], check_exact=False, rtol=1e-12)
     frame = scan[0]
-    rows = RunStore(run_two_tasks).read_rollouts(columns=["model", "task", "prompt_id",
-                                                           "rollout_index", "entropy"]).to_pylist()
+    rows = (
+        RunStore(run_two_tasks)
+        .read_rollouts(columns=["model", "task", "prompt_id", "rollout_index", "entropy"])
+        .to_pylist()
+    )
     brute = {(r["model"], r["task"], r["prompt_id"], r["rollout_index"]):
              (len(r["entropy"]), sum(float(x) for x in r["entropy"])) for r in rows}  # fmt: skip
     saved = RunStore(run_two_tasks).read_rollouts(columns=["rollout_index"]).num_rows
@@ -253,9 +256,14 @@ def test_titles_and_labels_stay_inside_the_figure(fixture, request):
 
 def test_make_figures_writes_real_images_and_the_index(drawn, run_two_tasks):
     run, made = drawn
+    from canopy_entropy.plots.fig_series import NO_SERIES
+
     scored = {"fig8_accuracy_vs_rate", "fig8_auroc"}  # this run has no task with a scorer
+    assert made.notes.pop("fig8_series_trend") == NO_SERIES  # the run has no checkpoint series
     assert set(made.notes) == scored and all("scorer" in made.notes[n] for n in scored)
-    assert sorted(p.stem for p in made) == sorted(set(P.FIGURE_NAMES) - scored)
+    assert sorted(p.stem for p in made) == sorted(
+        set(P.FIGURE_NAMES) - scored - {"fig8_series_trend"}
+    )
     for path in made:
         img = mpimg.imread(path)
         assert img.ndim == 3 and min(img.shape[:2]) > 200
@@ -293,7 +301,8 @@ def test_missing_stages_give_notes_naming_the_command(run_one_task, tmp_path):
     run = copy_run(run_one_task, tmp_path)
     made = P.make_figures(run, formats=("png",))
     assert sorted(made.notes) == [
-        "fig6_coefficients", "fig6_rate_vs_diversity", "fig8_accuracy_vs_rate", "fig8_auroc"
+        "fig6_coefficients", "fig6_rate_vs_diversity", "fig8_accuracy_vs_rate", "fig8_auroc",
+        "fig8_series_trend",
     ]  # fmt: skip
     assert made.notes["fig6_coefficients"] == (
         f"no regression: run `canopy regress {run}` or the regress stage of `canopy run`"

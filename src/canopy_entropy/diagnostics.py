@@ -507,12 +507,18 @@ def score_run(
     engine_instance: Any = None,
     progress: Callable[[int, int], None] | None = None,
     run_name: str | None = None,
+    engine: str = "hf",
+    prompt_logprobs: int | None = None,
 ) -> ScoreSummary:
     """Score reference answers teacher-forced and write the two diagnostics files of ``run_dir``.
 
     ``answers`` is a JSONL path (``read_answer_file``) or a list. The model's rows (by label)
     in existing files are replaced, other models' rows kept. ``engine_instance`` reuses a loaded
     ``HFEngine``; ``policy`` adds ``policy_*`` columns under that renormalised sampling policy.
+    ``engine="vllm"`` scores through vLLM's prompt log-probs (``prompt_logprobs`` entries per
+    position, default the whole vocabulary: exact); with fewer, ``entropy``, ``expected_rank``
+    and ``relative_rank`` hold one end of their interval and ``*_upper`` / ``relative_rank_lower``
+    the other (``vllm_prompt_diagnostics``); ``engine_instance`` is then a ``vllm.LLM``.
     """
     from canopy_entropy.generate import default_model_label
     from canopy_entropy.prompting import VARIANTS
@@ -522,6 +528,14 @@ def score_run(
         raise ConfigError(f"unknown variant '{variant}'; use base or instruct")
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1 (got {batch_size})")
+    if engine not in ("hf", "vllm"):
+        raise ConfigError(f"unknown scoring engine '{engine}'; use hf or vllm")
+    if engine == "vllm" and policy is not None:
+        raise ConfigError("the vLLM path scores the raw distribution only; drop the sampling "
+                          "policy options or use --engine hf")  # fmt: skip
+    if prompt_logprobs is not None and (engine != "vllm" or prompt_logprobs < 1):
+        raise ConfigError("--prompt-logprobs is the vLLM path's top-k (>= 1); use it with "
+                          "--engine vllm")  # fmt: skip
     if policy is not None:
         policy = DecodingPolicy(policy.temperature, policy.top_k, policy.top_p, policy.min_p,
                                 eos_token_ids=(0,))  # fmt: skip
@@ -537,22 +551,28 @@ def score_run(
     run = run_name or Path(run_dir).resolve().name
     eng = engine_instance
     try:
-        if eng is None:
+        if engine == "vllm":
+            offsets, flat, elapsed, facts = _score_vllm(
+                model, answers, variant, dtype, prompt_logprobs, engine_instance
+            )
+            eng = None
+        elif eng is None:
             from canopy_entropy.engines.hf import HFEngine
 
             eng = HFEngine(model, device=device, dtype=dtype)
-        encoded = encode_answers(eng.tokenizer, answers, variant, eng.context_length)
-        start = time.perf_counter()  # scoring time, without loading the model
-        offsets, flat = teacher_force(
-            eng.model,
-            encoded,
-            policy=policy,
-            batch_size=batch_size,
-            chunk_bytes=chunk_bytes,
-            progress=None if progress is None else lambda k: progress(k, len(encoded)),
-        )
-        elapsed = time.perf_counter() - start
-        facts = eng.describe()
+        if engine == "hf":
+            encoded = encode_answers(eng.tokenizer, answers, variant, eng.context_length)
+            start = time.perf_counter()  # scoring time, without loading the model
+            offsets, flat = teacher_force(
+                eng.model,
+                encoded,
+                policy=policy,
+                batch_size=batch_size,
+                chunk_bytes=chunk_bytes,
+                progress=None if progress is None else lambda k: progress(k, len(encoded)),
+            )
+            elapsed = time.perf_counter() - start
+            facts = eng.describe()
     finally:
         if engine_instance is None and eng is not None:
             eng.close()
@@ -584,6 +604,36 @@ def score_run(
         elapsed_s=elapsed,
         paths=(tokens_path, answers_path, record_path),
     )
+
+
+def _score_vllm(model: str, answers, variant: str, dtype: str, k: int | None, llm: Any = None):
+    """(offsets, flat columns, scoring seconds, engine facts) of the vLLM prompt log-prob path."""
+    from canopy_entropy.models import resolve_model
+
+    if llm is None:
+        from transformers import AutoTokenizer
+
+        vllm = require("vllm", "vllm")
+        path = resolve_model(model)
+        vocab = len(AutoTokenizer.from_pretrained(path))
+        llm = vllm.LLM(model=path, dtype=dtype, max_logprobs=max(k or 0, vocab), seed=0,
+                       generation_config="vllm")  # fmt: skip
+    config = llm.llm_engine.model_config
+    vocab = int(config.get_vocab_size())
+    k = min(k or vocab, vocab)
+    encoded = encode_answers(llm.get_tokenizer(), answers, variant, int(config.max_model_len))
+    start = time.perf_counter()
+    offsets, d = vllm_prompt_diagnostics(llm, encoded, k=k, vocab_size=vocab)
+    elapsed = time.perf_counter() - start
+    flat = {"token_ids": np.concatenate([np.asarray(e.answer_ids, np.int32) for e in encoded]),
+            "p": d.p, "logp": d.logp, "entropy": d.entropy_lower, "rank": d.rank,
+            "expected_rank": d.expected_rank_lower, "relative_rank": d.relative_rank_upper}  # fmt: skip
+    exact = bool(d.exact.all())
+    if not exact:  # the other end of each interval
+        flat.update(entropy_upper=d.entropy_upper, expected_rank_upper=d.expected_rank_upper,
+                    relative_rank_lower=d.relative_rank_lower)  # fmt: skip
+    facts = {"engine": "vllm", "prompt_logprobs": k, "vocab_size": vocab, "exact": exact}
+    return offsets, flat, elapsed, facts
 
 
 def _read_json(path: Path) -> dict:
@@ -662,3 +712,140 @@ def compare_answers(answers: Any, a: str, b: str, n_boot: int = 2000, seed: int 
                          "se": reps.std(ddof=1) if n_boot > 1 else np.nan,
                          "ci_lo": np.quantile(reps, alpha), "ci_hi": np.quantile(reps, 1 - alpha)})  # fmt: skip
     return pd.DataFrame(rows)
+
+
+# -- the vLLM path: prompt log-probs ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TopKDiagnostics:
+    """Diagnostics from each position's top-k log-probs and the target's own log-prob and rank
+    (what vLLM's ``prompt_logprobs=k`` returns). ``p``, ``logp`` and ``rank`` are exact; the
+    entropy, expected rank and relative rank are intervals ``[*_lower, *_upper]``, equal where
+    the k entries hold the whole distribution (``exact``)."""
+
+    p: np.ndarray
+    logp: np.ndarray
+    rank: np.ndarray
+    entropy_lower: np.ndarray
+    entropy_upper: np.ndarray
+    expected_rank_lower: np.ndarray
+    expected_rank_upper: np.ndarray
+    relative_rank_lower: np.ndarray
+    relative_rank_upper: np.ndarray
+    exact: np.ndarray  # bool per position
+
+
+def topk_diagnostics(
+    top_logprobs: np.ndarray,
+    target_ids: np.ndarray,
+    target_logprobs: np.ndarray,
+    target_ranks: np.ndarray,
+    *,
+    vocab_size: int,
+    top_ids: np.ndarray | None = None,
+) -> TopKDiagnostics:
+    """Token diagnostics with bounds from ``[positions, k]`` top log-probs (any order; padding
+    ``-inf``) and the target token's log-prob and full-vocabulary rank per position.
+
+    With ``Z`` the top-k mass, ``p_k`` the smallest top-k probability and the unknown rest
+    ``1 - Z`` spread over the other ``V - k`` tokens, each at most ``p_k``:
+
+    * entropy: ``engines.topk`` bounds (the target's mass counted as known when it lies below
+      every top entry);
+    * expected rank ``sum_j j p_(j)``: the top-k part is exact; the rest adds at least the
+      greedy fill (``p_k`` at ranks ``k+1, k+2, ...``, the remainder next) and at most the
+      uniform spread over ranks ``k+1..V`` (``(1 - Z)(k + 1 + V) / 2``);
+    * relative rank ``log(R / E[R])``: ``[log R - log E_upper, log R - log E_lower]``.
+
+    With ``k >= V`` (the whole vocabulary returned) every interval is a point, equal to
+    ``token_diagnostics`` on the full log-probs up to float32 rounding.
+    """
+    from canopy_entropy.engines.topk import topk_step_stats
+
+    lp = np.asarray(top_logprobs, dtype=np.float64)
+    if lp.ndim != 2:
+        raise DiagnosticsError(f"top_logprobs must be [positions, k], got shape {lp.shape}")
+    positions, k = lp.shape
+    t_lp = np.asarray(target_logprobs, dtype=np.float64).reshape(positions)
+    ranks = np.asarray(target_ranks, dtype=np.int64).reshape(positions)
+    ids = np.asarray(target_ids, dtype=np.int64).reshape(positions)
+    if top_ids is None:
+        top_ids = np.full(lp.shape, -1, dtype=np.int64)
+    # the target adds known mass only when it is below every top entry (else it is one of them)
+    lowest = np.where(np.isfinite(lp), lp, np.inf).min(axis=1) if k else np.full(positions, np.inf)
+    extra = np.where(t_lp < lowest, t_lp, -np.inf)
+    stats = topk_step_stats(top_ids, lp, (), vocab_size=vocab_size, exact_kept_set=False,
+                            extra_ids=ids, extra_logprobs=extra)  # fmt: skip
+    order = -np.sort(-lp, axis=1)  # descending, -inf padding last
+    p_sorted = np.where(np.isfinite(order), np.exp(order), 0.0)
+    n_known = np.isfinite(order).sum(axis=1)
+    known_part = p_sorted @ np.arange(1, k + 1, dtype=np.float64)
+    z = p_sorted.sum(axis=1)
+    rest = np.clip(1.0 - z, 0.0, 1.0)
+    rest = np.where(rest > 1e-6, rest, 0.0)  # float32 log-prob noise: a complete set
+    p_k = np.where(n_known > 0, p_sorted[np.arange(positions), np.maximum(n_known - 1, 0)], 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        full = np.where(p_k > 0, np.floor(rest / p_k), 0.0)
+    full = np.minimum(full, np.maximum(vocab_size - n_known, 0))
+    # greedy fill: p_k at ranks n+1..n+m (sum of ranks m n + m(m+1)/2), leftover at n+m+1
+    lower = known_part + p_k * (full * n_known + full * (full + 1) / 2)
+    lower += (rest - full * p_k).clip(min=0.0) * (n_known + full + 1)
+    upper = known_part + rest * (n_known + 1 + vocab_size) / 2.0
+    upper = np.maximum(upper, lower)
+    exact = rest == 0.0
+    log_r = np.log(ranks.astype(np.float64))
+    with np.errstate(divide="ignore"):
+        rel_lower, rel_upper = log_r - np.log(upper), log_r - np.log(lower)
+    entropy_upper = np.where(exact, stats.entropy, stats.entropy_upper)
+    return TopKDiagnostics(
+        p=np.exp(t_lp).astype(np.float32),
+        logp=t_lp.astype(np.float32),
+        rank=ranks,
+        entropy_lower=stats.entropy.astype(np.float32),
+        entropy_upper=np.asarray(entropy_upper, dtype=np.float32),
+        expected_rank_lower=lower.astype(np.float32),
+        expected_rank_upper=upper.astype(np.float32),
+        relative_rank_lower=rel_lower.astype(np.float32),
+        relative_rank_upper=rel_upper.astype(np.float32),
+        exact=exact,
+    )
+
+
+def vllm_prompt_diagnostics(
+    llm: Any, encoded: Sequence[EncodedAnswer], *, k: int, vocab_size: int
+) -> tuple[np.ndarray, TopKDiagnostics]:
+    """Teacher-forced diagnostics of the answers through a vLLM ``LLM``'s prompt log-probs.
+
+    One request per answer (prompt + answer ids, ``max_tokens=1``, ``prompt_logprobs=k``);
+    vLLM returns per position the top-k raw log-probs (temperature 1, no truncation) plus the
+    actual token's log-prob and rank in the whole vocabulary, which ``topk_diagnostics`` turns
+    into exact p, log p, rank and bounded entropy / expected rank. Returns the answers' offsets
+    and the diagnostics over all answer tokens. The engine must allow ``max_logprobs >= k``.
+    """
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=int(k), detokenize=False)
+    requests = [TokensPrompt(prompt_token_ids=[*e.prompt_ids, *e.answer_ids]) for e in encoded]
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    lengths = np.array([len(e.answer_ids) for e in encoded], dtype=np.int64)
+    n = int(lengths.sum())
+    top = np.full((n, int(k)), -np.inf)
+    top_ids = np.full((n, int(k)), -1, dtype=np.int64)
+    t_ids, t_lp, t_rank = (np.zeros(n, np.int64), np.zeros(n), np.zeros(n, np.int64))
+    row = 0
+    for e, out in zip(encoded, outputs, strict=True):  # loop over answers and their positions
+        start = len(e.prompt_ids)
+        for j, target in enumerate(e.answer_ids):
+            entries = out.prompt_logprobs[start + j]
+            entry = entries[target]
+            t_ids[row], t_lp[row], t_rank[row] = target, entry.logprob, entry.rank
+            items = [(t, v.logprob) for t, v in entries.items() if v.rank <= k][: int(k)]
+            top_ids[row, : len(items)] = [t for t, _ in items]
+            top[row, : len(items)] = [lp for _, lp in items]
+            row += 1
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return offsets, topk_diagnostics(
+        top, t_ids, t_lp, t_rank, vocab_size=vocab_size, top_ids=top_ids
+    )

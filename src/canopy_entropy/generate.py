@@ -206,6 +206,9 @@ def generate_run(
     run_name: str | None = None,
     shard: Shard | None = None,
     writer: FolderWriter | None = None,
+    enable_thinking: bool = False,
+    series: str | None = None,
+    step: int | None = None,
 ) -> GenerateSummary:
     """Sample ``rollouts`` rollouts for every prompt into ``run_dir`` (resumable).
 
@@ -214,6 +217,8 @@ def generate_run(
     ``progress`` receives dicts with task, prompt_id, prompts_done, prompts_total (of this
     shard), rollouts_done, tokens and elapsed_s after each prompt. ``shard``: only the chunks
     that job owns. ``writer``: where results go (default: the run folder).
+    ``enable_thinking`` goes to the chat template of instruct prompts; ``series`` / ``step``
+    place the model in a checkpoint series (recorded in the manifest).
     """
     if rollouts < 1:
         raise ConfigError(f"rollouts must be >= 1 (got {rollouts})")
@@ -266,12 +271,16 @@ def generate_run(
         resolved.validate()
         sampled = [i for k in groups for i in range(k * chunk, min((k + 1) * chunk, len(prompts)))]
         rendered = {
-            i: render_prompt(eng.tokenizer, prompts[i].text_for(variant), variant) for i in sampled
+            i: render_prompt(eng.tokenizer, prompts[i].text_for(variant), variant, enable_thinking)
+            for i in sampled
         }
         _check_context(prompts, rendered, resolved, eng.context_length)
         writer.record_model(
             run, requested_rec, seed_rec,
-            _model_record(label, model, variant, family, rollouts, eng, resolved, seed_rec),
+            dataclasses.replace(
+                _model_record(label, model, variant, family, rollouts, eng, resolved, seed_rec),
+                series=series or None, step=step, enable_thinking=bool(enable_thinking),
+            ),
         )  # fmt: skip
         done_before = len(owned) - len(todo)
         missing = set(todo)

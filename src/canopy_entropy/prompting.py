@@ -2,8 +2,9 @@
 
 Base models get the raw text (tokenised with the tokenizer's own special tokens, e.g. one
 BOS). Instruct models get the chat template (one user turn, generation prompt on, thinking
-off where supported); the templated string already holds its BOS, so it is tokenised
-WITHOUT adding special tokens again (the double-BOS defect of the original code).
+off where supported unless ``enable_thinking``); the templated string already holds its BOS,
+so it is tokenised WITHOUT adding special tokens again (the double-BOS defect of the original
+code).
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ from canopy_entropy.errors import CanopyError
 from canopy_entropy.run.layout import VARIANTS
 
 
-def render_prompt(tokenizer: Any, text: str, variant: str) -> tuple[str, list[int]]:
-    """Return ``(rendered_text, token_ids)`` for ``text`` as the ``variant`` model sees it."""
+def render_prompt(
+    tokenizer: Any, text: str, variant: str, enable_thinking: bool = False
+) -> tuple[str, list[int]]:
+    """Return ``(rendered_text, token_ids)`` for ``text`` as the ``variant`` model sees it;
+    ``enable_thinking`` is passed to the chat template (thinking-mode models branch on it)."""
     if variant not in VARIANTS:
         raise CanopyError(f"unknown variant '{variant}'; use one of {list(VARIANTS)}")
     if variant == "base":
@@ -29,7 +33,7 @@ def render_prompt(tokenizer: Any, text: str, variant: str) -> tuple[str, list[in
     messages = [{"role": "user", "content": text}]
     try:
         rendered = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
+            messages, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
         )
     except TypeError:  # pragma: no cover - templates without extra kwargs support
         rendered = tokenizer.apply_chat_template(

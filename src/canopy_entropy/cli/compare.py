@@ -23,8 +23,15 @@ def command(
     bootstrap: Annotated[int, typer.Option(help="Bootstrap replicates (B).")] = 2000,
     seed: Annotated[int, typer.Option(help="Seed of the prompt resampling.")] = 0,
     on: Annotated[
-        str, typer.Option(help="Column --a/--b refer to: 'variant' or 'model'.")
+        str,
+        typer.Option(
+            help="Column --a/--b refer to: 'variant', 'model' or 'step' (checkpoints of a "
+            "series; --by then defaults to 'task')."
+        ),
     ] = "variant",
+    series: Annotated[
+        str | None, typer.Option(help="With --on step: the series (default: the only one).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the tidy table as JSON.")] = False,
 ) -> None:
     """Compare two models (paired prompt bootstrap): CE*, GenPPL, BF, rho, D with SEs and CIs.
@@ -36,8 +43,15 @@ def command(
 
     if not run.is_dir():
         raise CanopyError(f"run folder {run} does not exist; pass the folder 'canopy run' wrote")
-    if on not in ("variant", "model"):
-        raise ConfigError(f"--on must be 'variant' or 'model', got '{on}'")
+    if on not in ("variant", "model", "step"):
+        raise ConfigError(f"--on must be 'variant', 'model' or 'step', got '{on}'")
+    if series is not None and on != "step":
+        raise ConfigError("--series names the series of --on step; add --on step or drop it")
+    if on == "step":  # the two checkpoints' model labels, compared as models
+        from canopy_entropy.series import step_label
+
+        a, b, on = step_label(run, a, series), step_label(run, b, series), "model"
+        by = "task" if by == "family,task" else by
     by_cols = tuple(c.strip() for c in by.split(",") if c.strip())
     result = compare(current_metrics(run), a=a, b=b, by=by_cols, n_boot=bootstrap, seed=seed, on=on)
     paths = result.save(run)

@@ -61,6 +61,16 @@ def command(
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", help="Rollouts stepped together (halves on OOM).")
     ] = None,
+    enable_thinking: Annotated[
+        bool,
+        typer.Option(
+            "--enable-thinking", help="Instruct prompts: the chat template's thinking on."
+        ),
+    ] = False,
+    series: Annotated[
+        str | None, typer.Option("--series", help="Checkpoint series of this model (with --step).")
+    ] = None,
+    step: Annotated[int | None, typer.Option("--step", help="Its step in the series.")] = None,
     engine: Annotated[str, typer.Option("--engine", help="hf, vllm or openai.")] = "hf",
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "auto",
     dtype: Annotated[
@@ -115,6 +125,12 @@ def command(
         raise ConfigError(f"unknown variant '{variant}'; use base or instruct")
     if top_k < 0:
         raise ConfigError(f"--top-k must be >= 0 (0 = off), got {top_k}")
+    if enable_thinking and variant != "instruct":
+        raise ConfigError(
+            "--enable-thinking changes the chat template: use it with --variant instruct"
+        )
+    if (series is None) != (step is None) or (step is not None and step < 0):
+        raise ConfigError("a checkpoint needs --series NAME and --step N (N >= 0) together")
     policy = DecodingPolicy(
         temperature=temperature,
         top_k=top_k or None,
@@ -173,6 +189,9 @@ def command(
             batch_size=batch_size,
             progress=on_progress,
             shard=job,
+            enable_thinking=enable_thinking,
+            series=series,
+            step=step,
         )
         bar.update(task_id, total=summary.prompts_total, completed=summary.prompts_total)
     console.print(

@@ -49,6 +49,14 @@ COMMANDS = {
         "metrics",
         "Compute CE*, GenPPL, BF, rho(N, r), decompositions and error bounds for a run.",
     ),
+    "series": (
+        "series",
+        "Metrics against the step of each checkpoint of a series: CE*, GenPPL, BF, rho, accuracy.",
+    ),
+    "phases": (
+        "phases",
+        "CE*, entropy rate, length and rho(N, r) per reasoning / answer phase (split at a marker).",
+    ),
     "score": (
         "score",
         "Teacher-forced token diagnostics of reference answers: p, H, rank, log(R/E[R]).",

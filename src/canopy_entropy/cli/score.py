@@ -54,6 +54,17 @@ def command(
     batch_size: Annotated[
         int, typer.Option("--batch-size", help="Answers per forward pass (halves on OOM).")
     ] = 8,
+    engine: Annotated[
+        str, typer.Option("--engine", help="hf (exact) or vllm (prompt log-probs).")
+    ] = "hf",
+    prompt_logprobs: Annotated[
+        int | None,
+        typer.Option(
+            "--prompt-logprobs",
+            help="vLLM: top-k entries per position (default: the whole vocabulary, exact; "
+            "fewer give entropy / expected-rank intervals).",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "auto",
     dtype: Annotated[
         str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")
@@ -103,6 +114,8 @@ def command(
             batch_size=batch_size,
             policy=policy,
             progress=lambda done, total: status.update(f"scored {done}/{total} answers"),
+            engine=engine,
+            prompt_logprobs=prompt_logprobs,
         )
     frame = summary.answers
     out = Console()

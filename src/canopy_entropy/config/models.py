@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,71 @@ def _parse_model(ctx: _Ctx, data: Any, index: int, base_dir: Path) -> ModelSpec:
     label = _get(ctx, data, "label", str, "", t, index) or Path(model.rstrip("/")).name
     family = _get(ctx, data, "family", str, "", t, index) or label
     options = _get(ctx, data, "engine_options", dict, {}, t, index)
+    series = _get(ctx, data, "series", str, "", t, index)
+    step = _get(ctx, data, "step", int, None, t, index)
+    if series and not re.match(r"^[\w.-]+$", series):
+        ctx.fail(f"models[{index}].series = {series!r}: use letters, digits, '.', '_' or '-' "
+                 "only", t, "series", index)  # fmt: skip
+    if bool(series) != (step is not None):
+        missing, given = ("step", "series") if series else ("series", "step")
+        ctx.fail(
+            f"models[{index}] sets {given} but not {missing}; a checkpoint needs both (e.g. "
+            "series = 'sft-run', step = 1000)",
+            t,
+            given,
+            index,
+        )
+    if step is not None and step < 0:
+        ctx.fail(f"models[{index}].step = {step} must be >= 0", t, "step", index)
+    thinking = _get(ctx, data, "enable_thinking", bool, None, t, index)
     return ModelSpec(
-        model=model, variant=variant, family=family, label=label, engine_options=options
+        model=model,
+        variant=variant,
+        family=family,
+        label=label,
+        engine_options=options,
+        series=series,
+        step=step,
+        enable_thinking=thinking,
     )
+
+
+def check_series(ctx: _Ctx, models: list[ModelSpec]) -> None:
+    """Each (series, step) names one model: two checkpoints of a series at one step would make
+    the step ambiguous in tables, figures and ``compare --on step``."""
+    seen: dict[tuple[str, int], int] = {}
+    for i, m in enumerate(models):
+        if not m.series:
+            continue
+        key = (m.series, int(m.step or 0))
+        if key in seen:
+            ctx.fail(
+                f"models[{i}] and models[{seen[key]}] are both step {key[1]} of series "
+                f"'{key[0]}'; give each checkpoint of a series its own step",
+                "models",
+                "step",
+                i,
+            )
+        seen[key] = i
+
+
+def check_thinking(
+    ctx: _Ctx, models: list[ModelSpec], default: bool, engine: str, options: dict[str, Any]
+) -> None:
+    """enable_thinking reaches the chat template of instruct prompts rendered here: on a base
+    model, or with a chat endpoint that sends the user text to a server, it would do nothing."""
+    for i, m in enumerate(models):
+        if m.enable_thinking and m.variant != "instruct":
+            ctx.fail(f"models[{i}].enable_thinking is set on a base model; it only changes the "
+                     "chat template of instruct models (variant = 'instruct')",
+                     "models", "enable_thinking", i)  # fmt: skip
+    if default and not any(m.variant == "instruct" for m in models):
+        ctx.fail("[generation] enable_thinking = true but no model is an instruct model; it "
+                 "only changes the chat template of instruct prompts", "generation",
+                 "enable_thinking")  # fmt: skip
+    for i, m in enumerate(models):
+        thinking = default if m.enable_thinking is None else m.enable_thinking
+        if thinking and engine == "openai" and {**options, **m.engine_options}.get("chat"):
+            ctx.fail(f"models[{i}] thinks (enable_thinking) but the openai engine with chat = "
+                     "true sends the user text to the server, which applies its own chat "
+                     "template; drop chat or set thinking on the server", "models", None, i)  # fmt: skip

@@ -10,12 +10,18 @@ from pathlib import Path
 from typing import Any
 
 from canopy_entropy.config.checks import _TYPE_NAMES, _check, _check_keys, _Ctx, _get, _suggest
-from canopy_entropy.config.models import _parse_model, check_model_available
+from canopy_entropy.config.models import (
+    _parse_model,
+    check_model_available,
+    check_series,
+    check_thinking,
+)
 from canopy_entropy.config.schema import (
     BACKENDS,
     FIGURE_FORMATS,
     STAGE_OPTIONS,
     STAGES,
+    AnalysisConfig,
     CompareConfig,
     EmbedConfig,
     EngineConfig,
@@ -55,6 +61,7 @@ def _parse_generation(ctx: _Ctx, data: dict) -> GenerationConfig:
         seed=_get(ctx, data, "seed", int, d.seed, t),
         common_random_numbers=_get(ctx, data, "common_random_numbers", bool, False, t),
         batch_size=_get(ctx, data, "batch_size", int, d.batch_size, t),
+        enable_thinking=_get(ctx, data, "enable_thinking", bool, False, t),
     )
     _check(ctx, g.rollouts >= 1, t, "rollouts", g.rollouts, "must be >= 1")
     _check(ctx, g.temperature >= 0, t, "temperature", g.temperature, "must be >= 0 (0 = greedy)")
@@ -191,6 +198,7 @@ _TOP_KEYS = [
     "plots",
     "scoring",
     "task",
+    "analysis",
 ]
 
 
@@ -209,7 +217,7 @@ def parse_config(
         raise ConfigError(f"{ctx.source}: not valid TOML ({exc}); fix the syntax") from exc
     _check_keys(ctx, data, _TOP_KEYS, "")
     for key in ("generation", "engine", "prompts", "embed", "compare", "regress", "plots",
-                "scoring", "task"):  # fmt: skip
+                "scoring", "task", "analysis"):  # fmt: skip
         if key in data and not isinstance(data[key], dict):
             ctx.fail(f"'{key}' must be a table ([{key}]), got {data[key]!r}", "", key)
 
@@ -289,6 +297,10 @@ def parse_config(
                 i,
             )
         seen[m.label] = i
+    check_series(ctx, cfg.models)
+    check_thinking(
+        ctx, cfg.models, cfg.generation.enable_thinking, cfg.engine.name, cfg.engine.options
+    )
     for i, m in enumerate(cfg.models):
         problem = engine_options_problem(
             cfg.engine.name, {**cfg.engine.options, **m.engine_options}
@@ -370,6 +382,7 @@ def parse_config(
     _check(
         ctx, cfg.plots.min_active >= 1, "plots", "min_active", cfg.plots.min_active, "must be >= 1"
     )
+    cfg.analysis = _parse_analysis(ctx, data.get("analysis", {}))
     return cfg
 
 
@@ -424,6 +437,19 @@ def _parse_tasks(ctx: _Ctx, data: dict, cfg: ExperimentConfig, base_dir: Path) -
     if not names or len(set(names)) != len(names):
         ctx.fail("tasks must list each task once, at least one", "", "tasks")
     cfg.tasks = names
+
+
+def _parse_analysis(ctx: _Ctx, data: dict) -> AnalysisConfig:
+    """[analysis]: phase_markers, distinct non-empty strings (rollouts split at the first)."""
+    t = "analysis"
+    _check_keys(ctx, data, [f.name for f in dataclasses.fields(AnalysisConfig)], t)
+    markers = _get(ctx, data, "phase_markers", list, [], t)
+    for marker in markers:
+        _check(ctx, isinstance(marker, str) and bool(marker.strip()), t, "phase_markers", marker,
+               "must be a non-empty string such as '</think>'")  # fmt: skip
+    _check(ctx, len(set(markers)) == len(markers), t, "phase_markers", markers,
+           "lists a marker twice")  # fmt: skip
+    return AnalysisConfig(phase_markers=list(markers))
 
 
 def _stage_options(ctx: _Ctx, data: dict, section: str) -> dict[str, Any]:

@@ -57,6 +57,9 @@ class ModelSpec:
     family: str = ""  # pairs a base with its instruct model; default: the label
     label: str = ""  # name in tables and the store; default: last part of `model`
     engine_options: dict[str, Any] = field(default_factory=dict)  # merged over [engine].options
+    series: str = ""  # checkpoint series this model belongs to (e.g. one fine-tuning run)
+    step: int | None = None  # its position in the series (e.g. the training step)
+    enable_thinking: bool | None = None  # chat template's thinking mode; None = [generation]'s
 
 
 @dataclass
@@ -73,6 +76,7 @@ class GenerationConfig:
     seed: int = 0  # run seed: rollout seeds derive from (seed, prompt id, rollout index)
     common_random_numbers: bool = False  # reuse the same random streams across models
     batch_size: int = 0  # 0 = engine default / adaptive
+    enable_thinking: bool = False  # the chat template's enable_thinking (instruct prompts)
 
 
 BACKENDS = ("local", "ray")
@@ -162,6 +166,13 @@ class PlotsConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    """Re-analyses of the stored rollouts (no new sampling)."""
+
+    phase_markers: list[str] = field(default_factory=list)  # split rollouts at the first one
+
+
+@dataclass
 class ExperimentConfig:
     """A whole study. Build it with ``load_config`` / ``parse_config``."""
 
@@ -180,6 +191,7 @@ class ExperimentConfig:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     task_specs: dict[str, TaskSpec] = field(default_factory=dict)  # task files and [task.X] tables
     task_tables: dict[str, dict[str, Any]] = field(default_factory=dict)  # [task.X] as written
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     source: str = ""  # the file it came from (not written back)
 
     def task_spec(self, task: str) -> TaskSpec:

@@ -39,7 +39,10 @@ def config_dict(cfg: ExperimentConfig) -> dict[str, Any]:
         "compare": dataclasses.asdict(cfg.compare),
         "regress": dataclasses.asdict(cfg.regress),
         "plots": dataclasses.asdict(cfg.plots),
-        "models": [dataclasses.asdict(m) for m in cfg.models],
+        "analysis": dataclasses.asdict(cfg.analysis),
+        "models": [
+            {k: v for k, v in dataclasses.asdict(m).items() if v is not None} for m in cfg.models
+        ],  # TOML has no null: an unset step / enable_thinking is left out
     }
     if cfg.scoring != ScoringConfig():
         out["scoring"] = dataclasses.asdict(cfg.scoring)
@@ -69,9 +72,15 @@ def generation_fingerprint(cfg: ExperimentConfig | dict[str, Any]) -> dict[str, 
     """The parts of a config (or of its ``config_dict``) that determine the rollouts (a
     changed one needs a new run)."""
     d = config_dict(cfg) if isinstance(cfg, ExperimentConfig) else cfg
-    models = [{k: m[k] for k in ("model", "variant", "family", "label")} for m in d["models"]]
     gen = dict(d["generation"])
     gen.pop("batch_size", None)  # results do not depend on batch size
+    thinking = bool(gen.pop("enable_thinking", False))
+    models = []
+    for m in d["models"]:
+        fp = {k: m[k] for k in ("model", "variant", "family", "label")}
+        if m.get("enable_thinking", thinking):  # thinking off (the default) is left out, so
+            fp["enable_thinking"] = True  # folders recorded before the option still match
+        models.append(fp)
     return {
         "generation": gen,
         "engine": {"name": d["engine"]["name"]},

@@ -132,7 +132,7 @@ class MetricsResult:
         pcols += [c for c in self.prompts.columns if c not in pcols]
         # every prompt row made JSON-safe once, column by column, then split by group
         columns = [_json_column(self.prompts[c]) for c in pcols]
-        records = [dict(zip(pcols, rec, strict=True)) for rec in zip(*columns)]
+        records = [dict(zip(pcols, rec, strict=True)) for rec in zip(*columns, strict=True)]
         indices = (
             self.prompts.groupby(by, sort=False, dropna=False).indices
             if by

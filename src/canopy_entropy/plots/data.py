@@ -103,9 +103,10 @@ def running_rate(run: Path) -> pd.DataFrame:
     """The running entropy rate per (model, variant, family, task, position): ``mean_rate``
     of the prefix rates ``sum_{s<=t} H_s / t`` of the ``n_active`` rollouts with N >= t, as
     the metrics stage's scan saved it (metrics/running_rate.parquet)."""
-    if artefact_path(run, "metrics.json").exists() and not artefact_path(
-        run, "metrics.running_rate"
-    ).exists():
+    if (
+        artefact_path(run, "metrics.json").exists()
+        and not artefact_path(run, "metrics.running_rate").exists()
+    ):
         raise MissingInput(
             f"no running-rate curves (the metrics were saved by an older version): run "
             f"`canopy metrics {run}` or the metrics stage of `canopy run`"

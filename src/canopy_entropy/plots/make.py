@@ -21,7 +21,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from canopy_entropy.errors import CanopyError
-from canopy_entropy.plots import data, fig_accuracy, fig_eos
+from canopy_entropy.plots import data, fig_accuracy, fig_eos, fig_series
 from canopy_entropy.plots import figures as F
 from canopy_entropy.plots.style import Palette, style
 from canopy_entropy.run.freshness import input_fingerprint
@@ -108,6 +108,12 @@ REGISTRY: dict[str, FigureSpec] = {
         ("accuracy",),
         "all rollouts of a model and task ranked together; dashed: chance",
     ),
+    "fig8_series_trend": FigureSpec(
+        fig_series.series_trend,
+        "Checkpoint series: metrics against step",
+        ("series_table",),
+        "pooled metrics of each checkpoint against its step; band: ± SE of CE*",
+    ),
 }
 FIGURE_NAMES = tuple(REGISTRY)
 # Drawn by the regress stage (stats.dharma) into figures/, listed in the index and the report.
@@ -169,6 +175,9 @@ class RunInputs:
 
     def eos_matrices(self) -> dict[tuple[str, str], fig_eos.EOSMatrix]:
         return fig_eos.eos_matrices(self.run)
+
+    def series_table(self) -> pd.DataFrame:
+        return fig_series.series_input(self.run)
 
     def palette(self) -> Palette:
         """One palette for every figure: the families of the manifest and the rollouts."""

@@ -15,7 +15,7 @@ from canopy_entropy.plots.make import (
     make_figures,
     read_index,
 )
-from canopy_entropy.report import sections, tables
+from canopy_entropy.report import sections, studies, tables
 from canopy_entropy.report.correctness import correctness
 from canopy_entropy.report.html import CSP, asset, esc, note
 from canopy_entropy.store import atomic_write_text
@@ -27,6 +27,8 @@ TITLES = {
     "comparison": "Comparison",
     "regression": "Entropy rate → diversity regression",
     "correctness": "Correctness and uncertainty",
+    "series": "Checkpoint series",
+    "phases": "Reasoning and answer phases",
     "figures": "Figures",
     "reproduce": "Provenance",
 }
@@ -93,6 +95,7 @@ def render_report(run_dir: str | Path, *, figure_index: dict | None = None) -> s
     stage_notes = sections.status_alerts(sections.stage_status(run), alerts)
     content = {"summary": sections.summary(run, manifest, alerts), **_results(run, alerts)}
     index = figure_index if figure_index is not None else (read_index(run) or {}).get("figures", {})
+    content["series"], content["phases"] = studies.series_section(run), studies.phases_section(run)
     content["figures"] = sections.figures(run, index) or note("no figures")
     content["reproduce"] = sections.provenance(run, manifest)
     title = f"canopy-entropy report: {manifest.run or run.name}"

@@ -121,6 +121,9 @@ class ModelRecord:
     engine: dict[str, Any] = field(default_factory=dict)  # engine facts, tokenizer hashes
     approximate: bool = False  # entropies from top-k logprobs only (bounds, not exact)
     versions: dict[str, str] = field(default_factory=dict)
+    series: str | None = None  # checkpoint series (None: not part of one; older manifests)
+    step: int | None = None  # its step within the series
+    enable_thinking: bool = False  # prompts rendered with the chat template's thinking on
 
     @property
     def tokenizer_sha256(self) -> str | None:
@@ -150,6 +153,9 @@ class ModelRecord:
             engine=dict(d.get("engine") or {}),
             approximate=bool(d.get("approximate", False)),
             versions=dict(d.get("versions") or {}),
+            series=d.get("series") or None,
+            step=None if d.get("step") is None else int(d["step"]),
+            enable_thinking=bool(d.get("enable_thinking", False)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -212,6 +218,14 @@ class Manifest:
 
     def with_model(self, record: ModelRecord) -> Manifest:
         return dataclasses.replace(self, models={**self.models, record.label: record})
+
+    def with_checkpoints(self, steps: dict[str, tuple[str | None, int | None]]) -> Manifest:
+        """The manifest with (series, step) set on the named model labels (others kept)."""
+        models = dict(self.models)
+        for label, (series, step) in steps.items():
+            if label in models:
+                models[label] = dataclasses.replace(models[label], series=series, step=step)
+        return dataclasses.replace(self, models=models)
 
     def with_import(self, record: ImportRecord) -> Manifest:
         kept = tuple(i for i in self.imports if i.sha256 != record.sha256)

@@ -310,6 +310,7 @@ def _generate_model(
         engine_options=_engine_options(cfg, m),
         run_name=cfg.name,
         shard=shard,
+        **_model_extras(cfg, m),
     )
     if not ray:
         return generate_in_child(fn, kwargs, progress)[0].prompts_generated
@@ -450,8 +451,24 @@ def generate_is_done(run_dir: Path, cfg: ExperimentConfig, shard: Shard | None =
     return all(counts.get(u, 0) >= M for u in _owned_units(cfg, prompts, shard))
 
 
+def _model_extras(cfg: ExperimentConfig, m: Any) -> dict[str, Any]:
+    """generate_run's thinking mode and checkpoint place of model ``m`` (only when set, so
+    a ``fn`` without them still works for studies that do not use them)."""
+    thinking = cfg.generation.enable_thinking if m.enable_thinking is None else m.enable_thinking
+    extras: dict[str, Any] = {"enable_thinking": True} if thinking else {}
+    if m.series:
+        extras.update(series=m.series, step=m.step)
+    return extras
+
+
 def record_experiment(run_dir: Path, cfg: ExperimentConfig) -> None:
-    """Record the resolved experiment config in the run manifest (the provenance authority)."""
+    """Record the resolved experiment config in the run manifest (the provenance authority)
+    and each model's checkpoint series and step (they label results, so may change later)."""
     exp = config_dict(cfg)
-    if read_manifest(run_dir).experiment != exp:
-        update_manifest(run_dir, lambda m: dataclasses.replace(m, experiment=exp))
+    steps = {m.label: (m.series or None, m.step) for m in cfg.models}
+    manifest = read_manifest(run_dir)
+    current = {k: (r.series, r.step) for k, r in manifest.models.items() if k in steps}
+    if manifest.experiment != exp or any(current[k] != steps[k] for k in current):
+        update_manifest(
+            run_dir, lambda m: dataclasses.replace(m, experiment=exp).with_checkpoints(steps)
+        )

@@ -99,7 +99,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
     ),
     Stage(
         "metrics",
-        "canopy_entropy.metrics:write_metrics",
+        "canopy_entropy.metrics.phases:write_metrics_and_phases",
         inputs=(
             "manifest.json",
             "rollouts",
@@ -115,6 +115,8 @@ STAGE_TABLE: tuple[Stage, ...] = (
             "metrics/metrics.json",
         ),
         needs=("generate",),
+        options=lambda cfg: {"phase_markers": tuple(cfg.analysis.phase_markers)},
+        config_key="analysis",  # the phase split of [analysis] phase_markers
         what="CE*, GenPPL, BF, correlations, decompositions, error bounds",
     ),
     Stage(
@@ -175,6 +177,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
             "compare",
             "regression",
             "scores",
+            "diagnostics/answers.parquet",
         ),
         outputs=("figures",),
         needs=("metrics",),
@@ -193,6 +196,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
             "regression",
             "figures",
             "scores",
+            "diagnostics/answers.parquet",
         ),
         outputs=("report.html",),
         needs=("metrics",),
