@@ -37,13 +37,22 @@ def golden_run(tmp_path_factory) -> Path:
     from canopy_entropy.config import load_config
     from canopy_entropy.runner import run_experiment
 
+    import os
+
     root = tmp_path_factory.mktemp("golden")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(tiny_run.THREADS)  # float32 kernels split work by thread count
+    threads, env = torch.get_num_threads(), os.environ.get("TORCH_NUM_THREADS")
+    # float32 kernels split work by thread count; the runner applies TORCH_NUM_THREADS first
+    # (before OMP_NUM_THREADS or the machine's cores), so the study samples as when pinned
+    os.environ["TORCH_NUM_THREADS"] = str(tiny_run.THREADS)
+    torch.set_num_threads(tiny_run.THREADS)
     try:
         results = run_experiment(load_config(tiny_run.write_config(root)), root / "run")
     finally:
         torch.set_num_threads(threads)
+        if env is None:
+            os.environ.pop("TORCH_NUM_THREADS", None)
+        else:
+            os.environ["TORCH_NUM_THREADS"] = env
     # every stage ran, but score: the built-in tasks name no scorer
     assert all(r.status == "done" for r in results if r.name != "score"), results
     assert next(r for r in results if r.name == "score").status == "skipped"

