@@ -1,0 +1,245 @@
+"""Reward-model filtering: scores of a tiny random reward model, the top-share selection, the
+kept set's metrics and the cache, against independent computations."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from canopy_entropy.errors import CanopyError, ConfigError
+from canopy_entropy.run.layout import PROMPT_KEYS, ROLLOUT_KEYS
+
+
+def _reward_model(path: Path, chat: bool = True) -> Path:
+    """A 2-layer random Llama with a one-output score head and the tiny tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from canopy_entropy.testing import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    if not chat:
+        tok.chat_template = None
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        num_labels=1, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(3)
+    model = LlamaForSequenceClassification(config)
+    with torch.no_grad():  # a score head large enough that rollouts get distinct scores
+        model.score.weight.normal_(0.0, 1.0)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory) -> Path:
+    return _reward_model(tmp_path_factory.mktemp("reward") / "rm")
+
+
+@pytest.fixture(scope="module")
+def scored_run(tmp_path_factory, run_two_tasks, reward_model):
+    """A copy of the two-task run, reward-filtered once (keep 0.7)."""
+    from canopy_entropy.reward import reward_run
+
+    run = tmp_path_factory.mktemp("reward_run") / "run"
+    shutil.copytree(run_two_tasks, run)
+    result = reward_run(
+        run, str(reward_model), keep=0.7, device="cpu",
+        compare={"n_boot": 50, "seed": 0, "by": ("family", "task")},
+        regress={"mean": "D ~ R_sc * variant + task", "precision": "~ 1"},
+    )  # fmt: skip
+    return run, result
+
+
+def _direct_scores(model_dir: Path, run: Path) -> pd.DataFrame:
+    """Each rollout scored alone (no batching, no padding), the text built by hand."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from canopy_entropy.store import RunStore
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    store = RunStore(run)
+    rows = store.read_rollouts(columns=[*ROLLOUT_KEYS, "text"]).to_pandas()
+    prompts = store.read_prompts().to_pandas()[[*PROMPT_KEYS, "text"]]
+    rows = rows.merge(prompts.rename(columns={"text": "q"}), on=list(PROMPT_KEYS))
+    out = []
+    for q, a in zip(rows["q"], rows["text"], strict=True):
+        if tok.chat_template:
+            text = f"<|bos|><|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n"
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+        else:  # plain text after the BOS token
+            ids = [tok.bos_token_id, *tok(f"User: {q}\n\nAssistant: {a}",
+                                          add_special_tokens=False)["input_ids"]]  # fmt: skip
+        ids = torch.tensor([ids])
+        with torch.no_grad():
+            out.append(float(model(input_ids=ids).logits[0, 0]))
+    rows["direct"] = out
+    return rows[[*ROLLOUT_KEYS, "direct"]]
+
+
+def test_scores_match_unbatched_forward_passes(scored_run, reward_model):
+    run, result = scored_run
+    direct = _direct_scores(reward_model, run)
+    merged = result.selection.merge(direct, on=list(ROLLOUT_KEYS))
+    assert len(merged) == len(direct) == 64
+    np.testing.assert_allclose(merged["score"], merged["direct"], rtol=1e-4, atol=1e-5)
+    assert merged["score"].nunique() > 48  # mostly distinct (identical texts tie)
+
+
+def test_kept_set_is_the_independent_argsort_ceil_selection(scored_run):
+    _, result = scored_run
+    sel = result.selection
+    expected = []
+    for _, g in sel.groupby(list(PROMPT_KEYS)):
+        k = math.ceil(0.7 * len(g) - 1e-12)
+        best = np.argsort(-g["score"].to_numpy(), kind="stable")[:k]
+        expected += [tuple(r) for r in g.iloc[best][list(ROLLOUT_KEYS)].itertuples(index=False)]
+    got = [tuple(r) for r in sel[sel["kept"]][list(ROLLOUT_KEYS)].itertuples(index=False)]
+    assert sorted(got) == sorted(expected)
+    assert len(got) == 16 * 3  # 16 prompts x ceil(0.7 * 4)
+
+
+def test_filtered_metrics_equal_metrics_of_hand_filtered_rows(scored_run):
+    from canopy_entropy.metrics import compute_metrics
+    from canopy_entropy.run.manifest import read_manifest
+    from canopy_entropy.store import RunStore
+
+    run, result = scored_run
+    table = RunStore(run).read_rollouts().to_pandas()
+    keep = result.selection[result.selection["kept"]][list(ROLLOUT_KEYS)]
+    rows = table.merge(keep, on=list(ROLLOUT_KEYS), how="inner")
+    assert len(rows) == 48
+    direct = compute_metrics(rows, warn=False, manifest=read_manifest(run))
+    cols = ["ce_star", "genppl", "bf", "mean_length", "pearson", "length_entropy", "n_rollouts"]
+    got = result.metrics.prompts.set_index(list(PROMPT_KEYS))[cols].sort_index()
+    want = direct.prompts.set_index(list(PROMPT_KEYS))[cols].sort_index()
+    pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-12)
+    # and the mean over kept rollouts by hand (CE* = mean H of a prompt's rollouts)
+    h = rows.assign(H=[float(np.sum(e, dtype=np.float64)) for e in rows["entropy"]])
+    by_hand = h.groupby(list(PROMPT_KEYS))["H"].mean().sort_index()
+    np.testing.assert_allclose(got["ce_star"].to_numpy(), by_hand.to_numpy(), rtol=1e-9)
+    assert (got["n_rollouts"] == 3).all()
+
+
+def test_kept_diversity_equals_diversity_of_the_kept_embeddings(scored_run):
+    from canopy_entropy.semantic.diversity import rollout_diversity, vendi_score
+    from canopy_entropy.semantic.embed import EMBED_SCHEMA_VERSION
+    from canopy_entropy.store import read_table
+
+    run, result = scored_run
+    prompts = result.metrics.prompts
+    kept = result.selection[result.selection["kept"]]
+    # one prompt, recomputed from the embedding files by hand
+    key = kept.iloc[0]
+    shard = [p for p in (run / "semantic" / "embeddings").glob("*.parquet")
+             if key["model"] in p.name and key["task"] in p.name]  # fmt: skip
+    assert len(shard) == 1
+    emb = read_table(shard[0], EMBED_SCHEMA_VERSION).to_pandas()
+    mine = kept[(kept["model"] == key["model"]) & (kept["task"] == key["task"])
+                & (kept["prompt_id"] == key["prompt_id"])]  # fmt: skip
+    vecs = np.stack(
+        emb.set_index(["prompt_id", "rollout_index"])
+        .loc[list(zip(mine["prompt_id"], mine["rollout_index"], strict=True)), "embedding"]
+        .to_numpy()
+    )
+    row = prompts[(prompts["model"] == key["model"]) & (prompts["task"] == key["task"])
+                  & (prompts["prompt_id"] == key["prompt_id"])]  # fmt: skip
+    assert float(row["diversity"].iloc[0]) == pytest.approx(rollout_diversity(vecs).mean())
+    assert float(row["vendi"].iloc[0]) == pytest.approx(vendi_score(vecs))
+
+
+def test_view_folder_holds_kept_analyses_and_raw_vs_kept(scored_run):
+    from canopy_entropy.comparison import CompareResult
+    from canopy_entropy.metrics import current_metrics
+    from canopy_entropy.stats.regression import RegressionResult
+
+    run, result = scored_run
+    view = run / "reward"
+    assert current_metrics(view).prompts["n_rollouts"].eq(3).all()  # a current, readable result
+    assert not CompareResult.load(view).table.empty
+    assert RegressionResult.load(view).summary["nobs"] == 16
+    raw = current_metrics(run).pooled.set_index(["model", "variant", "task"])
+    kept = result.metrics.pooled.set_index(["model", "variant", "task"])
+    t = result.raw_vs_kept
+    row = t[(t["metric"] == "ce_star")].iloc[0]
+    k = (row["model"], row["variant"], row["task"])
+    assert row["raw"] == pytest.approx(raw.loc[k, "ce_star"])
+    assert row["kept"] == pytest.approx(kept.loc[k, "ce_star"])
+    assert row["diff"] == pytest.approx(kept.loc[k, "ce_star"] - raw.loc[k, "ce_star"])
+    assert set(t["metric"]) >= {"ce_star", "genppl", "bf", "diversity", "vendi"}
+    summary = result.summary()
+    assert summary["n_kept"] == 48 and summary["n_rollouts"] == 64 and summary["n_scored"] == 64
+
+
+def test_second_run_reuses_every_cached_score(scored_run, reward_model, monkeypatch):
+    from canopy_entropy.reward import RewardScorer, score_run
+
+    run, first = scored_run
+    calls = []
+    real = RewardScorer.score
+    monkeypatch.setattr(RewardScorer, "score",
+                        lambda self, *a, **k: calls.append(1) or real(self, *a, **k))  # fmt: skip
+    again = score_run(run, str(reward_model), device="cpu")
+    assert again.n_cached == 64 and again.n_scored == 0 and calls == []
+    pd.testing.assert_series_equal(
+        again.scores["score"], first.selection["score"], check_names=False
+    )
+
+
+def test_fallback_format_without_chat_template(tmp_path, run_two_tasks):
+    from canopy_entropy.reward import RewardScorer, score_run
+
+    model_dir = _reward_model(tmp_path / "plain", chat=False)
+    run = tmp_path / "run"
+    shutil.copytree(run_two_tasks, run, ignore=shutil.ignore_patterns("reward"))
+    scorer = RewardScorer(str(model_dir), device="cpu")
+    assert scorer.format("Q?", "A.") == "User: Q?\n\nAssistant: A."
+    result = score_run(run, scorer)
+    assert any("no chat template" in n for n in result.notes)
+    direct = _direct_scores(model_dir, run)
+    merged = result.scores.merge(direct, on=list(ROLLOUT_KEYS))
+    np.testing.assert_allclose(merged["score"], merged["direct"], rtol=1e-4, atol=1e-5)
+
+
+def test_select_top_edges():
+    from canopy_entropy.reward import kept_count, select_top
+
+    assert list(kept_count(np.array([1, 3, 4, 10, 100]), 0.7)) == [1, 3, 3, 7, 70]
+    frame = pd.DataFrame({"model": "m", "variant": "base", "family": "f", "task": "math",
+                          "prompt_id": "p", "rollout_index": [0, 1, 2, 3],
+                          "score": [1.0, 2.0, 2.0, 0.5]})  # fmt: skip
+    sel = select_top(frame, 0.5)  # a tie at the top: the lower rollout index ranks first
+    assert list(sel["rank"]) == [2, 0, 1, 3] and list(sel["kept"]) == [False, True, True, False]
+    assert select_top(frame, 1.0)["kept"].all()
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ConfigError, match="keep must be a fraction"):
+            select_top(frame, bad)
+
+
+def test_a_classifier_with_two_labels_is_refused(tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from canopy_entropy.reward import RewardScorer
+    from canopy_entropy.testing import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                      num_labels=2, pad_token_id=tok.pad_token_id)  # fmt: skip
+    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "two")
+    tok.save_pretrained(tmp_path / "two")
+    with pytest.raises(ConfigError, match="num_labels = 1"):
+        RewardScorer(str(tmp_path / "two"), device="cpu")
+    with pytest.raises(CanopyError, match="does not exist; fix the path"):
+        RewardScorer(str(tmp_path / "missing"), device="cpu")
