@@ -121,7 +121,8 @@ def test_run_help_lists_every_stage_in_run_order():
     text = plain(canopy("run", "--help").stdout)
     assert ", ".join(STAGES) in text
     assert list(STAGES) == [
-        "generate", "embed", "metrics", "tables", "compare", "regress", "plots", "report"
+        "generate", "embed", "semantic-entropy", "metrics", "tables", "compare", "regress",
+        "reward", "plots", "report",
     ]  # fmt: skip
 
 
