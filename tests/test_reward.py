@@ -243,3 +243,26 @@ def test_a_classifier_with_two_labels_is_refused(tmp_path):
         RewardScorer(str(tmp_path / "two"), device="cpu")
     with pytest.raises(CanopyError, match="does not exist; fix the path"):
         RewardScorer(str(tmp_path / "missing"), device="cpu")
+
+
+def test_cli_reward_writes_the_view_and_refuses_a_bad_keep(scored_run, reward_model, tmp_path,
+                                                           capsys, monkeypatch):  # fmt: skip
+    from cli_helpers import run_cli
+
+    run, _ = scored_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    args = ["reward", str(copy), "--model", str(reward_model), "--device", "cpu"]
+    code, out, err = run_cli([*args, "--keep", "0.5", "--bootstrap", "20"], capsys, monkeypatch)
+    assert code == 0, err
+    assert "64 rollouts (0 scored, 64 from the cache); kept 32" in " ".join(out.split())
+    from canopy_entropy.metrics import current_metrics
+
+    assert current_metrics(copy / "reward").prompts["n_rollouts"].eq(2).all()
+    # the kept set is fitted with the run's own regression specification
+    from canopy_entropy.stats.regression import RegressionResult
+
+    raw_spec = RegressionResult.load(copy).summary["formula"]
+    assert RegressionResult.load(copy / "reward").summary["formula"] == raw_spec
+    code, _, err = run_cli([*args, "--keep", "1.5"], capsys, monkeypatch)
+    assert code == 2 and "keep must be a fraction in (0, 1]" in err and "Traceback" not in err

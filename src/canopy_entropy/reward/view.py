@@ -36,7 +36,6 @@ COMPARED_METRICS = (
     "truncation_rate", "diversity", "vendi",
 )  # fmt: skip
 # what the view folder holds (cleared before a new view is written; the score cache stays)
-_PUBLISHED: dict[str, Any] = {}  # regress_panel's defaults: the published specification
 VIEW_PARTS = ("metrics", "semantic", "compare", "regression", "tables", "figures")
 
 
@@ -201,16 +200,17 @@ def reward_run(
     max_length: int = 4096,
     batch_size: int = 8,
     compare: dict[str, Any] | None = None,
-    regress: dict[str, Any] | None = _PUBLISHED,
+    regress: dict[str, Any] | None = None,
+    fit_regression: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> RewardResult:
     """The reward stage: score every rollout (cached), keep the top ``keep`` share per prompt,
     recompute metrics, diversity, comparison (``compare``: a, b, by, n_boot, seed, a_key, as
     the compare stage) and the regression (``regress``: regress_panel's options, e.g. mean,
-    precision, reference; default the published specification without diagnostics; None
-    skips it) on the kept set, and write it all to ``RUN/reward/`` beside the raw results in
-    RUN/. The comparison and the regression are left out, with a note, when the run lacks the
-    second side or the diversity."""
+    precision, reference; default: the specification of the run's own regression, else the
+    published one; fitted without diagnostics) on the kept set, and write it all to
+    ``RUN/reward/`` beside the raw results in RUN/. The comparison and the regression are left
+    out, with a note, when the run lacks the second side or the diversity, or the fit fails."""
     from canopy_entropy.comparison import compare as compare_metrics
     from canopy_entropy.metrics import current_metrics
     from canopy_entropy.metrics.pool import _warn_notes
@@ -269,16 +269,17 @@ def reward_run(
     else:
         notes.append(f"no comparison of the kept set: the run lacks {a_key} "
                      f"{sorted({a, b} - sides)}")  # fmt: skip
-    if (
-        regress is not None
-        and div is not None
-        and {"base", "instruct"} <= set(result.prompts["variant"])
-    ):
+    both = {"base", "instruct"} <= set(result.prompts["variant"])
+    if fit_regression and div is not None and both:
+        spec = _regression_spec(run) if regress is None else dict(regress)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             panel = panel_from_metrics(result)
-        regression = regress_panel(panel, view, **{"diagnostics": False, **regress})
-    elif regress is not None:
+        try:
+            regression = regress_panel(panel, view, **{"diagnostics": False, **spec})
+        except CanopyError as exc:
+            notes.append(f"the regression of the kept set failed: {exc}")
+    elif fit_regression:
         notes.append("no regression of the kept set: it needs diversity and both a base and "
                      "an instruct model")  # fmt: skip
 
@@ -297,6 +298,22 @@ def reward_run(
                        schema_of("reward.raw_vs_kept"))  # fmt: skip
     atomic_write_json(artefact_path(run, "reward.summary"), out.summary())
     return out
+
+
+def _regression_spec(run: Path) -> dict[str, Any]:
+    """The mean and precision formulas and reference levels of the run's own regression
+    (RUN/regression/result.json), or {} (the published specification) when it has none."""
+    import json
+
+    path = artefact_path(run, "regression.result")
+    if not path.exists():
+        return {}
+    doc = json.loads(path.read_text())
+    formula = doc.get("formula") or {}
+    spec = {k: formula[k] for k in ("mean", "precision") if k in formula}
+    if doc.get("reference"):
+        spec["reference"] = dict(doc["reference"])
+    return spec
 
 
 def filtered_metrics(
