@@ -266,3 +266,54 @@ def test_cli_reward_writes_the_view_and_refuses_a_bad_keep(scored_run, reward_mo
     assert RegressionResult.load(copy / "reward").summary["formula"] == raw_spec
     code, _, err = run_cli([*args, "--keep", "1.5"], capsys, monkeypatch)
     assert code == 2 and "keep must be a fraction in (0, 1]" in err and "Traceback" not in err
+
+
+def test_report_shows_the_optional_analyses_in_words(scored_run, tmp_path):
+    """Reward, robustness and RSE sections: values recomputed here, labels instead of names."""
+    import json
+    import re
+
+    import pyarrow as pa
+
+    from canopy_entropy.report.build import render_report
+    from canopy_entropy.report.html import fmt
+    from canopy_entropy.semantic.rse import DEFAULT_JUDGE, RSE_COLUMNS, RSE_SCHEMA_VERSION
+    from canopy_entropy.stats.regression import regress_model_run
+    from canopy_entropy.store import atomic_write_table
+
+    run, result = scored_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    regress_model_run(copy, "quadratic")
+    # a relaxed-semantic-entropy table as the semantic-entropy command writes it
+    keys = result.metrics.prompts[list(PROMPT_KEYS)].copy()
+    rng = np.random.default_rng(0)
+    keys["rse_clusters"] = rng.integers(1, 4, len(keys)).astype(np.int32)
+    keys["rse"] = rng.uniform(0, 1, len(keys))
+    keys["rse_normalized"] = keys["rse"] / np.log(3)
+    keys["rse_m"], keys["rse_failures"] = np.int32(3), np.int32(0)
+    atomic_write_table(copy / "semantic" / "rse.parquet",
+                       pa.Table.from_pandas(keys[[*PROMPT_KEYS, *RSE_COLUMNS]], preserve_index=False),
+                       RSE_SCHEMA_VERSION)  # fmt: skip
+    (copy / "semantic" / "rse.json").write_text(json.dumps(
+        {"judge": f"hf:{DEFAULT_JUDGE}", "m": 3, "calls": 96, "seconds_judging": 48.0,
+         "pairs_cached": 0, "notes": []}))  # fmt: skip
+    html = render_report(copy)
+    for title in ("Relaxed semantic entropy", "Robustness fits", "Reward-filtered vs raw"):
+        assert f"<h2>{title}</h2>" in html
+    assert html.index("Reward-filtered vs raw") < html.index("<h2>Figures</h2>")
+    text = re.sub(r"<[^>]+>", " ", html)
+    # RSE: the per-group mean, the throughput, the weak-judge warning
+    g = keys.groupby(["model", "variant", "task"])["rse"].mean()
+    assert fmt(float(g.iloc[0])) in text
+    assert "Weak judge." in text and "2.0" in text  # 96 calls in 48 s
+    # the quadratic check's likelihood-ratio test, as stored
+    doc = json.loads((copy / "regression" / "quadratic" / "result.json").read_text())
+    assert fmt(doc["lrt"]["statistic"]) in text and fmt(doc["lrt"]["p_value"]) in text
+    assert "instruct (vs base) × entropy rate² (centred)" in text
+    # reward: raw and kept CE* of a group, and words instead of column names
+    t = result.raw_vs_kept[result.raw_vs_kept["metric"] == "ce_star"].iloc[0]
+    assert fmt(float(t["raw"])) in text and fmt(float(t["kept"])) in text
+    section = text[text.index("Reward-filtered vs raw  ") :]
+    for raw_name in ("ce_star", "genppl", "raw_vs_kept", "R_sc", "diff_se"):
+        assert raw_name not in section.split("Figures")[0]
