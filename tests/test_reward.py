@@ -317,3 +317,41 @@ def test_report_shows_the_optional_analyses_in_words(scored_run, tmp_path):
     section = text[text.index("Reward-filtered vs raw  ") :]
     for raw_name in ("ce_star", "genppl", "raw_vs_kept", "R_sc", "diff_se"):
         assert raw_name not in section.split("Figures")[0]
+
+
+def test_runner_runs_the_opt_in_stages_from_the_config(run_two_tasks, reward_model, tiny_model,
+                                                       tmp_path):  # fmt: skip
+    """[semantic_entropy] and [reward] enabled: canopy run adds both stages, in order, and a
+    rerun reuses the verdict and score caches (the stages are up to date)."""
+    import torch
+
+    from canopy_entropy.config import load_config
+    from canopy_entropy.runner import run_experiment
+
+    run = tmp_path / "run"
+    shutil.copytree(run_two_tasks, run, ignore=shutil.ignore_patterns("reward"))
+    text = (run_two_tasks.parent / "study.toml").read_text() + (
+        f'\n[semantic_entropy]\nenabled = true\njudge = "{tiny_model}"\nm = 2\n'
+        'engine_options = { device = "cpu" }\n'
+        f'\n[reward]\nenabled = true\nmodel = "{reward_model}"\ndevice = "cpu"\n'
+    )
+    config = tmp_path / "study.toml"
+    config.write_text(text)
+    cfg = load_config(config)
+    assert cfg.stages.index("semantic-entropy") < cfg.stages.index("metrics")
+    stages = ["generate", "semantic-entropy", "metrics", "reward"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        first = {r.name: r for r in run_experiment(cfg, run, stages=stages)}
+        again = {r.name: r for r in run_experiment(cfg, run, stages=stages)}
+    finally:
+        torch.set_num_threads(threads)
+    assert first["semantic-entropy"].status == "done", first["semantic-entropy"]
+    assert first["reward"].status == "done", first["reward"]
+    assert (run / "semantic" / "rse.parquet").exists() and (
+        run / "reward" / "summary.json"
+    ).exists()
+    assert (
+        again["semantic-entropy"].detail == "up to date" and again["reward"].detail == "up to date"
+    )
