@@ -44,7 +44,9 @@ def golden_run(tmp_path_factory) -> Path:
         results = run_experiment(load_config(tiny_run.write_config(root)), root / "run")
     finally:
         torch.set_num_threads(threads)
-    assert all(r.status == "done" for r in results), results
+    from canopy_entropy.config import OPT_IN_STAGES
+
+    assert all(r.status == "done" for r in results if r.name not in OPT_IN_STAGES), results
     return root / "run"
 
 

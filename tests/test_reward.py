@@ -355,3 +355,30 @@ def test_runner_runs_the_opt_in_stages_from_the_config(run_two_tasks, reward_mod
     assert (
         again["semantic-entropy"].detail == "up to date" and again["reward"].detail == "up to date"
     )
+
+
+def test_scoring_resumes_after_a_kill(scored_run, reward_model, tmp_path, monkeypatch):
+    """The cache is saved every SAVE_EVERY rollouts: after a kill in the third chunk a rerun
+    scores only the rest, and every score equals the uninterrupted run's."""
+    from canopy_entropy.reward import RewardScorer, score_run
+    from canopy_entropy.reward import score as score_module
+
+    run, first = scored_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("reward"))
+    monkeypatch.setattr(score_module, "SAVE_EVERY", 16)
+    real, calls = RewardScorer.score, []
+
+    def dying(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(RewardScorer, "score", dying)
+    with pytest.raises(KeyboardInterrupt):
+        score_run(copy, str(reward_model), device="cpu")
+    monkeypatch.setattr(RewardScorer, "score", real)
+    again = score_run(copy, str(reward_model), device="cpu")
+    assert (again.n_cached, again.n_scored) == (32, 32)
+    np.testing.assert_allclose(again.scores["score"], first.selection["score"], rtol=1e-6)

@@ -29,6 +29,7 @@ from canopy_entropy.store import RunStore, atomic_write_table, read_table
 
 FALLBACK_FORMAT = "User: {prompt}\n\nAssistant: {response}"
 SCORE_COLUMNS = (*ROLLOUT_KEYS, "reward_key", "text_sha1", "score")
+SAVE_EVERY = 2048  # rollouts scored between two saves of the cache
 
 
 def _sha1(text: str) -> str:
@@ -260,21 +261,26 @@ def score_run(
     notes: list[str] = []
     t0 = scorer.seconds
     truncated0 = scorer.n_truncated
-    if len(todo):
-        state = {"done": done}
+    state = {"done": done}
 
-        def on_batch(k: int) -> None:
-            state["done"] += k
-            if progress is not None:
-                progress(state["done"], len(merged))
+    def on_batch(k: int) -> None:
+        state["done"] += k
+        if progress is not None:
+            progress(state["done"], len(merged))
 
-        merged.loc[todo, "score"] = scorer.score(
-            merged["prompt_text"].iloc[todo].tolist(),
-            merged["text"].iloc[todo].tolist(),
+    keep_old = cache[cache["reward_key"] != key]  # other models' rows stay as they are
+    for start in range(0, len(todo), SAVE_EVERY):  # saved after each chunk: a kill loses little
+        rows = todo[start : start + SAVE_EVERY]
+        new = scorer.score(
+            merged["prompt_text"].iloc[rows].tolist(),
+            merged["text"].iloc[rows].tolist(),
             on_batch=on_batch,
         )
-        keep_old = cache[cache["reward_key"] != key]  # this model's rows: the current set
-        current = merged[[*ROLLOUT_KEYS, "text_sha1", "score"]].assign(reward_key=key)
+        if not np.isfinite(new).all():
+            raise CanopyError(f"reward model {scorer.name!r} returned non-finite scores; check it")
+        merged.loc[rows, "score"] = new
+        scored = merged[merged["score"].notna()]
+        current = scored[[*ROLLOUT_KEYS, "text_sha1", "score"]].assign(reward_key=key)
         table = pd.concat([keep_old, current], ignore_index=True)[list(SCORE_COLUMNS)]
         table["rollout_index"] = table["rollout_index"].astype(np.int32)
         table["score"] = table["score"].astype(np.float64)
@@ -294,8 +300,6 @@ def score_run(
             f"{n_trunc} prompt + response texts exceeded {scorer.max_length} tokens and were cut "
             "to that length before scoring"
         )
-    if not np.isfinite(merged["score"].to_numpy(dtype=float)).all():
-        raise CanopyError(f"reward model {scorer.name!r} returned non-finite scores; check it")
     scores = merged[[*ROLLOUT_KEYS, "score"]].sort_values(list(ROLLOUT_KEYS)).reset_index(drop=True)
     return ScoreResult(
         reward_model=scorer.name,
