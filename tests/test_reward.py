@@ -381,4 +381,7 @@ def test_scoring_resumes_after_a_kill(scored_run, reward_model, tmp_path, monkey
     monkeypatch.setattr(RewardScorer, "score", real)
     again = score_run(copy, str(reward_model), device="cpu")
     assert (again.n_cached, again.n_scored) == (32, 32)
-    np.testing.assert_allclose(again.scores["score"], first.selection["score"], rtol=1e-6)
+    # float32 noise only: the chunks pad differently from one batch of all 64
+    np.testing.assert_allclose(
+        again.scores["score"], first.selection["score"], rtol=1e-4, atol=1e-5
+    )
