@@ -121,7 +121,8 @@ def test_run_help_lists_every_stage_in_run_order():
     text = plain(canopy("run", "--help").stdout)
     assert ", ".join(STAGES) in text
     assert list(STAGES) == [
-        "generate", "embed", "metrics", "score", "tables", "compare", "regress", "plots", "report"
+        "generate", "embed", "semantic-entropy", "metrics", "score", "tables", "compare",
+        "regress", "reward", "plots", "report",
     ]  # fmt: skip
 
 
@@ -139,7 +140,7 @@ def test_misspelled_command_suggests_the_closest_without_heavy_imports():
     assert errors == ["error: no command 'metric'; did you mean 'metrics'?"]
     assert heavy_in(imported(proc.stderr)) == []
     assert canopy("gen").stderr.strip() == "error: no command 'gen'; did you mean 'generate'?"
-    assert "did you mean 'run' or 'regress' or 'report'?" in canopy("r").stderr
+    assert "did you mean 'run' or 'reward' or 'regress' or 'report'?" in canopy("r").stderr
     far = canopy("xyzzy")
     assert far.returncode == 2
     assert far.stderr.strip() == ("error: no command 'xyzzy'; use one of " + ", ".join(COMMANDS))

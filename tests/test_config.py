@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from canopy_entropy.config import (
-    STAGES,
+    DEFAULT_STAGES,
     EmbedConfig,
     GenerationConfig,
     ModelSpec,
@@ -210,7 +210,7 @@ def test_defaults_and_paths(tmp_path, model_dir):
     assert cfg.prompts.path == str((tmp_path / "prompts").resolve())  # relative to the file
     assert cfg.generation == dataclasses.replace(GenerationConfig(), rollouts=2)
     assert cfg.embed == EmbedConfig()
-    assert cfg.stages == list(STAGES)
+    assert cfg.stages == list(DEFAULT_STAGES)
     assert cfg.prompts_for("math") is cfg.prompts
 
 

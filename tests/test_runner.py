@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 
 from canopy_entropy import runner
-from canopy_entropy.config import load_config, parse_config
+from canopy_entropy.config import OPT_IN_STAGES, load_config, parse_config
 from canopy_entropy.run.manifest import read_manifest
 from canopy_entropy.runner.summary import TRUNCATION_WARN_RATE
 from canopy_entropy.store import RunStore
@@ -86,13 +86,20 @@ def reference_run(tiny_config, tmp_path_factory):
 
 def test_end_to_end_produces_every_artefact(reference_run):
     out, results = reference_run
-    # every stage done but score, which has nothing to do: no built-in task names a scorer
+    # every stage done but score, which has nothing to do (no built-in task names a scorer), and
+    # the opt-in stages, off unless enabled
     assert (results["score"].status, results["score"].detail) == (
         "skipped",
         "no task names a scorer",
     )
-    assert {r.status for n, r in results.items() if n != "score"} == {"done"}, results
+    opt_in = {n: r for n, r in results.items() if n in OPT_IN_STAGES}
+    assert {r.status for n, r in results.items() if n not in {"score", *opt_in}} == {"done"}, (
+        results
+    )
+    assert {r.detail for r in opt_in.values()} == {"not selected"}  # off unless enabled
     for stage in runner.STAGE_TABLE:
+        if stage.name in opt_in:
+            continue
         for rel in stage.outputs if stage.name != "score" else ():
             assert (out / rel).exists(), rel
     assert (out / "config.toml").exists() and (out / "manifest.json").exists()
@@ -136,7 +143,7 @@ def test_rerun_skips_and_force_redoes(reference_run, tiny_config):
     out, _ = reference_run
     cfg = load_config(tiny_config)
     results = {r.name: r for r in runner.run_experiment(cfg, out)}
-    assert {r.status for r in results.values()} == {"skipped"}
+    assert {r.status for n, r in results.items() if n not in OPT_IN_STAGES} == {"skipped"}
     before = (out / "metrics" / "pooled.parquet").read_bytes()
     results = {
         r.name: r

@@ -69,6 +69,10 @@ COMMANDS = {
         "semantic_entropy",
         "Relaxed semantic entropy: an LLM judge clusters each prompt's rollouts (cached, resumable).",
     ),
+    "reward": (
+        "reward",
+        "Reward-filter a run: score every rollout, keep each prompt's best, re-analyse the kept set.",
+    ),
     "compare": (
         "compare",
         "Compare two models (paired prompt bootstrap): CE*, GenPPL, BF, rho, D with SEs and CIs.",

@@ -14,8 +14,10 @@ e.g. ``demo.toml line 7: unknown key 'temprature' in [generation]; did you mean 
 from canopy_entropy.config.models import check_model_available
 from canopy_entropy.config.parse import demo_config_path, load_config, parse_config
 from canopy_entropy.config.schema import (
+    DEFAULT_STAGES,
     FIGURE_FORMATS,
     OFFLINE_ALIASES,
+    OPT_IN_STAGES,
     STAGE_OPTIONS,
     STAGES,
     AnalysisConfig,
@@ -29,13 +31,17 @@ from canopy_entropy.config.schema import (
     PromptsConfig,
     RayConfig,
     RegressConfig,
+    RewardConfig,
+    SemanticEntropyConfig,
 )
 from canopy_entropy.config.write import config_dict, generation_fingerprint, resolved_config_toml
 from canopy_entropy.run.layout import VARIANTS
 
 __all__ = [
+    "DEFAULT_STAGES",
     "FIGURE_FORMATS",
     "OFFLINE_ALIASES",
+    "OPT_IN_STAGES",
     "STAGES",
     "STAGE_OPTIONS",
     "VARIANTS",
@@ -50,6 +56,8 @@ __all__ = [
     "PromptsConfig",
     "RayConfig",
     "RegressConfig",
+    "RewardConfig",
+    "SemanticEntropyConfig",
     "check_model_available",
     "config_dict",
     "demo_config_path",

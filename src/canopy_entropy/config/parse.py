@@ -18,6 +18,7 @@ from canopy_entropy.config.models import (
 )
 from canopy_entropy.config.schema import (
     BACKENDS,
+    DEFAULT_STAGES,
     FIGURE_FORMATS,
     STAGE_OPTIONS,
     STAGES,
@@ -31,7 +32,9 @@ from canopy_entropy.config.schema import (
     PromptsConfig,
     RayConfig,
     RegressConfig,
+    RewardConfig,
     ScoringConfig,
+    SemanticEntropyConfig,
 )
 from canopy_entropy.engines.registry import ENGINES, engine_options_problem
 from canopy_entropy.errors import CanopyError, ConfigError
@@ -195,6 +198,8 @@ _TOP_KEYS = [
     "embed",
     "compare",
     "regress",
+    "semantic_entropy",
+    "reward",
     "plots",
     "scoring",
     "task",
@@ -217,7 +222,7 @@ def parse_config(
         raise ConfigError(f"{ctx.source}: not valid TOML ({exc}); fix the syntax") from exc
     _check_keys(ctx, data, _TOP_KEYS, "")
     for key in ("generation", "engine", "prompts", "embed", "compare", "regress", "plots",
-                "scoring", "task", "analysis"):  # fmt: skip
+                "scoring", "task", "analysis", "semantic_entropy", "reward"):  # fmt: skip
         if key in data and not isinstance(data[key], dict):
             ctx.fail(f"'{key}' must be a table ([{key}]), got {data[key]!r}", "", key)
 
@@ -228,7 +233,7 @@ def parse_config(
 
     _parse_tasks(ctx, data, cfg, base_dir)
 
-    stages = _get(ctx, data, "stages", list, list(STAGES), "")
+    stages = _get(ctx, data, "stages", list, list(DEFAULT_STAGES), "")
     for stage in stages:
         if stage not in STAGES:
             ctx.fail(
@@ -237,7 +242,7 @@ def parse_config(
                 "",
                 "stages",
             )
-    cfg.stages = [s for s in STAGES if s in stages]
+    listed = set(stages)
 
     cfg.generation = _parse_generation(ctx, data.get("generation", {}))
     cfg.engine = _parse_engine(ctx, data.get("engine", {}))
@@ -365,8 +370,25 @@ def parse_config(
     _check_keys(ctx, reg, [f.name for f in dataclasses.fields(RegressConfig)], "regress")
     cfg.regress = RegressConfig(
         diagnostics=_get(ctx, reg, "diagnostics", bool, True, "regress"),
+        reference=_get(ctx, reg, "reference", dict, {}, "regress"),
         options=_stage_options(ctx, reg, "regress"),
     )
+    _check_reference(ctx, cfg)
+    cfg.semantic_entropy = _parse_semantic_entropy(
+        ctx, data.get("semantic_entropy", {}), cfg, base_dir
+    )
+    cfg.reward = _parse_reward(ctx, data.get("reward", {}))
+    if cfg.semantic_entropy.enabled:
+        listed.add("semantic-entropy")
+    if cfg.reward.enabled:
+        listed.add("reward")
+    if "reward" in listed and not cfg.reward.model:
+        ctx.fail(
+            "the reward stage needs [reward] model = '...' (a sequence-classification "
+            "reward model, e.g. 'Skywork/Skywork-Reward-V2-Llama-3.1-8B')",
+            "reward",
+        )
+    cfg.stages = [s for s in STAGES if s in listed]
 
     plots = data.get("plots", {})
     _check_keys(ctx, plots, [f.name for f in dataclasses.fields(PlotsConfig)], "plots")
@@ -450,6 +472,109 @@ def _parse_analysis(ctx: _Ctx, data: dict) -> AnalysisConfig:
     _check(ctx, len(set(markers)) == len(markers), t, "phase_markers", markers,
            "lists a marker twice")  # fmt: skip
     return AnalysisConfig(phase_markers=list(markers))
+
+
+def _check_reference(ctx: _Ctx, cfg: ExperimentConfig) -> None:
+    """``[regress] reference``: factor -> level, each level one the study has."""
+    ref = cfg.regress.reference
+    if "reference" in cfg.regress.options:
+        ctx.fail(
+            "set the reference levels once, as [regress] reference (not also in options)",
+            "regress",
+            "options",
+        )
+    levels = {
+        "task": list(cfg.tasks),
+        "variant": sorted(cfg.variants()),
+        "family": sorted({m.family for m in cfg.models}),
+    }
+    for factor, level in ref.items():
+        if factor not in levels:
+            ctx.fail(
+                f"regress.reference has unknown factor '{factor}'; use some of "
+                f"{list(levels)} ({_suggest(factor, list(levels))})",
+                "regress",
+                "reference",
+            )
+        if not isinstance(level, str) or level not in levels[factor]:
+            close = difflib.get_close_matches(str(level), levels[factor], n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'?" if close else f"use one of {levels[factor]}"
+            ctx.fail(
+                f"regress.reference.{factor} = {level!r} is not a {factor} of this study; {hint}",
+                "regress",
+                "reference",
+            )
+
+
+def _parse_semantic_entropy(
+    ctx: _Ctx, data: dict, cfg: ExperimentConfig, base_dir: Path
+) -> SemanticEntropyConfig:
+    t = "semantic_entropy"
+    _check_keys(ctx, data, [f.name for f in dataclasses.fields(SemanticEntropyConfig)], t)
+    d = SemanticEntropyConfig()
+    se = SemanticEntropyConfig(
+        enabled=_get(ctx, data, "enabled", bool, d.enabled, t),
+        judge=_get(ctx, data, "judge", str, d.judge, t),
+        engine=_get(ctx, data, "engine", str, d.engine, t),
+        m=_get(ctx, data, "m", int, d.m, t),
+        seed=_get(ctx, data, "seed", int, d.seed, t),
+        max_new_tokens=_get(ctx, data, "max_new_tokens", int, d.max_new_tokens, t),
+        judge_prompts=_get(ctx, data, "judge_prompts", dict, {}, t),
+        engine_options=_get(ctx, data, "engine_options", dict, {}, t),
+    )
+    if se.engine not in ENGINES:
+        ctx.fail(
+            f"unknown judge engine '{se.engine}'; use one of {list(ENGINES)} "
+            f"({_suggest(se.engine, list(ENGINES))})",
+            t,
+            "engine",
+        )
+    problem = engine_options_problem(se.engine, se.engine_options)
+    if problem:
+        ctx.fail(f"[{t}] engine_options: {problem}", t, "engine_options")
+    _check(ctx, se.m >= 2, t, "m", se.m, "must be >= 2 (rollouts judged per prompt)")
+    _check(ctx, se.max_new_tokens >= 1, t, "max_new_tokens", se.max_new_tokens, "must be >= 1")
+    for task, path in se.judge_prompts.items():
+        if task not in cfg.tasks:
+            ctx.fail(
+                f"[{t}] judge_prompts names task '{task}', which is not in tasks "
+                f"({_suggest(task, list(cfg.tasks))})",
+                t,
+                "judge_prompts",
+            )
+        if not isinstance(path, str):
+            ctx.fail(f"[{t}] judge_prompts.{task} must be a file path string", t, "judge_prompts")
+        se.judge_prompts[task] = str((base_dir / Path(path).expanduser()).resolve())
+    return se
+
+
+def _parse_reward(ctx: _Ctx, data: dict) -> RewardConfig:
+    t = "reward"
+    _check_keys(ctx, data, [f.name for f in dataclasses.fields(RewardConfig)], t)
+    d = RewardConfig()
+    r = RewardConfig(
+        enabled=_get(ctx, data, "enabled", bool, d.enabled, t),
+        model=_get(ctx, data, "model", str, d.model, t),
+        keep=_get(ctx, data, "keep", float, d.keep, t),
+        batch_size=_get(ctx, data, "batch_size", int, d.batch_size, t),
+        max_length=_get(ctx, data, "max_length", int, d.max_length, t),
+        device=_get(ctx, data, "device", str, d.device, t),
+        dtype=_get(ctx, data, "dtype", str, d.dtype, t),
+    )
+    _check(ctx, 0 < r.keep <= 1, t, "keep", r.keep, "must be in (0, 1], e.g. 0.7")
+    _check(ctx, r.batch_size >= 1, t, "batch_size", r.batch_size, "must be >= 1")
+    _check(ctx, r.max_length >= 8, t, "max_length", r.max_length, "must be >= 8")
+    _check(
+        ctx,
+        bool(re.match(r"^(auto|cpu|mps|cuda(:\d+)?)$", r.device)),
+        t,
+        "device",
+        r.device,
+        "is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'",
+    )
+    dtypes = ("auto", "float32", "bfloat16", "float16")
+    _check(ctx, r.dtype in dtypes, t, "dtype", r.dtype, f"is not one of {list(dtypes)}")
+    return r
 
 
 def _stage_options(ctx: _Ctx, data: dict, section: str) -> dict[str, Any]:

@@ -17,16 +17,13 @@ else:  # pragma: no cover - Python 3.10
 
 
 STAGES = (
-    "generate",
-    "embed",
-    "metrics",
-    "score",
-    "tables",
-    "compare",
-    "regress",
-    "plots",
-    "report",
-)
+    "generate", "embed", "semantic-entropy", "metrics", "score", "tables", "compare", "regress",
+    "reward", "plots", "report",
+)  # fmt: skip
+# Stages that run only when their section says ``enabled = true`` or ``stages`` lists them
+# (they call a judge or a reward model: slow, and the reward model has no offline default).
+OPT_IN_STAGES = ("semantic-entropy", "reward")
+DEFAULT_STAGES = tuple(s for s in STAGES if s not in OPT_IN_STAGES)
 
 
 # What a stage's ``[section] options`` table may hold (name -> type), passed to the stage as
@@ -146,6 +143,9 @@ class RegressConfig:
     """Beta mixed-effects regression of diversity on entropy rate (SPEC section 7)."""
 
     diagnostics: bool = True
+    # reference level per factor, e.g. {task = "completion"} (the paper's tables); unset
+    # factors: variant 'base', the first task alphabetically
+    reference: dict[str, str] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -155,6 +155,33 @@ class ScoringConfig:
 
     execute_code: bool = False  # code-execution scorers run generated code only when true
     workers: int = 1  # rollouts scored in parallel (threads; code execution runs subprocesses)
+
+
+@dataclass
+class SemanticEntropyConfig:
+    """Relaxed semantic entropy with an LLM judge (the semantic-entropy stage, off by default)."""
+
+    enabled: bool = False  # true adds the semantic-entropy stage to the run
+    judge: str = "smollm2-135m-instruct"  # judge model (offline default: a weak judge)
+    engine: str = "hf"  # 'hf', 'openai' or 'vllm'
+    m: int = 24  # rollouts per prompt judged (seeded subsample when M > m)
+    seed: int = 0  # seed of the subsample
+    max_new_tokens: int = 16  # tokens per verdict (greedy)
+    judge_prompts: dict[str, str] = field(default_factory=dict)  # task -> prompt file
+    engine_options: dict[str, Any] = field(default_factory=dict)  # the judge engine's options
+
+
+@dataclass
+class RewardConfig:
+    """Reward-model filtering (the reward stage, off by default)."""
+
+    enabled: bool = False  # true adds the reward stage to the run
+    model: str = ""  # a sequence-classification reward model (HF id or folder); required
+    keep: float = 0.7  # share of each prompt's rollouts kept: ceil(keep * M) best
+    batch_size: int = 8
+    max_length: int = 4096  # tokens of prompt + response the reward model reads
+    device: str = "auto"  # 'auto' (cuda when available), 'cpu', 'cuda', 'cuda:N'
+    dtype: str = "auto"  # 'auto' (bfloat16 on GPU, float32 on CPU), 'float32', ...
 
 
 @dataclass
@@ -179,7 +206,7 @@ class ExperimentConfig:
     name: str = "experiment"
     tasks: list[str] = field(default_factory=lambda: list(TASK_NAMES))
     models: list[ModelSpec] = field(default_factory=list)
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
@@ -187,6 +214,8 @@ class ExperimentConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     regress: RegressConfig = field(default_factory=RegressConfig)
+    semantic_entropy: SemanticEntropyConfig = field(default_factory=SemanticEntropyConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     plots: PlotsConfig = field(default_factory=PlotsConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     task_specs: dict[str, TaskSpec] = field(default_factory=dict)  # task files and [task.X] tables

@@ -38,6 +38,8 @@ def config_dict(cfg: ExperimentConfig) -> dict[str, Any]:
         "embed": embed,
         "compare": dataclasses.asdict(cfg.compare),
         "regress": dataclasses.asdict(cfg.regress),
+        "semantic_entropy": dataclasses.asdict(cfg.semantic_entropy),
+        "reward": dataclasses.asdict(cfg.reward),
         "plots": dataclasses.asdict(cfg.plots),
         "analysis": dataclasses.asdict(cfg.analysis),
         "models": [

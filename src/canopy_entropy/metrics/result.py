@@ -173,11 +173,14 @@ def compute_metrics(
     *,
     warn: bool = True,
     batch_size: int = 1024,
+    manifest: Manifest | None = None,
 ) -> MetricsResult:
     """All SPEC section 2-5 metrics per prompt and pooled per ``by`` group.
 
-    ``source``: a RunStore, a run-folder path, or a pyarrow Table of ROLLOUT_SCHEMA rows.
-    ``delta``: Chebyshev level; ``h_max``: per-step entropy bound overriding the manifest.
+    ``source``: a RunStore, a run-folder path, a pyarrow Table of ROLLOUT_SCHEMA rows, or any
+    object with ``iter_batches(columns, batch_size)`` (e.g. ``reward.KeptRollouts``).
+    ``delta``: Chebyshev level; ``h_max``: per-step entropy bound overriding the manifest;
+    ``manifest``: the run's manifest for a source that is not a run folder (length caps).
     """
     by = tuple(by)
     bad = [c for c in by if c not in KEY_COLUMNS]
@@ -188,7 +191,8 @@ def compute_metrics(
     if h_max is not None and not h_max > 0:
         raise CanopyError(f"--h-max must be positive (got {h_max}); e.g. log(top_k)")
     store = _as_store(source)
-    manifest = read_manifest(store.root, missing_ok=True) if store is not None else Manifest()
+    if manifest is None:
+        manifest = read_manifest(store.root, missing_ok=True) if store is not None else Manifest()
     red = _reduce(store if store is not None else source, batch_size=batch_size)
     red.approximate = red.approximate or manifest.approximate
     return _assemble(red, by, delta, h_max, manifest, warn)

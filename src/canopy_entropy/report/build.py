@@ -34,6 +34,14 @@ TITLES = {
 }
 
 
+# Sections of the optional analyses, shown (before Figures) only when their results exist.
+OPTIONAL = {
+    "semantic_entropy": ("Relaxed semantic entropy", sections.semantic_entropy),
+    "robustness": ("Robustness fits", sections.robustness),
+    "reward": ("Reward-filtered vs raw", sections.reward),
+}
+
+
 def missing_sections(run_dir: str | Path) -> list[tuple[str, str]]:
     """(section title, note naming the command that fills it) for each empty section."""
     run = data.check_run_dir(run_dir)
@@ -96,6 +104,11 @@ def render_report(run_dir: str | Path, *, figure_index: dict | None = None) -> s
     content = {"summary": sections.summary(run, manifest, alerts), **_results(run, alerts)}
     index = figure_index if figure_index is not None else (read_index(run) or {}).get("figures", {})
     content["series"], content["phases"] = studies.series_section(run), studies.phases_section(run)
+    extra = {}
+    for sid, (title, section) in OPTIONAL.items():
+        html = section(run, alerts)
+        if html is not None:
+            content[sid], extra[sid] = html, title
     content["figures"] = sections.figures(run, index) or note("no figures")
     content["reproduce"] = sections.provenance(run, manifest)
     title = f"canopy-entropy report: {manifest.run or run.name}"
@@ -103,7 +116,10 @@ def render_report(run_dir: str | Path, *, figure_index: dict | None = None) -> s
         comp = data.comparison(run)
         titles = {**TITLES, "comparison": f"{comp['b_label'].iloc[0]} vs {comp['a_label'].iloc[0]}"}
     except data.MissingInput:
-        titles = TITLES
+        titles = dict(TITLES)
+    before = list(titles).index("figures")
+    items = list(titles.items())
+    titles = dict(items[:before] + list(extra.items()) + items[before:])
     nav = "".join(f'<a href="#{sid}">{esc(t)}</a>' for sid, t in titles.items())
     body = "".join(
         f'<section id="{sid}"><h2>{esc(t)}</h2>'

@@ -1,7 +1,8 @@
 """The stage table of ``canopy run``: what each stage calls, reads, writes and is given.
 
-Stages run in order: generate -> embed -> metrics -> score -> tables -> compare -> regress -> plots ->
-report. Each names its function as ``"module:function"``, imported when the stage runs; an import
+Stages run in order: generate -> embed -> semantic-entropy -> metrics -> score -> tables ->
+compare -> regress -> reward -> plots -> report (semantic-entropy and reward only when the config
+enables them). Each names its function as ``"module:function"``, imported when the stage runs; an import
 failure is a failed stage (with the reason), never a silently skipped one. Each stage gets
 explicit keyword arguments built from the typed config (``options``): the config parser has
 already refused any option a stage does not declare (``config.STAGE_OPTIONS``).
@@ -75,6 +76,30 @@ def _score_settings(cfg: ExperimentConfig) -> Any:
     return scoring_settings(_scored_tasks(cfg), cfg.scoring.execute_code)
 
 
+def _regress_options(cfg: ExperimentConfig) -> dict[str, Any]:
+    ref = {"reference": dict(cfg.regress.reference)} if cfg.regress.reference else {}
+    return {"diagnostics": cfg.regress.diagnostics, **cfg.regress.options, **ref}
+
+
+def _rse_options(cfg: ExperimentConfig) -> dict[str, Any]:
+    se = cfg.semantic_entropy
+    return {"judge": se.judge, "engine": se.engine, "m": se.m, "seed": se.seed,
+            "max_new_tokens": se.max_new_tokens, "judge_prompts": dict(se.judge_prompts),
+            "engine_options": dict(se.engine_options)}  # fmt: skip
+
+
+def _reward_options(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The reward stage: its section, plus the compare and regression settings of the run so
+    the kept set is analysed the way the raw set is (regression without diagnostics)."""
+    r = cfg.reward
+    regress = {k: v for k, v in cfg.regress.options.items() if k in ("mean", "precision")}
+    if cfg.regress.reference:
+        regress["reference"] = dict(cfg.regress.reference)
+    return {"model": r.model, "keep": r.keep, "device": r.device, "dtype": r.dtype,
+            "max_length": r.max_length, "batch_size": r.batch_size,
+            "compare": _compare_options(cfg), "regress": regress}  # fmt: skip
+
+
 def _plots_options(cfg: ExperimentConfig) -> dict[str, Any]:
     return {"formats": tuple(cfg.plots.formats), "min_active": cfg.plots.min_active}
 
@@ -96,6 +121,17 @@ STAGE_TABLE: tuple[Stage, ...] = (
         options=_embed_options,
         config_key="embed",
         what="semantic diversity and Vendi score",
+    ),
+    Stage(
+        "semantic-entropy",
+        "canopy_entropy.semantic.rse:rse_run",
+        inputs=("rollouts", "prompts"),
+        # the verdict cache (semantic/rse_verdicts.parquet) is not an output: a rerun reuses it
+        outputs=("semantic/rse.parquet", "semantic/rse.json"),
+        needs=("generate",),
+        options=_rse_options,
+        config_key="semantic_entropy",
+        what="relaxed semantic entropy (LLM judge, cached verdicts)",
     ),
     Stage(
         "metrics",
@@ -162,9 +198,26 @@ STAGE_TABLE: tuple[Stage, ...] = (
         outputs=("regression/result.json", "regression/panel.parquet"),
         needs=("metrics", "embed"),
         needs_pair=True,
-        options=lambda cfg: {"diagnostics": cfg.regress.diagnostics, **cfg.regress.options},
+        options=_regress_options,
         config_key="regress",
         what="Beta mixed-effects regression of diversity on entropy rate",
+    ),
+    Stage(
+        "reward",
+        "canopy_entropy.reward:reward_run",
+        inputs=(
+            "rollouts",
+            "prompts",
+            "metrics",
+            "semantic/prompt_diversity.parquet",
+            "semantic/rollout_diversity.parquet",
+        ),
+        # the score cache (reward/scores.parquet) is not an output: a rerun reuses it
+        outputs=("reward/selection.parquet", "reward/raw_vs_kept.parquet", "reward/summary.json"),
+        needs=("metrics",),
+        options=_reward_options,
+        config_key="reward",
+        what="reward-model filtering: the analyses on each prompt's best-scored rollouts",
     ),
     Stage(
         "plots",
@@ -194,6 +247,7 @@ STAGE_TABLE: tuple[Stage, ...] = (
             "semantic",
             "compare",
             "regression",
+            "reward",
             "figures",
             "scores",
             "diagnostics/answers.parquet",

@@ -139,6 +139,7 @@ _ARTEFACTS = [
     ("tables", "tables (CSV + Markdown)"),
     ("compare", "comparisons"),
     ("regression", "regression"),
+    ("reward", "reward-filtered analyses (kept set beside raw)"),
     ("figures", "figures (PNG + PDF)"),
     ("report.html", "report"),
 ]
