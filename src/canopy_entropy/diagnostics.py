@@ -1,4 +1,4 @@
-"""Teacher-forced token diagnostics on reference answers (SPEC section 10).
+"""Teacher-forced token diagnostics on reference answers (docs/metrics.md section 10).
 
 ``token_diagnostics`` turns next-token log-probabilities ``[positions, vocab]`` and the
 reference token of each position into ``p_t``, ``log p_t``, the entropy ``H_t``, the rank

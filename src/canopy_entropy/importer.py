@@ -5,8 +5,8 @@ required; ``eos_prob``, ``logprob``, ``kept_mass``, ``token_ids``, ``text``,
 ``finish_reason``, ``rollout_index``, ``seed`` and per-line ``model``/``variant``/``family``/
 ``task`` are optional; any other key is an error (a misspelt field would otherwise be lost).
 Two streaming passes keep memory bounded by a chunk, not by the file: the first validates every
-line, against the float32/int32 values the store will hold and the definitions of SPEC section
-1 (e.g. no EOS probability of 1 before the last step, no entropy below the binary entropy of its
+line, against the float32/int32 values the store will hold and the definitions of docs/metrics.md
+section 1 (e.g. no EOS probability of 1 before the last step, no entropy below the binary entropy of its
 EOS mass), keeping a few numbers per line; on any error nothing is written and the error lists
 the bad lines by number. The second converts the lines again and writes shards of at most
 ``SHARD_ROLLOUTS`` rollouts / ``STEP_BUDGET`` buffered steps into a staging folder; only when
@@ -294,7 +294,7 @@ def _unknown_keys(obj: dict[str, Any]) -> str | None:
 
 
 def _check_consistency(rec: dict[str, Any]) -> str | None:
-    """Cross-field checks SPEC section 1 implies, on the stored float32 values."""
+    """Cross-field checks docs/metrics.md section 1 implies, on the stored float32 values."""
     lam, ent = rec["eos_prob"], rec["entropy"]
     if lam is not None:
         stopped = rec["finish_reason"] == "eos"

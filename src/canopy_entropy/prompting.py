@@ -1,4 +1,4 @@
-"""Turning a prompt text into the token ids a model sees (SPEC section 9).
+"""Turning a prompt text into the token ids a model sees (docs/engines.md).
 
 Base models get the raw text (tokenised with the tokenizer's own special tokens, e.g. one
 BOS). Instruct models get the chat template (one user turn, generation prompt on, thinking

@@ -107,7 +107,7 @@ class FiniteStateLM:
 
     def exact(self, initial: np.ndarray | None = None, max_new_tokens: int | None = None):
         """Exact CE*, E[N], H(N), E[H/N], length law for one prompt; with a cap T the values are
-        those of the truncated rollouts (the target_T of SPEC section 5)."""
+        those of the truncated rollouts (the target_T of docs/metrics.md section 6)."""
         pi0 = (
             np.full(self.n_states, 1.0 / self.n_states)
             if initial is None
@@ -179,7 +179,7 @@ class FiniteStateLM:
 
     @staticmethod
     def pooled(exact_prompts: pd.DataFrame) -> dict[str, float]:
-        """Pooled targets over prompts, with the same rules as the estimators (SPEC 2)."""
+        """Pooled targets over prompts, with the same rules as the estimators (docs/metrics.md section 4)."""
         ce = float(exact_prompts["ce_star"].mean())
         n = float(exact_prompts["mean_length"].mean())
         rate = float(exact_prompts["entropy_rate"].mean())

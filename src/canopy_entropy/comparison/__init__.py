@@ -1,10 +1,10 @@
-"""Paired comparison of two models on the same prompts (SPEC section 5), plus length matching.
+"""Paired comparison of two models on the same prompts (docs/semantic-compare.md), plus length matching.
 
 ``compare_run`` pairs the prompts of side A and side B (same family/task/prompt_id within each
 by-group), draws one ``[B, P]`` matrix of resampled prompt indices per group and applies it to
 both sides, so every replicate compares the two models on the same prompts. Every pooled statistic is
 recomputed from per-prompt sufficient statistics (CE*_p, Nbar_p, Rbar_p, H(N)_p, D_p, Vendi_p,
-per-prompt correlations and their n_p) with the SPEC pooling rules, all replicates at once; no
+per-prompt correlations and their n_p) with the pooling rules of docs/metrics.md section 4, all replicates at once; no
 per-step data is touched after the per-prompt table is built.
 
 Outputs: ``RUN/compare/comparison.parquet`` (+ ``.csv``), a tidy long table; ``RUN/tables/

@@ -61,7 +61,7 @@ class ModelSpec:
 
 @dataclass
 class GenerationConfig:
-    """Rollouts per prompt and the decoding policy (SPEC section 1)."""
+    """Rollouts per prompt and the decoding policy (docs/metrics.md section 1)."""
 
     rollouts: int = 10  # rollouts per prompt (M)
     temperature: float = 1.0  # 0 = greedy
@@ -140,7 +140,7 @@ class CompareConfig:
 
 @dataclass
 class RegressConfig:
-    """Beta mixed-effects regression of diversity on entropy rate (SPEC section 7)."""
+    """Beta mixed-effects regression of diversity on entropy rate (docs/regression.md)."""
 
     diagnostics: bool = True
     # reference level per factor, e.g. {task = "completion"} (the paper's tables); unset

@@ -1,7 +1,7 @@
 """The contract every sampling engine meets (transformers, vLLM, OpenAI-compatible HTTP).
 
 An engine samples M rollouts for one prompt given as token ids and returns them as one
-columnar batch holding exactly the SPEC section-1 per-step fields. Randomness of rollout ``i``
+columnar batch holding exactly the per-step fields of docs/metrics.md section 1. Randomness of rollout ``i``
 of prompt ``p`` depends only on ``rollout_seed(run_seed, p, i)``.
 """
 
@@ -22,7 +22,7 @@ from canopy_entropy.errors import ConfigError
 
 @dataclass(frozen=True)
 class DecodingPolicy:
-    """The sampling policy shared by all engines (SPEC section 1).
+    """The sampling policy shared by all engines (docs/metrics.md section 1).
 
     The per-step entropy recorded is that of the renormalised distribution actually sampled
     from: temperature applied, then top-k, top-p and min-p truncation, EOS kept whenever it

@@ -12,7 +12,7 @@ unbatched computation up to float summation order; left padding (not per-row cac
 one batched forward per step. All-padding columns on the left are cropped whenever rows
 change, so the cache is at most max(prompt) + max_new_tokens wide.
 
-Each step computes the SPEC section-1 fields with ``policy_ops.step_stats`` on the device, in
+Each step computes the per-step fields of docs/metrics.md section 1 with ``policy_ops.step_stats`` on the device, in
 float32, written into per-rollout device buffers copied to the host once per call. A rollout's
 randomness is a function of its seed and step only, so its tokens do not depend on batch size,
 refill order or prompts per call (the float fields agree to rounding, ~1e-6). An out-of-memory error halves the batch size and restarts
@@ -479,7 +479,7 @@ def _check_layers(cache) -> None:
 
 
 class _Record:
-    """Per-rollout device buffers of the SPEC section-1 fields, copied to the host once."""
+    """Per-rollout device buffers of the per-step fields of docs/metrics.md section 1, copied to the host once."""
 
     def __init__(self, total: int, cap: int, device):
         import torch

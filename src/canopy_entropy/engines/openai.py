@@ -38,7 +38,7 @@ from canopy_entropy.errors import CanopyError, ConfigError, require
 TOKEN_ID_PREFIX = "token_id:"
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 SERVERS = ("vllm", "openai", "llama.cpp")
-# llama.cpp applies its samplers in this order; SPEC order is temperature first.
+# llama.cpp applies its samplers in this order; canopy's order is temperature first (docs/engines.md).
 LLAMA_CPP_SAMPLERS = ["temperature", "top_k", "top_p", "min_p"]
 # log-probs above this (probability > 1 beyond float32 noise) are not log-probabilities
 LOGPROB_SLACK = 1e-3
@@ -348,7 +348,7 @@ class OpenAIEngine(Engine):
         return body
 
     def _llama_cpp_body(self, prompt: Any, seed: int, policy: DecodingPolicy, k: int) -> dict:
-        """llama.cpp native ``/completion``: post-sampling probabilities, SPEC sampler order."""
+        """llama.cpp native ``/completion``: post-sampling probabilities, canopy's sampler order."""
         body: dict[str, Any] = {
             "prompt": list(map(int, prompt)),
             "n_predict": int(policy.max_new_tokens),

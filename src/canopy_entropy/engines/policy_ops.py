@@ -1,6 +1,6 @@
-"""Per-step decoding-policy math in torch, next to the logits (SPEC section 1).
+"""Per-step decoding-policy math in torch, next to the logits (docs/metrics.md section 1).
 
-One sampling step turns a batch of logits ``[B, V]`` into the SPEC section-1 fields: the
+One sampling step turns a batch of logits ``[B, V]`` into the per-step fields of docs/metrics.md section 1: the
 sampled token, the entropy of the renormalised kept distribution, the EOS mass, the sampled
 token's log-probability and the kept mass ``Z``. Everything is computed in float32 (float64
 for the sampling CDF) whatever the model's dtype, and only ``[B]``-sized results leave.
@@ -72,7 +72,7 @@ def step_uniforms_numpy(seeds: np.ndarray, step: int) -> np.ndarray:
 
 
 class StepStats(NamedTuple):
-    """SPEC section-1 fields of one step for a batch of rollouts (all ``[B]`` tensors)."""
+    """Per-step fields (docs/metrics.md section 1) of one step for a batch of rollouts (all ``[B]`` tensors)."""
 
     token: torch.Tensor  # int64
     entropy: torch.Tensor  # float32
@@ -145,7 +145,7 @@ def step_stats(
     eos_ids: torch.Tensor,
     uniforms: torch.Tensor,
 ) -> StepStats:
-    """Sample one step for a batch and return the SPEC section-1 fields.
+    """Sample one step for a batch and return the per-step fields of docs/metrics.md section 1.
 
     ``logits`` is ``[B, V]`` (any float dtype), ``eos_ids`` an int64 tensor of every EOS id,
     ``uniforms`` ``[B]`` values in [0, 1) (e.g. from ``step_uniforms``).

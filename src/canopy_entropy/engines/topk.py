@@ -1,4 +1,4 @@
-"""SPEC section-1 step fields from the top-K log-probs an engine or server returns.
+"""The per-step fields (docs/metrics.md section 1) from the top-K log-probs an engine or server returns.
 
 vLLM (``processed_logprobs``) and OpenAI-compatible servers hand back, per generated step,
 the K largest log-probs (and the sampled token's). This module turns those into the step

@@ -114,7 +114,7 @@ class VLLMOptions:
 
 @dataclass
 class _Compact:
-    """Finished rollouts reduced to the SPEC fields (what crosses a process boundary)."""
+    """Finished rollouts reduced to the per-step fields (what crosses a process boundary)."""
 
     rows: np.ndarray  # int64 [R]: position in the call's list of rollouts
     lengths: np.ndarray  # int64 [R]

@@ -52,7 +52,7 @@ def _extra_columns(prompts: pd.DataFrame) -> list[str]:
 
 
 def pool_group(g: pd.DataFrame, delta: float = 0.05) -> tuple[dict[str, float], list[str]]:
-    """Pool one group's per-prompt rows (SPEC sections 2-5); returns (metrics, notes)."""
+    """Pool one group's per-prompt rows (docs/metrics.md sections 2-6); returns (metrics, notes)."""
     notes: list[str] = []
     n = g["n_rollouts"].to_numpy(dtype=np.float64)
     P = len(g)
@@ -73,7 +73,7 @@ def pool_group(g: pd.DataFrame, delta: float = 0.05) -> tuple[dict[str, float], 
     h_hist = float(g["length_entropy_hist"].mean())
     h_content = h_n if math.isfinite(h_n) else h_hist
 
-    # SPEC section 5: Var = s_b^2 / P + E[s_w^2 / M] / P (method of moments, s_b^2 >= 0)
+    # docs/metrics.md section 6: Var = s_b^2 / P + E[s_w^2 / M] / P (method of moments, s_b^2 >= 0)
     within_mean = g["ce_star_var_within"].to_numpy()  # s_w^2 / M_p per prompt (NaN for M = 1)
     known = np.isfinite(within_mean)
     # prompts with one rollout have no within variance: estimate E[s_w^2 / M] from the others

@@ -175,7 +175,7 @@ def compute_metrics(
     batch_size: int = 1024,
     manifest: Manifest | None = None,
 ) -> MetricsResult:
-    """All SPEC section 2-5 metrics per prompt and pooled per ``by`` group.
+    """All docs/metrics.md sections 2-6 metrics per prompt and pooled per ``by`` group.
 
     ``source``: a RunStore, a run-folder path, a pyarrow Table of ROLLOUT_SCHEMA rows, or any
     object with ``iter_batches(columns, batch_size)`` (e.g. ``reward.KeptRollouts``).
@@ -300,7 +300,7 @@ def merge_diversity(
     )
 
 
-# relaxed semantic entropy columns merged from semantic/rse.parquet (SPEC section 6)
+# relaxed semantic entropy columns merged from semantic/rse.parquet (docs/semantic-compare.md)
 RSE_MERGED = ("rse", "rse_normalized", "rse_clusters")
 
 

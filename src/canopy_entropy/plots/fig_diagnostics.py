@@ -1,4 +1,4 @@
-"""Figures of teacher-forced token diagnostics (``canopy score``, SPEC section 10)."""
+"""Figures of teacher-forced token diagnostics (``canopy score``, docs/metrics.md section 10)."""
 
 from __future__ import annotations
 

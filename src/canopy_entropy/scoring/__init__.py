@@ -1,4 +1,4 @@
-"""Per-rollout correctness (SPEC section 11): scorers, pass@k, accuracy, and how well an
+"""Per-rollout correctness (docs/tasks.md): scorers, pass@k, accuracy, and how well an
 uncertainty predicts the wrong rollouts. Notebooks, tests and the pipeline use the same code.
 
 Scorers are plain functions ``(response, reference, **options) -> bool`` (or a score in

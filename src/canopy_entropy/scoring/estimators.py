@@ -1,4 +1,4 @@
-"""Correctness estimators (SPEC section 11): pass@k, accuracy, majority vote, and how well a
+"""Correctness estimators (docs/tasks.md): pass@k, accuracy, majority vote, and how well a
 per-rollout uncertainty ranks the incorrect rollouts (AUROC, AUPRC, accuracy by decile).
 
 Per-prompt values are pooled as unweighted means over prompts, like every other pooled metric.

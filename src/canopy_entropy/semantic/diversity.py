@@ -1,4 +1,4 @@
-"""Semantic diversity of a prompt's rollouts from their embeddings (SPEC section 6).
+"""Semantic diversity of a prompt's rollouts from their embeddings (docs/metrics.md section 7).
 
 Per prompt with unit-norm embeddings ``e_1..e_M``: ``d_i = 1 - mean_{j != i} cos(e_i, e_j)``,
 ``D = mean_i d_i``, and the Vendi score ``exp(-sum lambda log lambda)`` over the eigenvalues of
@@ -146,6 +146,6 @@ def pool_vendi(values: np.ndarray) -> float:
 
 def pooled_diversity(prompts: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
     """Per group: D by the unweighted mean over prompts, Vendi by the geometric mean
-    (``pool_vendi``), SPEC section 6."""
+    (``pool_vendi``), docs/metrics.md section 7."""
     grouped = prompts.groupby(list(by), sort=True, observed=True)
     return grouped.agg(diversity=("diversity", "mean"), vendi=("vendi", pool_vendi)).reset_index()

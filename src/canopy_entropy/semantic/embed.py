@@ -5,7 +5,7 @@ encoder's ``max_seq_length`` are truncated by the encoder and counted. Vectors a
 (model, variant, family, task) shard in ``RUN/semantic/embeddings/<shard>.parquet``, keyed by
 rollout (prompt_id, rollout_index), a SHA-1 of the text, the encoder name and the prefix, so a
 second ``embed_run`` reuses every valid row and encodes only new or changed texts. Per-prompt
-and per-rollout diversity (SPEC section 6) are written beside them.
+and per-rollout diversity (docs/metrics.md section 7) are written beside them.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def load_encoder(name: str, device: str = "cpu") -> Any:
             f"download it once with network access (HF_HUB_OFFLINE unset) or use "
             f"--encoder {OFFLINE_ENCODER}"
         ) from exc
-    model = model.float()  # float32 throughout: bf16 similarities go negative (SPEC section 9)
+    model = model.float()  # float32 throughout: bf16 similarities go negative (docs/engines.md)
     model.canopy_name = name
     _ENCODERS[key] = model
     return model

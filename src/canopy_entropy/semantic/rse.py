@@ -1,4 +1,4 @@
-"""Relaxed semantic entropy (SPEC section 6): an LLM judge clusters each prompt's rollouts.
+"""Relaxed semantic entropy (docs/semantic-compare.md): an LLM judge clusters each prompt's rollouts.
 
 For m rollouts of a prompt the judge labels every ordered pair (i, j) "similar" or
 "different"; i and j are linked only when both orders say similar (``J & J.T``), clusters are

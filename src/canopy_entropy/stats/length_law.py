@@ -1,4 +1,4 @@
-"""H(N) under a length cap T from the EOS hazard (SPEC section 4), as pure numpy functions.
+"""H(N) under a length cap T from the EOS hazard (docs/metrics.md section 5), as pure numpy functions.
 
 The observed length is ``min(N, T)``: its law lives on ``{1..T}`` plus the outcome "cut at T".
 ``p_hat(n) = (1/M) sum_i 1{N_i >= n} lambda_in`` estimates ``P(N = n)`` without bias for every

@@ -1,6 +1,6 @@
 """Robustness fits of the published analysis: linear mixed models and the Vendi / RSE Beta fits.
 
-On the SPEC section 7 panel (``D``, ``Rbar``, ``Nbar``, task, family, variant, prompt):
+On the regression panel (docs/regression.md) (``D``, ``Rbar``, ``Nbar``, task, family, variant, prompt):
 
 - main: ``D ~ Rbar + Nbar + task + family * variant + (1 | prompt)``;
 - interaction: ``D ~ R_c * variant + Nbar + task + family + (1 | prompt)``, ``R_c`` = centred
@@ -330,7 +330,7 @@ def vendi_panel(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
 
 
 def rse_panel_from_frames(metrics: pd.DataFrame, rse: pd.DataFrame) -> pd.DataFrame:
-    """Per-prompt metrics joined with RSE: the SPEC section 7 panel with response ``RSE``
+    """Per-prompt metrics joined with RSE: the regression panel (docs/regression.md) with response ``RSE``
     (= ``rse_normalized``) in place of ``D``."""
     for name, frame, cols in (
         ("metrics/prompts.parquet", metrics, [*KEYS, "entropy_rate", "mean_length"]),

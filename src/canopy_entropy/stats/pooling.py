@@ -1,4 +1,4 @@
-"""Pooling of per-prompt statistics across prompts (SPEC section 3).
+"""Pooling of per-prompt statistics across prompts (docs/metrics.md section 4).
 
 All functions pool along the last axis, so a ``[replicates, prompts]`` array pools every
 bootstrap replicate at once. Non-finite values are dropped (weight 0); when every weight of a
@@ -69,7 +69,7 @@ def resample_counts(indices: np.ndarray, n_prompts: int) -> np.ndarray:
 
 
 def pool_counts(counts: np.ndarray, values: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """SPEC section-3 weighted means of ``values`` ([K, P], weights [K, P]) per count row.
+    """docs/metrics.md section-4 weighted means of ``values`` ([K, P], weights [K, P]) per count row.
 
     Same rule as ``stats.pooling.weighted_mean_with_fallback`` on gathered ``[R, P']`` arrays
     (non-finite dropped, unweighted mean when all weights are 0, NaN when nothing is finite),
@@ -91,7 +91,7 @@ def pooled_statistics(
     indices: np.ndarray | None = None,
     counts: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Pool per-prompt statistics over prompts (SPEC sections 2, 3).
+    """Pool per-prompt statistics over prompts (docs/metrics.md sections 3-4).
 
     ``prompt_stats[k]`` holds one value per prompt (``[P]``). With ``indices`` (an ``[R, P']``
     matrix of prompt indices, e.g. ``[B, P]`` bootstrap draws) or the equivalent ``counts``

@@ -1,4 +1,4 @@
-"""SPEC section 7: the regression panel of a run and the published Beta GLMM fit.
+"""docs/regression.md: the regression panel of a run and the published Beta GLMM fit.
 
 ``build_panel(run_dir)`` joins per-prompt diversity ``D`` with entropy rate ``Rbar`` and mean
 length ``Nbar`` (one row per task x prompt x family x variant), clips ``D`` and z-scores
@@ -50,7 +50,7 @@ PANEL_EXTRA = ("accuracy", "majority", "pass_at_5", "pass_at_10")
 
 
 def panel_from_frames(metrics: pd.DataFrame, diversity: pd.DataFrame) -> pd.DataFrame:
-    """Join per-prompt metrics and diversity into the SPEC section 7 panel."""
+    """Join per-prompt metrics and diversity into the regression panel (docs/regression.md)."""
     for name, frame, cols in (
         ("metrics/prompts.parquet", metrics, [*KEYS, "entropy_rate", "mean_length"]),
         ("semantic/prompt_diversity.parquet", diversity, [*KEYS, "diversity"]),
@@ -130,7 +130,7 @@ def panel_from_metrics(metrics: Any) -> pd.DataFrame:
 
 
 def default_reference(panel: pd.DataFrame, reference: dict[str, str] | None) -> dict[str, str]:
-    """SPEC reference levels: variant 'base', the first task alphabetically, unless given."""
+    """The published reference levels: variant 'base', the first task alphabetically, unless given."""
     ref = dict(reference or {})
     variants = set(panel["variant"].astype(str))
     if "variant" not in ref:
