@@ -28,5 +28,5 @@ fi
 echo "vllm venv ready in $(( $(date +%s) - start )) s"
 
 "$VENV/bin/python" -m pytest -q -m vllm -p no:cacheprovider \
-    tests/test_vllm_engine.py tests/test_openai_vllm_server.py
+    tests/test_vllm_engine.py tests/test_openai_vllm_server.py tests/test_vllm_score.py
 echo "vllm step done in $(( $(date +%s) - start )) s"

@@ -552,7 +552,7 @@ def score_run(
     eng = engine_instance
     try:
         if engine == "vllm":
-            offsets, flat, elapsed, facts = _score_vllm(
+            encoded, offsets, flat, elapsed, facts = _score_vllm(
                 model, answers, variant, dtype, prompt_logprobs, engine_instance
             )
             eng = None
@@ -607,7 +607,8 @@ def score_run(
 
 
 def _score_vllm(model: str, answers, variant: str, dtype: str, k: int | None, llm: Any = None):
-    """(offsets, flat columns, scoring seconds, engine facts) of the vLLM prompt log-prob path."""
+    """(encoded answers, offsets, flat columns, scoring seconds, engine facts) of the vLLM
+    prompt log-prob path."""
     from canopy_entropy.models import resolve_model
 
     if llm is None:
@@ -633,7 +634,7 @@ def _score_vllm(model: str, answers, variant: str, dtype: str, k: int | None, ll
         flat.update(entropy_upper=d.entropy_upper, expected_rank_upper=d.expected_rank_upper,
                     relative_rank_lower=d.relative_rank_lower)  # fmt: skip
     facts = {"engine": "vllm", "prompt_logprobs": k, "vocab_size": vocab, "exact": exact}
-    return offsets, flat, elapsed, facts
+    return encoded, offsets, flat, elapsed, facts
 
 
 def _read_json(path: Path) -> dict:
