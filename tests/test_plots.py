@@ -386,3 +386,32 @@ def test_rerun_gives_byte_identical_files(run_two_tasks, tmp_path):
     data1 = {p.name: p.read_bytes() for p in first}
     second = P.make_figures(run, names=names, formats=("png", "pdf", "svg"))
     assert {p.name: p.read_bytes() for p in second} == data1
+
+
+def test_figure_formats_lay_out_once_and_match_separate_saves() -> None:
+    """PNG and PDF from one layout: the PNG is byte-identical to a lone save of the same
+    figure, and the PDF is drawn at the positions that layout computed."""
+    from canopy_entropy.plots.figures import figure_bytes, figure_formats
+    from canopy_entropy.plots.style import new_figure, style
+
+    def draw() -> Figure:
+        with style():
+            fig = new_figure(6, 3)
+            for i, ax in enumerate(fig.subplots(1, 3)):
+                ax.plot(np.arange(10) * (i + 1), label=f"line {i}")
+                ax.set_title(f"panel {i} with a long title")
+                ax.set_ylabel("a y label")
+            fig.suptitle("one layout")
+        return fig
+
+    fig = draw()
+    blobs = figure_formats(fig, ("png", "pdf"))
+    assert list(blobs) == ["png", "pdf"] and blobs["pdf"].startswith(b"%PDF")
+    assert blobs["png"] == figure_bytes(draw(), "png")
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+
+    assert not isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine)  # not solved again
+    fresh = draw()
+    figure_bytes(fresh, "png")  # the layout a lone PNG save computes
+    for got, want in zip(fig.axes, fresh.axes, strict=True):
+        np.testing.assert_array_equal(got.get_position().bounds, want.get_position().bounds)

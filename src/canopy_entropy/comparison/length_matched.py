@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from canopy_entropy.comparison.columns import pairing_columns
-from canopy_entropy.comparison.grouped import _group_ids, grouped_midranks, grouped_pearson
+from canopy_entropy.comparison.grouped import grouped_midranks, grouped_pearson
 from canopy_entropy.run.layout import PROMPT_KEYS
 from canopy_entropy.stats.pooling import (
     pool_fisher,
@@ -36,36 +36,69 @@ def match_lengths(
     Within each cell (e.g. by-group and prompt) and log-length bin, both sides are subsampled
     (seeded, uniformly at random) to the smaller of the two counts.
     """
-    work = frame[[*cell_cols, side_col]].copy()
-    work["_bin"] = length_bins(frame["length"].to_numpy(), bins_per_octave)
-    cell = _group_ids(work, [*cell_cols, "_bin"])
+    cell = _codes(frame, cell_cols)
     side = (
-        (work[side_col].to_numpy() == work[side_col].iloc[0]).astype(np.int64)
-        if len(work)
+        (frame[side_col].to_numpy() == frame[side_col].iloc[0]).astype(np.int64)
+        if len(frame)
         else np.zeros(0, np.int64)
     )
+    return _match(cell, side, frame["length"].to_numpy(), seed, bins_per_octave)
+
+
+def _codes(frame: pd.DataFrame, cols: Sequence[str]) -> np.ndarray:
+    """Integer id of each row's combination of ``cols``, numbered in the sorted order of the
+    combinations (as a sorted groupby numbers them), from one sorted factorize per column."""
+    if not cols:
+        return np.zeros(len(frame), np.int64)
+    codes = [pd.factorize(frame[c].to_numpy(), sort=True)[0] for c in cols]
+    return _dense(codes)
+
+
+def _dense(codes: Sequence[np.ndarray]) -> np.ndarray:
+    """Dense ids (0..k-1, lexicographic in ``codes``) of the rows' code tuples."""
+    key = np.zeros(len(codes[0]), np.int64)
+    for c in codes:
+        key = key * (int(c.max()) + 1 if len(c) else 1) + c
+    return np.unique(key, return_inverse=True)[1].reshape(-1)
+
+
+def _match(
+    cell: np.ndarray, side: np.ndarray, lengths: np.ndarray, seed: int, bins_per_octave: int
+) -> np.ndarray:
+    """:func:`match_lengths` on integer cell ids and 0/1 sides (rows in the caller's order)."""
+    cell = _dense([cell, length_bins(lengths, bins_per_octave)])
     k = int(cell.max()) + 1 if len(cell) else 0
     counts = np.stack([np.bincount(cell[side == s], minlength=k) for s in (0, 1)])
     keep_n = counts.min(axis=0)
     rng = np.random.default_rng([int(seed), 0x6C656E])
-    priority = rng.random(len(frame))
+    priority = rng.random(len(cell))
     order = np.lexsort((priority, side, cell))
     cs, ss = cell[order], side[order]
     start = np.r_[True, (cs[1:] != cs[:-1]) | (ss[1:] != ss[:-1])]
     pos = np.arange(len(order))
     rank = pos - np.maximum.accumulate(np.where(start, pos, 0))
-    keep = np.zeros(len(frame), dtype=bool)
+    keep = np.zeros(len(cell), dtype=bool)
     keep[order] = rank < keep_n[cs]
     return keep
 
 
 def _relation_stats(frame: pd.DataFrame, has_d: bool) -> dict[str, float]:
     """Pooled within-prompt rho(N, r) and, with diversity, the rate-diversity relation."""
-    if len(frame) == 0:
+    d = frame["d"].to_numpy(np.float64) if has_d else None
+    return _relations(
+        _codes(frame, PROMPT_KEYS),
+        frame["length"].to_numpy(np.float64),
+        frame["r"].to_numpy(np.float64),
+        d,
+    )
+
+
+def _relations(
+    g: np.ndarray, n_len: np.ndarray, r: np.ndarray, d: np.ndarray | None
+) -> dict[str, float]:
+    """:func:`_relation_stats` on dense prompt ids ``g`` (0..k-1) and per-rollout arrays."""
+    if len(g) == 0:
         return {}
-    g = _group_ids(frame, PROMPT_KEYS)
-    n_len = frame["length"].to_numpy(np.float64)
-    r = frame["r"].to_numpy(np.float64)
     n = np.bincount(g).astype(np.float64)
     pearson, _ = grouped_pearson(g, n_len, r)
     spearman, _ = grouped_pearson(g, grouped_midranks(g, n_len), grouped_midranks(g, r))
@@ -73,8 +106,7 @@ def _relation_stats(frame: pd.DataFrame, has_d: bool) -> dict[str, float]:
         "rho_pearson_N_r": float(pool_fisher(pearson, n)),
         "rho_spearman_N_r": float(pool_fisher(spearman, n)),
     }
-    if has_d:
-        d = frame["d"].to_numpy(np.float64)
+    if d is not None:
         ok = np.isfinite(d)
         g2, r2, d2, logn = g[ok], r[ok], d[ok], np.log(n_len[ok])
         if len(g2):
@@ -108,37 +140,70 @@ def length_matched_analysis(
     """rho(N, r) and the rate-diversity relation per side, before and after length matching.
 
     ``rollouts`` has keys, rollout_index, length, r and optionally d (per-rollout diversity).
-    Only prompts present on both sides take part.
+    Only prompts present on both sides take part. Keys are grouped as integer codes (one
+    sorted factorize per column), never as pandas string-key groupbys.
     """
     by = list(by)
     has_d = "d" in rollouts.columns and rollouts["d"].notna().any()
-    frame = rollouts[rollouts[a_key].astype(str).isin([a, b])].copy()
-    frame["_side"] = np.where(frame[a_key].astype(str) == a, "a", "b")
-    frame = frame.sort_values(["_side", *PROMPT_KEYS, "rollout_index"]).reset_index(drop=True)
-    cell = [*by, *pairing_columns(by, a_key)]
-    both = frame.groupby(cell, observed=True)["_side"].transform("nunique") == 2
-    frame = frame[both.to_numpy()].reset_index(drop=True)
-    keep = match_lengths(frame, "_side", cell, seed=seed, bins_per_octave=bins_per_octave)
-    frame["_keep"] = keep
-    rows = []
-    for key, grp in frame.groupby(by, sort=True, observed=True) if by else [((), frame)]:
-        key = key if isinstance(key, tuple) else (key,)
-        for side, label in (("a", a), ("b", b)):
-            sub = grp[grp["_side"] == side]
-            un = _relation_stats(sub, has_d)
-            ma = _relation_stats(sub[sub["_keep"]], has_d)
+    sides = rollouts[a_key].astype(str).to_numpy()
+    rows_ab = np.flatnonzero((sides == a) | (sides == b))
+    side = (sides[rows_ab] != a).astype(np.int64)  # 0 = a, 1 = b
+    cell_cols = [*by, *pairing_columns(by, a_key)]
+    key_cols = list(dict.fromkeys([*PROMPT_KEYS, *cell_cols]))
+    codes = {c: pd.factorize(rollouts[c].to_numpy()[rows_ab], sort=True)[0] for c in key_cols}
+    ridx = rollouts["rollout_index"].to_numpy()[rows_ab]
+    # rows in (side, prompt keys, rollout_index) order
+    order = np.lexsort((ridx, *(codes[c] for c in reversed(PROMPT_KEYS)), side))
+    side = side[order]
+    codes = {c: v[order] for c, v in codes.items()}
+    cell = _dense([codes[c] for c in cell_cols])
+    n_cells = int(cell.max()) + 1 if len(cell) else 0
+    on_side = [np.bincount(cell[side == s], minlength=n_cells) > 0 for s in (0, 1)]
+    both = (on_side[0] & on_side[1])[cell]
+    rows = rows_ab[order][both]
+    side, cell = side[both], cell[both]
+    codes = {c: v[both] for c, v in codes.items()}
+    n_len = rollouts["length"].to_numpy(np.float64)[rows]
+    r = rollouts["r"].to_numpy(np.float64)[rows]
+    d = rollouts["d"].to_numpy(np.float64)[rows] if has_d else None
+    keep = _match(cell, side, rollouts["length"].to_numpy()[rows], seed, bins_per_octave)
+    prompt = _dense([codes[c] for c in PROMPT_KEYS])
+    group = _dense([codes[c] for c in by]) if by else np.zeros(len(rows), np.int64)
+    labels = {c: rollouts[c].to_numpy()[rows] for c in by}
+    out = []
+    for gid in range(int(group.max()) + 1 if len(group) else 0):
+        in_group = group == gid
+        first = int(np.argmax(in_group))
+        key = {c: str(labels[c][first]) for c in by}
+        for s, (side_name, label) in enumerate((("a", a), ("b", b))):
+            sub = np.flatnonzero(in_group & (side == s))
+            if not len(sub):
+                continue
+            matched = sub[keep[sub]]
+            un = _relations(*_sub(prompt, sub), n_len[sub], r[sub], _at(d, sub))
+            ma = _relations(*_sub(prompt, matched), n_len[matched], r[matched], _at(d, matched))
+            n_prompts = len(np.unique(cell[sub]))
             for stat in un:
-                rows.append(
+                out.append(
                     {
-                        **dict(zip(by, map(str, key), strict=True)),
-                        "side": side,
+                        **key,
+                        "side": side_name,
                         "label": label,
                         "statistic": stat,
                         "unmatched": un[stat],
                         "matched": ma.get(stat, np.nan),
                         "n_rollouts_unmatched": len(sub),
-                        "n_rollouts_matched": int(sub["_keep"].sum()),
-                        "n_prompts": len(sub[cell].drop_duplicates()),
+                        "n_rollouts_matched": len(matched),
+                        "n_prompts": n_prompts,
                     }
                 )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(out)
+
+
+def _sub(prompt: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray]:
+    """Dense prompt ids (sorted order kept) of the selected rows."""
+    return (np.unique(prompt[rows], return_inverse=True)[1].reshape(-1),)
+
+
+def _at(values: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:
+    return None if values is None else values[rows]

@@ -498,3 +498,15 @@ def figure_bytes(fig: Figure, fmt: str) -> bytes:
     with style():
         fig.savefig(buf, format=fmt, metadata=metadata)
     return buf.getvalue()
+
+
+def figure_formats(fig: Figure, formats: Sequence[str]) -> dict[str, bytes]:
+    """The figure in every format from one layout: the first save lays it out
+    (constrained layout, the costliest part of drawing a many-panel figure) and the others
+    reuse those axes positions instead of solving the layout again."""
+    out: dict[str, bytes] = {}
+    for fmt in formats:
+        out[fmt] = figure_bytes(fig, fmt)
+        if fig.get_layout_engine() is not None:
+            fig.set_layout_engine("none")  # keeps the positions the first save computed
+    return out

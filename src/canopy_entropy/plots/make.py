@@ -259,9 +259,9 @@ def make_figures(
             for path in out_dir.glob(f"{name}.*"):
                 path.unlink()
             continue
-        for fmt in formats:
+        for fmt, blob in F.figure_formats(fig, formats).items():
             path = out_dir / f"{name}.{fmt}"
-            atomic_write_bytes(path, F.figure_bytes(fig, fmt))
+            atomic_write_bytes(path, blob)
             written.append(path)
     _write_index(run, min_active, names, written)
     return written
