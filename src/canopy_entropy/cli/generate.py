@@ -95,12 +95,6 @@ def command(
         import os
 
         os.environ["CANOPY_VERBOSE"] = "1"  # the engines (and their child processes) read it
-    from canopy_entropy.config.models import check_model_available
-    from canopy_entropy.config.schema import ModelSpec
-
-    problem = check_model_available(ModelSpec(model=model), engine)  # before the heavy imports
-    if problem:
-        raise ConfigError(problem)
     import dataclasses
     import time
 
@@ -117,7 +111,6 @@ def command(
     from canopy_entropy.engines.base import DecodingPolicy
     from canopy_entropy.generate import Shard, generate_run, load_prompts
     from canopy_entropy.models import alias_variant
-    from canopy_entropy.runner.core import run_lock
 
     job = Shard.parse(shard) if shard is not None else None
     variant = variant or alias_variant(model) or "base"
@@ -144,6 +137,14 @@ def command(
         policy.validate()
     else:  # EOS ids come from the model: check everything else now
         dataclasses.replace(policy, eos_token_ids=(0,)).validate()
+    from canopy_entropy.config.models import check_model_available
+    from canopy_entropy.config.schema import ModelSpec
+
+    problem = check_model_available(ModelSpec(model=model), engine)  # before the heavy imports
+    if problem:
+        raise ConfigError(problem)
+    from canopy_entropy.runner.core import run_lock
+
     prompt_list = load_prompts(prompts, n_prompts)
     console = Console(stderr=True)
     columns = (
