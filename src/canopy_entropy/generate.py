@@ -184,6 +184,20 @@ def _check_continuation(
         )
 
 
+def check_generation_inputs(rollouts: int, prompts: Sequence[Prompt]) -> None:
+    """One-line errors for what no engine can sample: no rollouts, no prompts, a repeated id."""
+    if rollouts < 1:
+        raise ConfigError(f"rollouts must be >= 1 (got {rollouts})")
+    if not prompts:
+        raise ConfigError("no prompts given; pass a JSONL file with a 'prompt' field per line")
+    ids = [(p.task, p.id) for p in prompts]
+    if len(set(ids)) != len(ids):
+        dup = next(x for x in ids if ids.count(x) > 1)
+        raise ConfigError(
+            f"prompt id '{dup[1]}' appears twice in task '{dup[0]}'; prompt ids must be unique"
+        )
+
+
 def generate_run(
     run_dir: str | Path,
     *,
@@ -220,16 +234,7 @@ def generate_run(
     ``enable_thinking`` goes to the chat template of instruct prompts; ``series`` / ``step``
     place the model in a checkpoint series (recorded in the manifest).
     """
-    if rollouts < 1:
-        raise ConfigError(f"rollouts must be >= 1 (got {rollouts})")
-    if not prompts:
-        raise ConfigError("no prompts given; pass a JSONL file with a 'prompt' field per line")
-    ids = [(p.task, p.id) for p in prompts]
-    if len(set(ids)) != len(ids):
-        dup = next(x for x in ids if ids.count(x) > 1)
-        raise ConfigError(
-            f"prompt id '{dup[1]}' appears twice in task '{dup[0]}'; prompt ids must be unique"
-        )
+    check_generation_inputs(rollouts, prompts)
     label = model_label or default_model_label(model)
     family = family or label
     store = RunStore(run_dir)

@@ -43,6 +43,7 @@ from canopy_entropy.generate import (
     _check_continuation,
     _model_record,
     _prompt_table,
+    check_generation_inputs,
     default_model_label,
     engine_prompts_per_call,
     owned_prompts,
@@ -174,18 +175,9 @@ def generate_on_ray(
     opts = ray_options or RayConfig()
     if not ray.is_initialized():
         _connect(ray, opts)
-    if rollouts < 1:
-        raise ConfigError(f"rollouts must be >= 1 (got {rollouts})")
+    check_generation_inputs(rollouts, prompts)
     if workers < 1:
         raise ConfigError(f"workers must be >= 1 (got {workers})")
-    if not prompts:
-        raise ConfigError("no prompts given; pass a JSONL file with a 'prompt' field per line")
-    ids = [(p.task, p.id) for p in prompts]
-    if len(set(ids)) != len(ids):
-        dup = next(x for x in ids if ids.count(x) > 1)
-        raise ConfigError(
-            f"prompt id '{dup[1]}' appears twice in task '{dup[0]}'; prompt ids must be unique"
-        )
     label = model_label or default_model_label(model)
     family = family or label
     run = run_name or Path(run_dir).resolve().name
