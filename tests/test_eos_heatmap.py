@@ -67,9 +67,11 @@ def test_heatmap_draws_log_eos_in_place(tmp_path, mode):
         np.testing.assert_array_equal(drawn, matrix)
         strip = fig.axes[fig.axes.index(ax) + 1]
         np.testing.assert_array_equal(strip.lines[0].get_ydata(), active)
-        if mode == "prompt":  # one separator per change of prompt
-            changes = sum(a != b for a, b in zip(prompts[1:], prompts[:-1], strict=True))
-            assert len(ax.lines) == changes == 3
+        if mode == "prompt":  # one separator per change of prompt, between the two blocks
+            changes = [i + 0.5 for i in range(len(prompts) - 1) if prompts[i] != prompts[i + 1]]
+            (lines,) = ax.collections
+            assert sorted(seg[0][1] for seg in lines.get_segments()) == changes
+            assert len(changes) == 3
         all_values.append(matrix[np.isfinite(matrix)])
     lo, hi = np.quantile(np.concatenate(all_values), [0.01, 0.99])
     norm = heat_axes[0].images[0].norm
@@ -91,12 +93,16 @@ def test_canopy_plot_draws_the_heatmaps_or_says_why_not(tmp_path):
 
 
 def test_large_panels_are_drawn_as_block_means():
-    from canopy_entropy.plots.fig_eos import displayed
+    from canopy_entropy.plots.fig_eos import EOSMatrix
 
     rng = np.random.default_rng(0)
-    matrix = rng.normal(size=(7, 10)).astype(np.float32)
-    matrix[5:, 6:] = np.nan  # past the end of the longest rollouts
-    shown = displayed(matrix, (3, 4))  # blocks of 3 rows x 3 columns
+    lengths = np.array([10, 3, 7, 10, 1, 6, 9])
+    values = rng.normal(size=int(lengths.sum())).astype(np.float32)
+    values[4] = -np.inf  # a step with eos_prob 0: log is -inf, as the dense matrix holds it
+    mat = EOSMatrix(values, lengths, np.array(["p"] * 7))
+    order = mat.order("combined")
+    matrix = mat.dense(order)
+    shown = mat.displayed(order, (3, 4))  # blocks of 3 rows x 3 columns
     assert shown.shape == (3, 4)
     for i in range(3):
         for j in range(4):
@@ -107,4 +113,47 @@ def test_large_panels_are_drawn_as_block_means():
                 assert shown[i, j] == pytest.approx(sum(cells) / len(cells), rel=1e-6)
             else:
                 assert math.isnan(shown[i, j])
-    assert displayed(matrix, (7, 10)) is matrix  # small panels drawn cell for cell
+    assert np.isneginf(shown).sum() == 1  # the -inf step's block, no other
+    np.testing.assert_array_equal(mat.displayed(order, (7, 10)), matrix)  # cell for cell
+
+
+@pytest.mark.parametrize("n_tasks", [1, 2, 4])
+@pytest.mark.parametrize("n_models", [1, 6])
+def test_heatmap_layout_keeps_text_inside_and_apart(n_models, n_tasks):
+    """The fixed layout at 1, 2 and 4 tasks and 1 and 3 families (x 2 variants): every title,
+    label and tick label inside the figure and clear of every other panel."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from canopy_entropy.plots.fig_eos import EOSMatrix
+    from canopy_entropy.plots.style import style
+
+    rng = np.random.default_rng(1)
+    tasks = ["completion", "coding", "math", "stories"][:n_tasks]
+    matrices = {}
+    for m in range(n_models):
+        for task in tasks:
+            lengths = np.minimum(rng.geometric(1 / 300, size=10_000), 4000)
+            values = np.log(rng.uniform(1e-9, 1e-3, size=int(lengths.sum()))).astype(np.float32)
+            prompts = np.repeat([f"p{k:02d}" for k in range(100)], 100)
+            matrices[(f"smollm2-135m-instruct-{m}", task)] = EOSMatrix(values, lengths, prompts)
+    with style():
+        fig = eos_heatmap(matrices, mode="prompt")
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        fig.draw(renderer)
+    width, height = fig.bbox.width, fig.bbox.height
+    for ax in fig.axes:
+        (x0, x1), (y0, y1) = sorted(ax.get_xlim()), sorted(ax.get_ylim())
+        texts = [ax.title, ax.xaxis.label, ax.yaxis.label]  # and the tick labels drawn:
+        texts += [t for t in ax.get_xticklabels() if x0 <= t.get_position()[0] <= x1]
+        texts += [t for t in ax.get_yticklabels() if y0 <= t.get_position()[1] <= y1]
+        for text in texts:
+            if not text.get_visible() or not text.get_text():
+                continue
+            box = text.get_window_extent(renderer)
+            assert box.x0 >= 0 and box.x1 <= width and box.y0 >= 0 and box.y1 <= height
+            for other in fig.axes:
+                if other is not ax:
+                    assert not box.overlaps(other.get_window_extent(renderer)), text.get_text()
+    title = fig._suptitle.get_window_extent(renderer)
+    assert title.x0 >= 0 and title.x1 <= width and title.y1 <= height
+    assert not any(title.overlaps(ax.get_window_extent(renderer)) for ax in fig.axes)

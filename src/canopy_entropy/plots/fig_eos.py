@@ -8,7 +8,6 @@ rollouts still active at each position. ``eos_matrices(run)`` streams the rollou
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from canopy_entropy.plots.data import MissingInput, check_run_dir
-from canopy_entropy.plots.style import new_figure, note_axes, panel_title, suptitle
+from canopy_entropy.plots.style import RC, new_figure, note_axes, wrap
 from canopy_entropy.store import SCHEMA_VERSION, RunStore, iter_file_batches
 
 MODES = ("combined", "prompt")
@@ -49,39 +48,44 @@ class EOSMatrix:
             return np.argsort(self.lengths, kind="stable")
         return np.lexsort((self.lengths, self.prompt_id))
 
-    def dense(self, order: np.ndarray | None = None) -> np.ndarray:
-        """``[rollouts, width]`` matrix, row i = rollout ``order[i]``, NaN past its end."""
+    def _cells(self, order: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Row (rollout ``order[i]`` is row i) and position of every stored step."""
         order = np.arange(self.lengths.size) if order is None else order
         rank = np.empty_like(order)
         rank[order] = np.arange(order.size)
         starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]])
         step_row = np.repeat(np.arange(self.lengths.size), self.lengths)
-        pos = np.arange(self.values.size) - starts[step_row]
+        return rank[step_row], np.arange(self.values.size) - starts[step_row]
+
+    def dense(self, order: np.ndarray | None = None) -> np.ndarray:
+        """``[rollouts, width]`` matrix, row i = rollout ``order[i]``, NaN past its end."""
+        row, pos = self._cells(order)
         matrix = np.full((self.lengths.size, self.width), np.nan, dtype=np.float32)
-        matrix[rank[step_row], pos] = self.values
+        matrix[row, pos] = self.values
         return matrix
+
+    def displayed(self, order: np.ndarray | None = None, shape=DISPLAY) -> np.ndarray:
+        """The :meth:`dense` matrix reduced to at most ``shape`` cells by block means over the
+        steps present (a panel shows no more pixels than that, so drawing cost stays
+        bounded); summed straight from the flat steps, so a paper-scale panel (10,000
+        rollouts x 4,000 positions) never exists as a dense matrix. Unchanged when it fits."""
+        n, width = self.lengths.size, self.width
+        fr, fc = (-(-size // k) for size, k in zip((n, width), shape, strict=True))
+        if fr == 1 and fc == 1:
+            return self.dense(order)
+        rows, cols = -(-n // fr), -(-width // fc)
+        row, pos = self._cells(order)
+        block = (row // fr) * cols + pos // fc
+        total = np.bincount(block, weights=self.values.astype(np.float64), minlength=rows * cols)
+        count = np.bincount(block, minlength=rows * cols)
+        with np.errstate(invalid="ignore"):  # an empty block (past every end) is NaN
+            return (total / count).astype(np.float32).reshape(rows, cols)
 
     def active(self) -> np.ndarray:
         """How many rollouts are still generating at each position (length >= t)."""
         positions = np.arange(1, self.width + 1)
         shorter = np.searchsorted(np.sort(self.lengths), positions, side="left")
         return self.lengths.size - shorter
-
-
-def displayed(matrix: np.ndarray, shape: tuple[int, int] = DISPLAY) -> np.ndarray:
-    """``matrix`` reduced to at most ``shape`` cells by block means over the steps present
-    (a panel shows no more pixels than that, so drawing cost stays bounded); unchanged when it
-    already fits."""
-    fr, fc = (-(-n // k) for n, k in zip(matrix.shape, shape, strict=True))
-    if fr == 1 and fc == 1:
-        return matrix
-    rows, cols = -(-matrix.shape[0] // fr) * fr, -(-matrix.shape[1] // fc) * fc
-    padded = np.full((rows, cols), np.nan, dtype=np.float32)
-    padded[: matrix.shape[0], : matrix.shape[1]] = matrix
-    blocks = padded.reshape(rows // fr, fr, cols // fc, fc)
-    with np.errstate(invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN block (past every end)
-        return np.nanmean(blocks, axis=(1, 3))
 
 
 def check_mode(mode: str) -> None:
@@ -158,6 +162,44 @@ def color_norm(matrices: Mapping[tuple[str, str], EOSMatrix], clip=CLIP) -> Norm
     return Normalize(float(lo), float(hi) if hi > lo else float(lo) + 1.0, clip=True)
 
 
+# The heatmaps' fixed layout, in inches: with two axes per (model, task) a layout solver
+# (constrained layout) cost more than drawing them, and every margin here is known up front.
+PANEL_W, HEAT_H, STRIP_H, STRIP_GAP = 2.7, 2.0, 0.5, 0.06
+LEFT, RIGHT, BOTTOM = 0.85, 1.2, 0.5  # y label + ticks; colour bar + its label; x label
+COL_GAP, ROW_GAP = 0.7, 0.55  # next panel's y ticks; strip x label above the next title
+TITLE_LINE, SUPTITLE_LINE = 0.18, 0.2
+MIN_WIDTH = 5.6
+
+
+def _layout(n_models: int, n_tasks: int, titles: list[str], heading: str):
+    """Figure size and axes rectangles: ``(fig, panel(i, j) -> (heat, strip), colorbar)``."""
+    width = max(LEFT + RIGHT + n_tasks * PANEL_W + (n_tasks - 1) * COL_GAP, MIN_WIDTH)
+    panel_w = (width - LEFT - RIGHT - (n_tasks - 1) * COL_GAP) / n_tasks
+    title_size, heading_size = RC["axes.titlesize"], RC["axes.titlesize"] + 1
+    wrapped = [wrap(t, panel_w, title_size) for t in titles]
+    title_h = 0.12 + TITLE_LINE * max((t.count("\n") + 1 for t in wrapped), default=1)
+    heading = wrap(heading, width - 0.3, heading_size)
+    top = 0.15 + SUPTITLE_LINE * (heading.count("\n") + 1)
+    block = title_h + HEAT_H + STRIP_GAP + STRIP_H
+    height = top + n_models * block + (n_models - 1) * ROW_GAP + BOTTOM
+    fig = new_figure(width, height, layout=None)
+    fig.suptitle(heading, fontsize=heading_size, y=1 - 0.08 / height, va="top")
+
+    def rect(x: float, y_top: float, w: float, h: float) -> list[float]:
+        return [x / width, 1 - (y_top + h) / height, w / width, h / height]
+
+    def panel(i: int, j: int):
+        x = LEFT + j * (panel_w + COL_GAP)
+        y = top + i * (block + ROW_GAP) + title_h
+        heat = fig.add_axes(rect(x, y, panel_w, HEAT_H))
+        strip = fig.add_axes(rect(x, y + HEAT_H + STRIP_GAP, panel_w, STRIP_H), sharex=heat)
+        return heat, strip
+
+    grid_h = n_models * block + (n_models - 1) * ROW_GAP
+    colorbar = fig.add_axes(rect(width - RIGHT + 0.35, top + 0.1 * grid_h, 0.14, 0.8 * grid_h))
+    return fig, panel, colorbar, dict(zip(titles, wrapped, strict=True))
+
+
 def eos_heatmap(
     matrices: Mapping[tuple[str, str], EOSMatrix], mode: str = "combined", clip=CLIP
 ) -> Figure:
@@ -171,14 +213,15 @@ def eos_heatmap(
     models = sorted({m for m, _ in matrices})
     tasks = sorted({t for _, t in matrices})
     norm = color_norm(matrices, clip)
-    fig = new_figure(max(3.4 * len(tasks) + 1.2, 5.6), 3.3 * max(len(models), 1))
-    grid = fig.add_gridspec(2 * len(models), len(tasks), height_ratios=[4, 1] * len(models))
+    how = "sorted by length" if mode == "combined" else "in prompt blocks, by length"
+    titles = [f"{model} · {task}" for model in models for task in tasks]
+    heading = f"End-of-sequence log probability per step, rollouts {how}"
+    fig, panel, cax, wrapped = _layout(len(models), len(tasks), titles, heading)
     image = None
     for i, model in enumerate(models):
         for j, task in enumerate(tasks):
-            ax = fig.add_subplot(grid[2 * i, j])
-            strip = fig.add_subplot(grid[2 * i + 1, j], sharex=ax)
-            panel_title(ax, f"{model} · {task}", len(tasks))
+            ax, strip = panel(i, j)
+            ax.set_title(wrapped[f"{model} · {task}"])
             mat = matrices.get((model, task))
             if mat is None:
                 note_axes(ax, "no rollouts with eos_prob")
@@ -186,7 +229,7 @@ def eos_heatmap(
                 continue
             order = mat.order(mode)
             image = ax.imshow(
-                displayed(mat.dense(order)),
+                mat.displayed(order),
                 aspect="auto",
                 interpolation="nearest",
                 cmap="viridis",
@@ -194,24 +237,26 @@ def eos_heatmap(
                 extent=(0.5, mat.width + 0.5, len(order) - 0.5, -0.5),
             )
             ax.grid(False)
-            if mode == "prompt":
+            if mode == "prompt":  # one line collection for every prompt boundary
                 ids = mat.prompt_id[order]
-                for edge in np.flatnonzero(ids[1:] != ids[:-1]):
-                    ax.axhline(edge + 0.5, color="#bbbbbb", linewidth=0.6)
+                edges = np.flatnonzero(ids[1:] != ids[:-1]) + 0.5
+                ax.hlines(edges, 0.5, mat.width + 0.5, color="#bbbbbb", linewidth=0.6)
             ax.tick_params(labelbottom=False)
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
             positions = np.arange(1, mat.width + 1)
             strip.step(positions, mat.active(), where="mid", color="#333333")
             strip.set_ylim(bottom=0)
+            strip.xaxis.set_major_locator(MaxNLocator(5, integer=True))
+            strip.yaxis.set_major_locator(MaxNLocator(3, integer=True))
             strip.set_xlabel("token position t")
             if j == 0:
                 ax.set_ylabel("rollouts (by length)" if mode == "combined" else "prompt blocks")
                 strip.set_ylabel("active")
     if image is not None:
-        bar = fig.colorbar(image, ax=fig.axes, shrink=0.8, extend="both")
+        bar = fig.colorbar(image, cax=cax, extend="both")
         bar.set_label(f"log p(EOS) (clipped to {clip[0]:.0%}–{clip[1]:.0%} quantiles)")
-    how = "sorted by length" if mode == "combined" else "in prompt blocks, by length"
-    suptitle(fig, f"End-of-sequence log probability per step, rollouts {how}")
+    else:
+        cax.set_visible(False)
     return fig
 
 

@@ -70,10 +70,11 @@ def style():
         yield
 
 
-def new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float, layout: str | None = "constrained") -> Figure:
     """A pyplot-free Figure: no global state and no backend switch (safe inside notebooks);
-    ``savefig`` renders PNG/PDF/SVG through matplotlib's own canvases; freed when dropped."""
-    return Figure(figsize=(width, height), layout="constrained")
+    ``savefig`` renders PNG/PDF/SVG through matplotlib's own canvases; freed when dropped.
+    ``layout=None`` for a figure that places its axes itself."""
+    return Figure(figsize=(width, height), layout=layout)
 
 
 class Palette:
