@@ -283,6 +283,55 @@ def test_without_ray_installed_the_error_names_the_extra(monkeypatch):
 
 
 @needs_ray
+@pytest.mark.parametrize(
+    ("address", "env", "where"),
+    [
+        ("", None, "a local Ray started for the run (no engine.ray.address or $RAY_ADDRESS)"),
+        ("", "auto", "the Ray cluster at 'auto' (from $RAY_ADDRESS; not contacted by --check)"),
+        ("10.255.0.7:6379", "auto",
+         "the Ray cluster at '10.255.0.7:6379' (from engine.ray.address; not contacted by --check)"),
+    ],
+)  # fmt: skip
+def test_check_names_ray_and_the_cluster_it_would_use(
+    address, env, where, tiny_model, tmp_path, capsys, monkeypatch
+):
+    """``canopy run --check`` of a Ray config: ray's version, the workers and the address the
+    run would connect to (a config address before $RAY_ADDRESS); no cluster is contacted."""
+    import ray
+
+    text = _twin_text(tiny_model)
+    if address:
+        text = text.replace("[engine.ray]\n", f'[engine.ray]\naddress = "{address}"\n')
+    (tmp_path / "tiny-ray.toml").write_text(text)
+    if env is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", env)
+    connected = ray.is_initialized()
+    args = ["run", str(tmp_path / "tiny-ray.toml"), "--check", "--out", str(tmp_path / "run")]
+    code, out, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    line = (f"backend: Ray {ray.__version__}, 2 workers per model (each num_cpus = 1, "
+            f"num_gpus = 0; restarts = 3) on {where}")  # fmt: skip
+    assert line in [x.strip() for x in out.splitlines()], out
+    assert ray.is_initialized() == connected and not (tmp_path / "run").exists()
+
+
+def test_check_without_ray_installed_is_one_line_naming_the_extra(
+    tiny_model, tmp_path, capsys, monkeypatch
+):
+    import sys
+
+    (tmp_path / "tiny-ray.toml").write_text(_twin_text(tiny_model))
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    args = ["run", str(tmp_path / "tiny-ray.toml"), "--check", "--out", str(tmp_path / "run")]
+    code, out, err = run_cli(args, capsys, monkeypatch)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "engine.backend = 'ray' needs ray" in err
+    assert "pip install 'canopy-entropy[ray]'" in err and out == ""
+
+
+@needs_ray
 def test_an_engine_that_cannot_start_fails_at_once(cluster, twin, tmp_path):
     """A worker whose engine raises while starting is not retried: the engine's one line."""
     from canopy_entropy.errors import CanopyError
