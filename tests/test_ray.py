@@ -1,4 +1,5 @@
-"""Ray workers for generation: same rollouts as one process, a killed worker's units re-queued.
+"""Ray workers for generation: rollouts of one process; a killed worker replaced or its units
+re-queued; `canopy run --check` of a Ray config.
 
 One local Ray cluster (2 CPUs) for the module; the reference is ``generate_run`` sampling the
 same prompts in this process with the same torch thread count as each worker (1).
