@@ -1,4 +1,5 @@
-"""Ray workers for generation: same rollouts as one process, a killed worker's units re-queued.
+"""Ray workers for generation: rollouts of one process; a killed worker replaced or its units
+re-queued; `canopy run --check` of a Ray config.
 
 One local Ray cluster (2 CPUs) for the module; the reference is ``generate_run`` sampling the
 same prompts in this process with the same torch thread count as each worker (1).
@@ -7,6 +8,7 @@ same prompts in this process with the same torch thread count as each worker (1)
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 import re
 import signal
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 
 from canopy_entropy import runner
 from canopy_entropy.config import RayConfig, parse_config
@@ -142,6 +145,99 @@ def test_killed_worker_units_requeued_result_identical(cluster, twin, one_proces
     assert _rollouts(out).equals(_rollouts(one_process))
 
 
+def _kill_when_taken(nth: int, victims: set, events: list, taken: dict, killed: list):
+    """An ``on_event`` that records events and SIGKILLs each worker numbered in ``victims``
+    when it is handed its ``nth`` unit (before the unit is sent); ``killed``: those killed."""
+
+    def on_event(kind, info):
+        events.append((kind, info))
+        if kind == "taken":
+            taken.setdefault(info["worker"], []).append(info["unit"])
+            if info["worker"] in victims and len(taken[info["worker"]]) == nth:
+                killed.append(info["worker"])
+                os.kill(info["pid"], signal.SIGKILL)
+
+    return on_event
+
+
+def _recording_writer(out: Path, written: list) -> ray_pool.FolderWriter:
+    class Writer(ray_pool.FolderWriter):
+        def write_shard(self, name, *tables):
+            written.append(name)
+            super().write_shard(name, *tables)
+
+    return Writer(out)
+
+
+@needs_ray
+def test_killed_worker_is_replaced_and_the_replacement_finishes(
+    cluster, tiny_model, one_process, tmp_path, monkeypatch
+):
+    """``canopy run`` of the twin with one worker and ``restarts = 1``: the worker, killed when
+    handed its third unit, is replaced by a fresh actor (another process) that samples the
+    units it held and every unit still queued; the run says so in one line, every prompt is
+    written once and the rollouts are those of one process."""
+    text = _twin_text(tiny_model).replace("workers = 2", "workers = 1")
+    cfg = parse_config(text.replace("num_cpus = 1", "num_cpus = 1\nrestarts = 1"))
+    assert (cfg.engine.workers, cfg.engine.ray.restarts) == (1, 1)
+    out = tmp_path / "run"
+    events, written, taken, killed = [], [], {}, []
+    kill = _kill_when_taken(3, {1}, events, taken, killed)
+    real = ray_pool.generate_on_ray
+
+    def generate_on_ray(*, run_dir, on_event, **kwargs):  # the runner's call, plus the kill
+        def both(kind, info):
+            kill(kind, info)
+            on_event(kind, info)
+
+        writer = _recording_writer(run_dir, written)
+        return real(run_dir=run_dir, on_event=both, writer=writer, **kwargs)
+
+    monkeypatch.setattr(ray_pool, "generate_on_ray", generate_on_ray)
+    screen = io.StringIO()
+    console = Console(file=screen, width=200)
+    results = {r.name: r for r in runner.run_experiment(cfg, out, ["generate"], console=console)}
+    assert results["generate"].status == "done", results["generate"]
+    assert killed == [1]
+    (died,) = [info for kind, info in events if kind == "died"]
+    assert died["worker"] == 1 and died["replaced"]
+    assert taken[1][2] in died["requeued"]  # sent to a dead worker: certainly not done
+    line = (f"tiny: Ray worker 1 (pid {died['pid']}) died; {len(died['requeued'])} prompt "
+            "chunks re-queued, worker replaced")  # fmt: skip
+    assert line in [x.strip() for x in screen.getvalue().splitlines()], screen.getvalue()
+    ready = [info for kind, info in events if kind == "ready"]
+    assert [r["worker"] for r in ready] == [1, 2] and ready[0]["pid"] != ready[1]["pid"]
+    # the replacement takes the dead worker's units first (head of the queue), then the rest
+    rest = [u for u in range(6) if u not in taken[1]]
+    assert rest and taken[2] == died["requeued"] + rest
+    prompts = _kwargs(cfg)["prompts"]
+    assert sorted(written) == sorted(slug("tiny", p.task, p.id) for p in prompts)
+    assert results["generate"].detail == "6 prompts sampled, 18 rollouts in store"
+    assert _rollouts(out).equals(_rollouts(one_process))
+
+
+@needs_ray
+def test_every_worker_dead_with_restarts_used_up_fails(cluster, twin, tmp_path):
+    """One worker, ``restarts = 1``, each worker killed when handed its first unit: the
+    replacement dies too and the run fails with one line naming engine.ray.restarts."""
+    from canopy_entropy.errors import CanopyError
+
+    out = tmp_path / "run"
+    events, written, taken, killed = [], [], {}, []
+    on_event = _kill_when_taken(1, {1, 2}, events, taken, killed)
+    with pytest.raises(CanopyError, match="every Ray worker died") as exc:
+        ray_pool.generate_on_ray(
+            out, **_kwargs(twin), workers=1, ray_options=RayConfig(num_cpus=1, restarts=1),
+            writer=_recording_writer(out, written), on_event=on_event,
+        )  # fmt: skip
+    message = str(exc.value)
+    assert "\n" not in message and "the 1 restarts are used up" in message
+    assert "raise engine.ray.restarts or re-run to continue" in message
+    died = [(info["worker"], info["replaced"]) for kind, info in events if kind == "died"]
+    assert killed == [1, 2] and died == [(1, True), (2, False)]
+    assert written == []
+
+
 def _config_error(tmp_path, capsys, monkeypatch, engine: str) -> str:
     path = tmp_path / "bad.toml"
     path.write_text(f'[engine]\n{engine}\n\n[[models]]\nmodel = "{tmp_path}"\n')
@@ -185,6 +281,55 @@ def test_without_ray_installed_the_error_names_the_extra(monkeypatch):
     with pytest.raises(MissingExtraError, match=r"pip install 'canopy-entropy\[ray\]'"):
         with ray_pool.session(RayConfig()):
             pass
+
+
+@needs_ray
+@pytest.mark.parametrize(
+    ("address", "env", "where"),
+    [
+        ("", None, "a local Ray started for the run (no engine.ray.address or $RAY_ADDRESS)"),
+        ("", "auto", "the Ray cluster at 'auto' (from $RAY_ADDRESS; not contacted by --check)"),
+        ("10.255.0.7:6379", "auto",
+         "the Ray cluster at '10.255.0.7:6379' (from engine.ray.address; not contacted by --check)"),
+    ],
+)  # fmt: skip
+def test_check_names_ray_and_the_cluster_it_would_use(
+    address, env, where, tiny_model, tmp_path, capsys, monkeypatch
+):
+    """``canopy run --check`` of a Ray config: ray's version, the workers and the address the
+    run would connect to (a config address before $RAY_ADDRESS); no cluster is contacted."""
+    import ray
+
+    text = _twin_text(tiny_model)
+    if address:
+        text = text.replace("[engine.ray]\n", f'[engine.ray]\naddress = "{address}"\n')
+    (tmp_path / "tiny-ray.toml").write_text(text)
+    if env is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", env)
+    connected = ray.is_initialized()
+    args = ["run", str(tmp_path / "tiny-ray.toml"), "--check", "--out", str(tmp_path / "run")]
+    code, out, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    line = (f"backend: Ray {ray.__version__}, 2 workers per model (each num_cpus = 1, "
+            f"num_gpus = 0; restarts = 3) on {where}")  # fmt: skip
+    assert line in [x.strip() for x in out.splitlines()], out
+    assert ray.is_initialized() == connected and not (tmp_path / "run").exists()
+
+
+def test_check_without_ray_installed_is_one_line_naming_the_extra(
+    tiny_model, tmp_path, capsys, monkeypatch
+):
+    import sys
+
+    (tmp_path / "tiny-ray.toml").write_text(_twin_text(tiny_model))
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    args = ["run", str(tmp_path / "tiny-ray.toml"), "--check", "--out", str(tmp_path / "run")]
+    code, out, err = run_cli(args, capsys, monkeypatch)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "engine.backend = 'ray' needs ray" in err
+    assert "pip install 'canopy-entropy[ray]'" in err and out == ""
 
 
 @needs_ray

@@ -49,8 +49,9 @@ def command(
         bool,
         typer.Option(
             "--check",
-            help="Validate the config, every stage's options, the prompts and the run folder, "
-            "print the plan (models, tasks, prompts, rollouts, stages) and stop.",
+            help="Validate the config, every stage's options, the prompts, ray (backend = "
+            "'ray'; the cluster is named, not contacted) and the run folder, print the plan "
+            "(models, tasks, prompts, rollouts, stages) and stop.",
         ),
     ] = False,
     verbose: Annotated[

@@ -36,6 +36,7 @@ from canopy_entropy.config import STAGES, ExperimentConfig, resolved_config_toml
 from canopy_entropy.errors import CanopyError, ConfigError
 from canopy_entropy.generate import Shard
 from canopy_entropy.run import freshness
+from canopy_entropy.runner import ray_pool
 from canopy_entropy.runner.display import RunDisplay, StageResult
 from canopy_entropy.runner.generation import (
     check_run_folder,
@@ -133,10 +134,13 @@ class Plan:
     prompts: dict[str, int]  # task -> prompts
     rollouts: int
     stages: tuple[tuple[str, str], ...]  # (stage, what it will do)
+    backend: str | None = None  # where the Ray workers would run ([engine] backend = 'ray')
 
     def lines(self) -> list[str]:
         total = sum(self.prompts.values()) * len(self.models)
         out = [f"run folder: {self.out}"]
+        if self.backend is not None:
+            out.append(f"backend: {self.backend}")
         out += [
             f"model {label} ({variant}, family {family})" for label, variant, family in self.models
         ]
@@ -154,11 +158,15 @@ def plan_run(
     stages: list[str] | None = None,
     force: list[str] | None = None,
 ) -> Plan:
-    """Validate everything a run needs (config, stage lists, prompt files, the run folder's
-    provenance) without writing anything; returns what the run would do."""
+    """Validate everything a run needs (config, stage lists, ray for the Ray backend, prompt
+    files, the run folder's provenance) without writing anything; returns what the run would
+    do."""
     run_dir = Path(out)
     selected = parse_stage_list(stages, "--stages") or list(cfg.stages)
     forced = set(parse_stage_list(force, "--force"))
+    backend = None
+    if cfg.engine.backend == "ray":  # ray importable; the cluster named, not contacted
+        backend = ray_pool.check(cfg.engine.ray, cfg.engine.workers)
     prompts = load_prompts(cfg)
     if "generate" not in forced and (run_dir / "rollouts").is_dir():
         check_run_folder(run_dir, cfg, prompts)
@@ -175,6 +183,7 @@ def plan_run(
         prompts={t: len(p) for t, p in prompts.items()},
         rollouts=cfg.generation.rollouts,
         stages=tuple(rows),
+        backend=backend,
     )
 
 

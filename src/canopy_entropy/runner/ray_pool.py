@@ -85,8 +85,36 @@ def session(options: RayConfig) -> Iterator[Any]:
             ray.shutdown()
 
 
+def _address(options: RayConfig) -> tuple[str | None, str]:
+    """The cluster address a run connects to and the setting it comes from (None, '': none
+    set, a local Ray is started)."""
+    if options.address:
+        return options.address, "engine.ray.address"
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"], "$RAY_ADDRESS"
+    return None, ""
+
+
+def check(options: RayConfig, workers: int) -> str:
+    """What ``canopy run --check`` says of the Ray backend: ray is importable (else the
+    MissingExtraError) and which cluster the run would use. Contacts no cluster: a check must
+    not wait on an unreachable address."""
+    ray = _import_ray()
+    address, source = _address(options)
+    where = (
+        f"the Ray cluster at '{address}' (from {source}; not contacted by --check)"
+        if address
+        else "a local Ray started for the run (no engine.ray.address or $RAY_ADDRESS)"
+    )
+    return (
+        f"Ray {ray.__version__}, {workers} worker{'s' if workers != 1 else ''} per model (each num_cpus = "
+        f"{options.num_cpus:g}, num_gpus = {options.num_gpus:g}; restarts = {options.restarts}) "
+        f"on {where}"
+    )
+
+
 def _connect(ray: Any, options: RayConfig) -> None:
-    address = options.address or os.environ.get("RAY_ADDRESS") or None
+    address, _ = _address(options)
     kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
     if address is None:
         kwargs["include_dashboard"] = False  # a throwaway local cluster
