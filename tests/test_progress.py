@@ -142,7 +142,10 @@ def _warning_child(run_dir, model_label, writer, progress):
     """A generation child that leaves a library note and finishes."""
     import warnings
 
-    warnings.warn("converted the model once in 1.0 s", stacklevel=1)
+    from canopy_entropy.errors import Notice
+
+    warnings.warn("converted the model once in 1.0 s", Notice, stacklevel=1)
+    warnings.warn("something to look at", stacklevel=1)
     return "summary"
 
 
@@ -159,4 +162,17 @@ def test_a_childs_warning_reaches_the_parent_as_a_warning(tmp_path):
             _warning_child, {"run_dir": tmp_path, "model_label": "m"}, progress=lambda e: None
         )
     assert summary == "summary" and peak > 0 and pid > 0
-    assert [str(w.message) for w in caught] == ["converted the model once in 1.0 s"]
+    from canopy_entropy.cli.main import _show_warning
+    from canopy_entropy.errors import Notice
+
+    assert [(str(w.message), w.category) for w in caught] == [
+        ("converted the model once in 1.0 s", Notice),
+        ("something to look at", UserWarning),
+    ]
+    out = io.StringIO()
+    for w in caught:  # what the CLI prints for them
+        _show_warning(w.message, w.category, w.filename, w.lineno, file=out)
+    assert out.getvalue().splitlines() == [
+        "note: converted the model once in 1.0 s",
+        "warning: something to look at",
+    ]

@@ -13,6 +13,11 @@ class ConfigError(CanopyError):
     """An invalid experiment config or command-line option."""
 
 
+class Notice(UserWarning):
+    """Information, not a problem (a model converted once, with its time): the CLI prints
+    it as one ``note:`` line, where other library warnings get ``warning:``."""
+
+
 class MissingExtraError(CanopyError):
     """An optional dependency is missing; the message carries the pip command that fixes it."""
 

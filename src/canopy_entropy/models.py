@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from canopy_entropy.errors import CanopyError, MissingExtraError
+from canopy_entropy.errors import CanopyError, MissingExtraError, Notice
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ def convert_gguf(gguf_path: Path, target: Path, verbose: bool = False) -> Path:
     warnings.warn(
         f"converted {gguf_path.name} once to {target} in {time.monotonic() - started:.1f} s "
         "(later runs load it from there)",
-        UserWarning,
+        Notice,
         stacklevel=2,
     )
     return target

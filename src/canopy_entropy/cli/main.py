@@ -239,10 +239,14 @@ def _error(message: str) -> None:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Library notes (``warnings.warn``) become one ``warning:`` line (third-party warnings
-    only with -W / PYTHONWARNINGS, as Python's default filters decide)."""
+    """Library notes (``warnings.warn``) become one ``warning:`` line, a :class:`Notice` one
+    ``note:`` line (third-party warnings only with -W / PYTHONWARNINGS, as Python's default
+    filters decide)."""
+    from canopy_entropy.errors import Notice
+
     text = " ".join(str(message).split())
-    print(f"warning: {text}", file=sys.stderr if file is None else file)
+    kind = "note" if issubclass(category, Notice) else "warning"
+    print(f"{kind}: {text}", file=sys.stderr if file is None else file)
 
 
 def main() -> None:

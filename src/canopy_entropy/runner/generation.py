@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from canopy_entropy.config import ExperimentConfig, config_dict, generation_fingerprint
-from canopy_entropy.errors import CanopyError, ConfigError
+from canopy_entropy.errors import CanopyError, ConfigError, Notice
 from canopy_entropy.generate import FolderWriter, Shard, engine_prompts_per_call, owned_prompts
 from canopy_entropy.models import needs_conversion
 from canopy_entropy.run.manifest import PolicyRecord, read_manifest, update_manifest
@@ -361,7 +361,7 @@ def generate_in_child(
             elif kind == "progress":
                 progress(payload[0])
             elif kind == "warning":  # the child's notes reach the user as this process's
-                warnings.warn(payload[0], stacklevel=1)
+                warnings.warn(payload[0], Notice if payload[1] else UserWarning, stacklevel=1)
             elif kind == "error":
                 raise payload[0]
             else:
@@ -410,7 +410,9 @@ def _child_main(conn: Any, fn: Callable[..., Any], kwargs: dict[str, Any], threa
     import resource
 
     _exit_with_parent()
-    warnings.showwarning = lambda message, *_args, **_kw: conn.send(("warning", str(message)))
+    warnings.showwarning = lambda message, category, *_args, **_kw: conn.send(
+        ("warning", str(message), issubclass(category, Notice))
+    )
     if threads is not None:
         import torch
 
