@@ -55,6 +55,11 @@ from canopy_entropy.tasks.base import Prompt
 
 IN_FLIGHT = 2  # units queued on each worker: the next one is there when the current ends
 MAX_ATTEMPTS = 3  # a unit whose worker died this often is not handed out again
+# The driver's settings of the engines' libraries (vLLM, the Hugging Face hub, transformers,
+# tokenizers) that its workers get too: Ray starts a worker with its node's environment, not
+# the driver's. The node's own address and ports stay the node's (as vLLM's Ray executor does).
+FORWARDED_ENV = ("VLLM_", "HF_", "HUGGING_FACE_", "TRANSFORMERS_", "TOKENIZERS_")
+NODE_ENV = frozenset({"VLLM_HOST_IP", "VLLM_HOST_PORT", "VLLM_PORT"})
 
 Event = Callable[[str, dict[str, Any]], None]
 
@@ -125,6 +130,13 @@ def _connect(ray: Any, options: RayConfig) -> None:
             f"cannot reach the Ray cluster at '{address}' ({exc}); start it with "
             "'ray start --head' or fix engine.ray.address"
         ) from exc
+
+
+def worker_env() -> dict[str, str]:
+    """The environment variables this process passes to its workers (``FORWARDED_ENV``)."""
+    return {
+        k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV) and k not in NODE_ENV
+    }
 
 
 class _Worker:
@@ -297,7 +309,8 @@ class _Pool:
         self.size = size
         self.spec = spec  # (engine, model, engine options)
         self.on_event = on_event or (lambda kind, info: None)
-        self.actor_cls = ray.remote(num_cpus=opts.num_cpus, num_gpus=opts.num_gpus)(_Worker)
+        self.actor_cls = ray.remote(num_cpus=opts.num_cpus, num_gpus=opts.num_gpus,
+                                    runtime_env={"env_vars": worker_env()})(_Worker)  # fmt: skip
         self.handles: list[_Handle] = []
         self.restarts_left = opts.restarts
         self.pending: dict[Any, tuple[_Handle, int | None]] = {}  # ref -> (worker, unit | None)
