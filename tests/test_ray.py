@@ -348,3 +348,31 @@ def test_an_engine_that_cannot_start_fails_at_once(cluster, twin, tmp_path):
         "base_url 'localhost:1' needs a scheme; write it as http://localhost:1"
     )
     assert events == []  # never ready, never replaced
+
+
+@needs_ray
+def test_thinking_mode_and_series_reach_the_ray_path_as_the_local_one(cluster, twin, tmp_path):
+    """The runner's per-model extras (thinking mode, checkpoint series and step) are arguments
+    of the Ray path too: the same manifest record and rollouts as ``generate_run`` with them
+    (an instruct model: the task's chat text and the thinking flag go to the chat template)."""
+    import json
+
+    extras = dict(enable_thinking=True, series="ckpts", step=300)
+    kwargs = {**_kwargs(twin), "variant": "instruct", **extras}
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generate_run(local, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    ray_pool.generate_on_ray(
+        on_ray, **kwargs, workers=2, ray_options=RayConfig(num_cpus=1, restarts=0)
+    )
+    records = []
+    for out in (local, on_ray):
+        (model,) = json.loads((out / "manifest.json").read_text())["models"].values()
+        assert (model["series"], model["step"], model["enable_thinking"]) == ("ckpts", 300, True)
+        records.append(model)
+    assert records[0] == records[1]
+    assert _rollouts(on_ray).equals(_rollouts(local))

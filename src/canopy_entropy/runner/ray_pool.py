@@ -150,7 +150,9 @@ class _Worker:
         if torch is not None:
             torch.set_num_threads(threads)  # (CPU float kernels split work by thread count)
 
-    def ready(self, texts: list[str], variant: str) -> tuple[dict[str, Any], list[Any]]:
+    def ready(
+        self, texts: list[str], variant: str, enable_thinking: bool = False
+    ) -> tuple[dict[str, Any], list[Any]]:
         """The engine's facts and ``texts`` rendered for ``variant`` (text, token ids)."""
         import ray
 
@@ -166,7 +168,7 @@ class _Worker:
             "approximate": bool(eng.approximate),
             "describe": eng.describe(),
         }
-        return facts, [render_prompt(eng.tokenizer, t, variant) for t in texts]
+        return facts, [render_prompt(eng.tokenizer, t, variant, enable_thinking) for t in texts]
 
     def sample(self, requests: list[Any], policy: DecodingPolicy) -> list[RolloutBatch]:
         return self.engine.sample_many(requests, policy)
@@ -206,6 +208,9 @@ def generate_on_ray(
     writer: FolderWriter | None = None,
     progress: Callable[[dict], None] | None = None,
     on_event: Event | None = None,
+    enable_thinking: bool = False,
+    series: str | None = None,
+    step: int | None = None,
 ) -> GenerateSummary:
     """``generate_run`` with ``workers`` engine replicas as Ray actors (same arguments, same
     rollouts). ``on_event(kind, info)`` hears of each worker's life: 'ready' (worker, pid,
@@ -246,7 +251,8 @@ def generate_on_ray(
     sampled = [i for k in units for i in members[k]]
     pool = _Pool(ray, opts, workers, (engine, model, options), on_event)
     try:
-        facts, rendered = pool.start([prompts[i].text for i in sampled], variant)
+        texts = {i: prompts[i].text_for(variant) for i in sampled}  # as generate_run renders
+        facts, rendered = pool.start([texts[i] for i in sampled], variant, enable_thinking)
         if facts["prompts_per_call"] != chunk:
             raise CanopyError(
                 f"the engine on the Ray workers takes {facts['prompts_per_call']} prompts per "
@@ -260,15 +266,16 @@ def generate_on_ray(
         _check_context(prompts, rendered, resolved, facts["context_length"])
         eng = SimpleNamespace(**{k: facts[k] for k in ("vocab_size", "context_length", "approximate")},
                               describe=lambda: facts["describe"])  # fmt: skip
-        writer.record_model(run, requested, seed_rec,
-                            _model_record(label, model, variant, family, rollouts, eng, resolved, seed_rec))  # fmt: skip
+        record = _model_record(label, model, variant, family, rollouts, eng, resolved, seed_rec)
+        writer.record_model(run, requested, seed_rec, dataclasses.replace(
+            record, series=series or None, step=step, enable_thinking=bool(enable_thinking)))  # fmt: skip
         stream = "" if common_random_numbers else label
         seeds = {i: np.array([rollout_seed(seed, prompts[i].id, r, stream=stream)
                               for r in range(rollouts)], dtype=np.int64) for i in sampled}  # fmt: skip
         index = np.arange(rollouts, dtype=np.int32)
 
         def requests(k: int) -> list[Any]:
-            return [(prompts[i].text if facts["chat"] else rendered[i][1], seeds[i], index)
+            return [(texts[i] if facts["chat"] else rendered[i][1], seeds[i], index)
                     for i in members[k]]  # fmt: skip
 
         missing = set(todo)
@@ -327,9 +334,11 @@ class _Pool:
         self.handles.append(h)
         self.pending[actor.ready.remote(*self.ready_args)] = (h, None)
 
-    def start(self, texts: list[str], variant: str) -> tuple[dict[str, Any], list[Any]]:
+    def start(
+        self, texts: list[str], variant: str, enable_thinking: bool = False
+    ) -> tuple[dict[str, Any], list[Any]]:
         """Start the workers; the first one's facts and rendering, once it is up."""
-        self.ready_args = (texts, variant)
+        self.ready_args = (texts, variant, enable_thinking)
         for _ in range(self.size):
             self._spawn()
         _, _, value = self._next()  # nothing is queued yet: a worker that is ready
