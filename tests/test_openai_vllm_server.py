@@ -50,7 +50,7 @@ def server(tiny_path, tmp_path_factory):
         "--model", tiny_path, "--served-model-name", "tiny",
         "--host", "127.0.0.1", "--port", str(port),
         "--dtype", "float32", "--max-model-len", "256", "--enforce-eager",
-        "--gpu-memory-utilization", "0.05",
+        "--kv-cache-memory-bytes", str(64 << 20),  # a fixed 64 MiB, not a share of RAM
         "--logprobs-mode", "processed_logprobs", "--max-logprobs", "-1",
         "--generation-config", "vllm",
     ]  # fmt: skip
