@@ -282,10 +282,8 @@ def generate_run(
         _check_context(prompts, rendered, resolved, eng.context_length)
         writer.record_model(
             run, requested_rec, seed_rec,
-            dataclasses.replace(
-                _model_record(label, model, variant, family, rollouts, eng, resolved, seed_rec),
-                series=series or None, step=step, enable_thinking=bool(enable_thinking),
-            ),
+            _model_record(label, model, variant, family, rollouts, eng, resolved, seed_rec,
+                          series=series, step=step, enable_thinking=enable_thinking),
         )  # fmt: skip
         done_before = len(owned) - len(todo)
         missing = set(todo)
@@ -365,8 +363,12 @@ def _check_context(prompts, rendered, policy: DecodingPolicy, context_length: in
             )
 
 
-def _model_record(label, model, variant, family, rollouts, eng, resolved, seed_rec) -> ModelRecord:
-    """This model's facts for the manifest (with the run's policy and seed scheme)."""
+def _model_record(
+    label, model, variant, family, rollouts, eng, resolved, seed_rec,
+    *, series=None, step=None, enable_thinking=False,
+) -> ModelRecord:  # fmt: skip
+    """This model's facts for the manifest (with the run's policy and seed scheme, and its
+    place in a checkpoint series and thinking mode, as the local and the Ray path sample)."""
     return ModelRecord(
         label=label,
         model=model,
@@ -381,6 +383,9 @@ def _model_record(label, model, variant, family, rollouts, eng, resolved, seed_r
         engine=eng.describe(),
         approximate=bool(eng.approximate),
         versions=_versions(),
+        series=series or None,
+        step=step,
+        enable_thinking=bool(enable_thinking),
     )
 
 

@@ -266,9 +266,10 @@ def generate_on_ray(
         _check_context(prompts, rendered, resolved, facts["context_length"])
         eng = SimpleNamespace(**{k: facts[k] for k in ("vocab_size", "context_length", "approximate")},
                               describe=lambda: facts["describe"])  # fmt: skip
-        record = _model_record(label, model, variant, family, rollouts, eng, resolved, seed_rec)
-        writer.record_model(run, requested, seed_rec, dataclasses.replace(
-            record, series=series or None, step=step, enable_thinking=bool(enable_thinking)))  # fmt: skip
+        writer.record_model(run, requested, seed_rec,
+                            _model_record(label, model, variant, family, rollouts, eng, resolved,
+                                          seed_rec, series=series, step=step,
+                                          enable_thinking=enable_thinking))  # fmt: skip
         stream = "" if common_random_numbers else label
         seeds = {i: np.array([rollout_seed(seed, prompts[i].id, r, stream=stream)
                               for r in range(rollouts)], dtype=np.int64) for i in sampled}  # fmt: skip
