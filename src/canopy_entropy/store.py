@@ -115,14 +115,18 @@ PROMPT_SCHEMA = pa.schema(
 
 # Parquet writer options of every canopy file (files written before ROLLOUT_OPTIONS used these).
 _DEFAULT_OPTIONS: dict[str, Any] = {"compression": "zstd"}
+_ROLLOUT_SCALARS = [f.name for f in ROLLOUT_SCHEMA if not pa.types.is_list(f.type)]
 # Rollout shards: the per-step lists byte-stream-split (a float's exponent and mantissa bytes
-# compressed apart), no dictionary for them (model floats rarely repeat), zstd level 15. On
-# SmolLM2-like data 12.2 bytes/step against 19.6 before, scans 0.8x the time (bench_paper_scale).
-# Lossless and recorded per column by Parquet, so old and new shards read the same.
+# compressed apart), no dictionary for them (model floats rarely repeat), no min/max statistics
+# for them (nothing filters on per-step values; they cost write time), zstd level 15. On
+# SmolLM2-like data 12.10 bytes/step against 19.63 before, scans 0.8x the time; the options
+# tried are in benchmarks/bench_store_encodings.py. Lossless and recorded per column by
+# Parquet, so old and new shards read the same.
 ROLLOUT_OPTIONS: dict[str, Any] = {
     "compression": "zstd",
     "compression_level": 15,
-    "use_dictionary": [f.name for f in ROLLOUT_SCHEMA if not pa.types.is_list(f.type)],
+    "use_dictionary": _ROLLOUT_SCALARS,
+    "write_statistics": _ROLLOUT_SCALARS,
     "use_byte_stream_split": [
         f"{f.name}.list.element" for f in ROLLOUT_SCHEMA if pa.types.is_list(f.type)
     ],
