@@ -81,7 +81,14 @@ def metric_tables(run: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return result.prompts, result.pooled
 
 
-def test_byte_flips_raise_a_clear_error_or_leave_every_metric_unchanged(tmp_path):
+@pytest.mark.parametrize("read", ["one read", "chunked"])
+def test_byte_flips_raise_a_clear_error_or_leave_every_metric_unchanged(
+    tmp_path, monkeypatch, read
+):
+    """Both ways a file is checked: read once into memory (files up to store._IN_MEMORY) and
+    hashed in chunks before decoding from the file (larger ones)."""
+    if read == "chunked":
+        monkeypatch.setattr(st, "_IN_MEMORY", -1)
     run = small_run(tmp_path / "run")
     prompts0, pooled0 = metric_tables(run)
     rng = np.random.default_rng(20240611)

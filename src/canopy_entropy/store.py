@@ -59,6 +59,9 @@ _DIGEST_PLACEHOLDER = b"0" * _DIGEST_LEN
 # follow it, so it lies within this many bytes of the end of the file.
 _DIGEST_WINDOW = 1 << 16
 _CHUNK = 1 << 20
+# Files up to this size are read once into memory, hashed and decoded from that buffer; larger
+# ones are hashed in _CHUNK pieces and then decoded from the file (bounded memory).
+_IN_MEMORY = 64 << 20
 
 # The fix named when a file of a schema family is damaged: the stage that rewrites it.
 _REWRITTEN_BY = {
@@ -363,12 +366,27 @@ def _open_checked(path: Path, schema_tag: str) -> tuple[pq.ParquetFile, bool]:
     try:
         size = fh.size()
         offset = _digest_offset(fh, size)
-        if offset is not None:
+        source: Any = fh
+        if offset is not None and size <= _IN_MEMORY:
+            # one read: the bytes hashed are the bytes decoded (no second read of the file)
+            fh.seek(0)
+            data = fh.read_buffer(size)
+            if data.size != size:
+                raise _Damaged("the file shrank while it was read")
+            view = memoryview(data)
+            digest = hashlib.sha256(view[:offset])
+            digest.update(_DIGEST_PLACEHOLDER)
+            digest.update(view[offset + _DIGEST_LEN :])
+            if bytes(view[offset : offset + _DIGEST_LEN]) != digest.hexdigest().encode():
+                raise _Damaged("its bytes differ from those recorded when it was written")
+            fh.close()
+            source = pa.BufferReader(data)
+        elif offset is not None:
             fh.seek(offset)
             if fh.read(_DIGEST_LEN) != _content_digest(fh, size, offset):
                 raise _Damaged("its bytes differ from those recorded when it was written")
-        fh.seek(0)
-        reader = pq.ParquetFile(fh, page_checksum_verification=True)
+        source.seek(0)
+        reader = pq.ParquetFile(source, page_checksum_verification=True)
     except (_Damaged, pa.ArrowException, OSError) as exc:
         fh.close()
         raise CorruptFileError(path, _first_line(exc), schema_tag) from exc
