@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import entr
 
 from canopy_entropy.run.manifest import Manifest
 from canopy_entropy.stats.correlation import pearson_from_sums
+from canopy_entropy.stats.length_law import entr
 
 
 def _row_midranks(x: np.ndarray) -> np.ndarray:

@@ -12,7 +12,17 @@ upper lengths) with the rest on "cut at T". No mass is ever put beyond T.
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import entr
+
+
+def entr(x) -> np.ndarray:
+    """``-x log x`` elementwise in float64: 0 at 0 and -inf below 0, as ``scipy.special.entr``
+    (in numpy, so the metrics stage does not import scipy.special)."""
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.asarray(-x * np.log(x))
+    out[x == 0.0] = 0.0
+    out[x < 0.0] = -np.inf
+    return out[()] if out.ndim == 0 else out
 
 
 def hazard_law(hazard_sums: list[np.ndarray], m: np.ndarray) -> np.ndarray:
