@@ -42,7 +42,6 @@ OPTIONS: dict[str, dict] = {
     "before: zstd 3, dictionaries, plain floats": dict(_DEFAULT_OPTIONS),
     "zstd 3 + byte-stream-split": _with(compression_level=3),
     "zstd 9 + byte-stream-split": _with(compression_level=9),
-    "zstd 19 + byte-stream-split": _with(compression_level=19),
     "token ids plain (split floats only)": _with(use_byte_stream_split=_elements(FLOAT_LISTS)),
     "token ids dictionary": _with(
         use_dictionary=[*SCALARS, "token_ids.list.element"],
@@ -57,8 +56,8 @@ OPTIONS: dict[str, dict] = {
     },
     "with min/max statistics for per-step lists": _with(write_statistics=True),
     "lz4 + byte-stream-split": _with(compression="lz4", compression_level=None),
-    "no Arrow schema copy in the footer": _with(store_schema=False),
-    "zstd 19, no Arrow schema copy": _with(compression_level=19, store_schema=False),
+    "with the Arrow schema copy in the footer": _with(store_schema=True),
+    "zstd 19": _with(compression_level=19),
 }
 
 
