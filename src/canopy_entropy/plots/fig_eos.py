@@ -131,7 +131,10 @@ class ClipScale:
             elif n - i <= high.size:
                 a, b = high[high.size - n + i], high[high.size - n + j]
             else:
-                raise ValueError(f"quantile {q} is beyond the {self.keep} values kept per tail")
+                raise ValueError(
+                    f"quantile {q} is beyond the {self.keep} values kept per tail: read the "
+                    "panels with eos_matrices(run, clip=...) as wide as the scale drawn"
+                )
             # numpy's own lerp, with a float64 fraction as np.quantile(values, clip) has it
             out.append(float(np.quantile(np.array([a, b]), np.array([h - i]))[0]))
         return out
@@ -303,7 +306,7 @@ def _batches(
         yield from iter_file_batches(path, SCHEMA_VERSION, columns, batch_size, use_threads=False)
 
 
-def _groups(batch: pa.RecordBatch | pa.Table) -> Iterator[tuple[Key, np.ndarray]]:
+def _groups(batch: pa.RecordBatch | pa.Table) -> Iterator[tuple[Key, np.ndarray | None]]:
     """(model, task) of the rows of a batch, with the mask of its rows (None: every row)."""
     model, task = batch["model"], batch["task"]
     joined = pc.binary_join_element_wise(model, task, pa.scalar(_SEPARATOR, model.type))
@@ -413,8 +416,8 @@ def _grids(rows: dict[Key, Rows], clip, by_position: bool) -> tuple[dict[Key, _G
 def eos_matrices(run_dir: str | Path, batch_size: int = 1024, clip=CLIP) -> dict[Key, EOSPanel]:
     """Per (model, task) the drawn log-EOS cells of a run's rollouts, from one streaming pass
     over the shards (``store.iter_file_batches``), rows placed by the lengths the per-rollout
-    metrics record; a second pass when the shards do not hold exactly those (stale metrics,
-    rollouts without eos_prob). ``clip``: the widest quantiles the colour scale may use.
+    metrics record (without them: the shards' scalar columns); a second pass when the shards
+    do not hold exactly those rollouts (stale metrics, rollouts without eos_prob). ``clip``: the widest quantiles the colour scale may use.
     MissingInput when no rollout has an eos_prob."""
     run = check_run_dir(run_dir)
     files = RunStore(run).shard_files()
