@@ -173,7 +173,7 @@ class RunInputs:
     def accuracy(self) -> Any:
         return fig_accuracy.accuracy_tables(self.run)
 
-    def eos_matrices(self) -> dict[tuple[str, str], fig_eos.EOSMatrix]:
+    def eos_matrices(self) -> dict[tuple[str, str], fig_eos.EOSPanel]:
         return fig_eos.eos_matrices(self.run)
 
     def series_table(self) -> pd.DataFrame:
