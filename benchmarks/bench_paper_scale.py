@@ -6,9 +6,10 @@ best of each), with the thread count set explicitly (``--threads``, default 2):
 - ``canopy metrics`` (CPU-s, peak RSS) vs the I/O floor: a pyarrow scan of the same per-step
   columns plus per-rollout sums (np.add.reduceat), one thread per shard like the scan;
 - ``canopy compare`` (B = 2000) vs a naive per-replicate Python loop over the saved per-prompt
-  table (resample prompts, mean paired difference of every metric per family x task);
+  table (resample prompts, mean paired difference of every metric per family x task), and
+  the two bootstraps alone (their timed sections after imports and reading the table);
 - the plots stage's data loading (every figure input, the EOS heatmaps' eos_prob included)
-  vs the metrics stage's scan of the store (issue 18: at most 1.2x);
+  vs the metrics stage's scan of the store, CPU-s and wall (issue 18: at most 1.2x);
 - store bytes per step vs 16 raw (token id, entropy, EOS mass, log-prob);
 - with ``--analysis``: the whole analysis, metrics through report without embedding
   (``canopy metrics``, ``compare``, ``tables --paper``, ``plot``, ``report`` one after another), wall and
@@ -48,9 +49,10 @@ print(sum(len(s[0]) for s in sums), "rollouts")
 """
 
 NAIVE = """
-import sys, numpy as np, pandas as pd
+import sys, time, numpy as np, pandas as pd
 from canopy_entropy.run.layout import artefact_path
 prompts = pd.read_parquet(artefact_path(sys.argv[1], "metrics.prompts"))
+start = time.process_time()
 B, rng = int(sys.argv[2]), np.random.default_rng(0)
 metrics = [c for c in prompts.select_dtypes("number").columns if c not in ("n_rollouts",)]
 rows = []
@@ -65,6 +67,18 @@ for (fam, task), g in prompts.groupby(["family", "task"]):
     reps = np.array(reps)
     rows.append((fam, task, np.nanstd(reps, axis=0), np.nanpercentile(reps, [2.5, 97.5], axis=0)))
 print(len(rows), "groups x", len(metrics), "metrics")
+print(time.process_time() - start)  # the loop alone, after imports and reading
+"""
+
+# canopy's paired bootstrap alone on the same table (what the naive loop does, after imports)
+BOOTSTRAP = """
+import sys, time, pandas as pd
+from canopy_entropy.comparison.core import compare_prompts
+from canopy_entropy.run.layout import artefact_path
+prompts = pd.read_parquet(artefact_path(sys.argv[1], "metrics.prompts"))
+start = time.process_time()
+compare_prompts(prompts, n_boot=int(sys.argv[2]))
+print(time.process_time() - start)
 """
 
 
@@ -92,15 +106,25 @@ for name in sorted({n for spec in REGISTRY.values() for n in spec.inputs}):
 ANALYSIS = (("metrics",), ("compare",), ("tables", "--paper"), ("plot",), ("report",))
 
 
-def child(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """(CPU-s, peak RSS in GiB) of one child process, from its own rusage."""
+def child(argv: list[str], env: dict[str, str]) -> tuple[float, float, float]:
+    """(CPU-s, peak RSS in GiB, wall s) of one child process, from its own rusage."""
+    start = time.perf_counter()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     err = proc.stderr.read().decode()
     proc.stderr.close()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"error: {' '.join(argv[:4])} failed:\n{err[-2000:]}")
-    return usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 2**20
+    wall = time.perf_counter() - start
+    return usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 2**20, wall
+
+
+def inner(argv: list[str], env: dict[str, str]) -> float:
+    """The CPU-s a child script prints on its last line (its timed section alone)."""
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"error: {' '.join(argv[:4])} failed:\n{out.stderr[-2000:]}")
+    return float(out.stdout.split()[-1])
 
 
 def main() -> None:
@@ -135,6 +159,9 @@ def main() -> None:
             order = [("canopy", ours), ("alt", alt)][:: 1 if r % 2 == 0 else -1]
             for who, argv in order:
                 best.setdefault(f"{stage}/{who}", []).append(child(argv, env))
+        for who, script in (("canopy", BOOTSTRAP), ("alt", NAIVE)):
+            argv = [*py, "-W", "ignore", "-c", script, str(root), str(args.bootstrap)]
+            best.setdefault(f"bootstrap/{who}", []).append((inner(argv, env),))
     pick = {k: min(v) for k, v in best.items()}
     files = sorted((root / "rollouts").glob("*.parquet"))
     size = sum(p.stat().st_size for p in files)
@@ -156,10 +183,16 @@ def main() -> None:
         f"| `canopy compare`, B = {args.bootstrap} | {c[0]:.1f} CPU-s | naive per-replicate "
         f"Python loop over the saved per-prompt table {n[0]:.1f} CPU-s | {c[0] / n[0]:.2f}x |"
     )
+    bc, bn = pick["bootstrap/canopy"][0], pick["bootstrap/alt"][0]
+    print(
+        f"| the bootstrap alone (after imports), B = {args.bootstrap} | {bc:.2f} CPU-s | the "
+        f"naive loop alone {bn:.2f} CPU-s | {bc / bn:.2f}x |"
+    )
     pd_, sc = pick["plot-data/canopy"], pick["plot-data/alt"]
     print(
-        f"| plots stage, data loading | {pd_[0]:.1f} CPU-s | the metrics stage's scan of the "
-        f"store {sc[0]:.1f} CPU-s | {pd_[0] / sc[0]:.2f}x the scan |"
+        f"| plots stage, data loading | {pd_[0]:.1f} CPU-s, {pd_[2]:.1f} s wall | the metrics "
+        f"stage's scan of the store {sc[0]:.1f} CPU-s, {sc[2]:.1f} s wall | "
+        f"{pd_[0] / sc[0]:.2f}x CPU, {pd_[2] / sc[2]:.2f}x wall |"
     )
     print(
         f"| store size | {size / 2**30:.3f} GiB, {size / steps:.2f} bytes/step | {steps / 1e6:.1f} "
@@ -169,9 +202,7 @@ def main() -> None:
     if args.analysis:
         wall = cpu = 0.0
         for stage, *flags in ANALYSIS:
-            t0 = time.perf_counter()
-            c, _ = child([*canopy, stage, str(root), *flags], env)
-            dt = time.perf_counter() - t0
+            c, _, dt = child([*canopy, stage, str(root), *flags], env)
             wall, cpu = wall + dt, cpu + c
             print(f"analysis: canopy {stage}: {dt:.1f} s wall, {c:.1f} CPU-s")
         print(

@@ -138,6 +138,29 @@ def test_rows_from_the_metrics_one_pass_and_stale_ones_a_second(tmp_path, monkey
     assert all("eos_prob" in c for c in opened) and len(opened) == 2 * 2 * 4
 
 
+@pytest.mark.parametrize("how", ["two threads", "one thread", "streamed"])
+def test_every_read_path_draws_the_same_cells(tmp_path, monkeypatch, how):
+    """Shards read by worker threads, in this thread, or (larger than the one-read limit)
+    batch by batch: the same brute-force cells, also on the stale-metrics second pass."""
+    import canopy_entropy.store as st
+
+    monkeypatch.setattr(fig_eos, "scan_threads", lambda: 1 if how == "one thread" else 2)
+    if how == "streamed":
+        monkeypatch.setattr(st, "_IN_MEMORY", -1)
+    run = _run(tmp_path)
+    write_metrics(run, warn=False)
+    for mode in ("combined", "prompt"):
+        _assert_drawn(run, eos_matrices(run, batch_size=3), mode)
+    store = RunStore(run)
+    table = store.read_rollouts().slice(0, 6)
+    ids = pa.array([f"q{i % 2}" for i in range(table.num_rows)])  # rollouts the metrics lack
+    store.write_rollouts(
+        "later", table.set_column(table.schema.get_field_index("prompt_id"), "prompt_id", ids)
+    )
+    for mode in ("combined", "prompt"):
+        _assert_drawn(run, eos_matrices(run, batch_size=3), mode)
+
+
 def test_color_scale_from_the_tails_is_np_quantile():
     """The clip quantiles from the lowest and highest values kept while streaming are
     np.quantile's over every finite value, for any order of arrival (sorted ones included),

@@ -86,6 +86,15 @@ def machine_cores() -> int:
     return available_cores(allowed, total, physical, _cgroup_cpus())
 
 
+def scan_threads() -> int:
+    """Threads for a scan of the store: one per CPU this process may use (Parquet decoding
+    and numpy release the GIL, and hyper-threads help decoding)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS / Windows
+        return os.cpu_count() or 1
+
+
 def _from_env(env: Mapping[str, str], names: tuple[str, ...]) -> tuple[int, str] | None:
     """The first positive integer among ``names`` in ``env`` with its name, or None."""
     for name in names:

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 from canopy_entropy.errors import CanopyError
 from canopy_entropy.metrics.columns import _KEY_SEPARATOR, _READ_COLUMNS, PROMPT_KEYS
 from canopy_entropy.store import ROLLOUT_SCHEMA, SCHEMA_VERSION, RunStore, iter_file_batches
+from canopy_entropy.threads import scan_threads
 
 
 def segment_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -144,7 +145,7 @@ def _reduce(source: Any, batch_size: int = 1024) -> _Reduced:
         files = source.shard_files()
         if not files:
             source.dataset()  # the store's own "no rollouts" error
-        workers = max(1, min(len(files), _n_threads()))
+        workers = max(1, min(len(files), scan_threads()))
 
         def one(path: Path) -> _Reduced | None:
             # verified read: content digest and page checksums (a damaged shard raises)
@@ -165,13 +166,6 @@ def _reduce(source: Any, batch_size: int = 1024) -> _Reduced:
     if not partials:
         raise CanopyError("no rollouts found; generate some with 'canopy generate' or import them")
     return partials[0] if len(partials) == 1 else _merge_partials(partials)
-
-
-def _n_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS / Windows
-        return os.cpu_count() or 1
 
 
 def _merge_partials(partials: list[_Reduced]) -> _Reduced:

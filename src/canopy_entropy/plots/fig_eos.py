@@ -10,7 +10,9 @@ no per-step array of a panel is ever held; ``eos_heatmap(matrices)`` draws them,
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +23,13 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from canopy_entropy import store
 from canopy_entropy.errors import CanopyError, StoreError
 from canopy_entropy.plots.data import MissingInput, check_run_dir
 from canopy_entropy.plots.style import RC, new_figure, note_axes, wrap
 from canopy_entropy.run.layout import artefact_path, schema_of
 from canopy_entropy.store import SCHEMA_VERSION, RunStore, iter_file_batches, read_table
+from canopy_entropy.threads import scan_threads
 
 MODES = ("combined", "prompt")
 CLIP = (0.01, 0.99)  # quantiles of log p(EOS) the colour scale is clipped to
@@ -306,6 +310,66 @@ def _batches(
         yield from iter_file_batches(path, SCHEMA_VERSION, columns, batch_size, use_threads=False)
 
 
+Piece = tuple[Key, Rows, np.ndarray]  # rollouts of one (model, task) and their log p(EOS)
+
+
+def _pieces(batches: Iterable[pa.RecordBatch]) -> Iterator[Piece]:
+    """Per batch and (model, task): the rollouts' keys and lengths and their flat log p(EOS)
+    (float64 log, stored as float32; eos_prob 0 gives -inf)."""
+    for batch in batches:
+        eos = batch.column("eos_prob")
+        lengths = pc.list_value_length(eos).fill_null(0).to_numpy(zero_copy_only=False)
+        lengths = lengths.astype(np.int64)
+        flat = pc.list_flatten(eos).to_numpy(zero_copy_only=False)
+        with np.errstate(divide="ignore"):
+            flat = np.log(flat.astype(np.float64)).astype(np.float32)
+        prompt = batch.column("prompt_id").to_numpy(zero_copy_only=False).astype(str)
+        ridx = batch.column("rollout_index").to_numpy(zero_copy_only=False).astype(np.int64)
+        for key, rows in _groups(batch):
+            if rows is None:
+                yield key, (prompt, ridx, lengths), flat
+            else:
+                values = flat[np.repeat(rows, lengths)]
+                yield key, (prompt[rows], ridx[rows], lengths[rows]), values
+
+
+def _file_pieces(files: Sequence[Path], batch_size: int) -> Iterator[Piece]:
+    """The pieces of every shard in file order; shards up to ``store._IN_MEMORY`` bytes are
+    read, verified and turned into log p(EOS) by worker threads, a few files ahead (Parquet
+    decoding and numpy release the GIL); a larger shard streams batch by batch here, in
+    bounded memory."""
+    columns = [*_KEYS, "eos_prob"]
+
+    def whole(path: Path) -> list[Piece]:
+        return list(_pieces(iter_file_batches(path, SCHEMA_VERSION, columns, batch_size, False)))
+
+    workers = min(len(files), scan_threads())
+    if workers < 2:
+        yield from _pieces(_batches(files, batch_size, columns))
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        ahead: deque = deque()
+        queue = iter(files)
+
+        def submit() -> None:
+            for path in queue:
+                small = path.stat().st_size <= store._IN_MEMORY
+                ahead.append(pool.submit(whole, path) if small else path)
+                if small:
+                    return
+
+        for _ in range(2 * workers):
+            submit()
+        while ahead:
+            item = ahead.popleft()
+            if isinstance(item, Path):
+                yield from _pieces(_batches([item], batch_size, columns))
+                continue
+            pieces = item.result()
+            submit()
+            yield from pieces
+
+
 def _groups(batch: pa.RecordBatch | pa.Table) -> Iterator[tuple[Key, np.ndarray | None]]:
     """(model, task) of the rows of a batch, with the mask of its rows (None: every row)."""
     model, task = batch["model"], batch["task"]
@@ -348,30 +412,19 @@ def _expected_rows(run: Path, files: Sequence[Path], batch_size: int) -> dict[Ke
     }
 
 
-def _chunks(files: Sequence[Path], batch_size: int) -> Iterator[tuple[Key, Rows, np.ndarray]]:
+def _chunks(files: Sequence[Path], batch_size: int) -> Iterator[Piece]:
     """The rollouts of the shards per (model, task), in reading order, with their flat
-    eos_prob: consecutive batches of one (model, task) merged up to about ``_CHUNK`` steps,
+    log p(EOS): consecutive pieces of one (model, task) merged up to about ``_CHUNK`` steps,
     so the work per step runs in few, large numpy calls."""
     pending: list[tuple[Rows, np.ndarray]] = []
     current, steps = None, 0
-    for batch in _batches(files, batch_size, [*_KEYS, "eos_prob"]):
-        eos = batch.column("eos_prob")
-        lengths = pc.list_value_length(eos).fill_null(0).to_numpy(zero_copy_only=False)
-        lengths = lengths.astype(np.int64)
-        flat = pc.list_flatten(eos).to_numpy(zero_copy_only=False)
-        prompt = batch.column("prompt_id").to_numpy(zero_copy_only=False).astype(str)
-        ridx = batch.column("rollout_index").to_numpy(zero_copy_only=False).astype(np.int64)
-        for key, rows in _groups(batch):
-            if rows is None:
-                piece = ((prompt, ridx, lengths), flat)
-            else:
-                piece = ((prompt[rows], ridx[rows], lengths[rows]), flat[np.repeat(rows, lengths)])
-            if pending and (key != current or steps >= _CHUNK):
-                yield current, *_merged(pending)
-                pending, steps = [], 0
-            current = key
-            pending.append(piece)
-            steps += piece[1].size
+    for key, rows, values in _file_pieces(files, batch_size):
+        if pending and (key != current or steps >= _CHUNK):
+            yield current, *_merged(pending)
+            pending, steps = [], 0
+        current = key
+        pending.append((rows, values))
+        steps += values.size
     if pending:
         yield current, *_merged(pending)
 
@@ -389,15 +442,13 @@ def _read(
     exactly the rows the grids expected (if not, the sums are incomplete: read again)."""
     read: dict[Key, list[Rows]] = {}
     ok = True
-    for key, rows, flat in _chunks(files, batch_size):
+    for key, rows, values in _chunks(files, batch_size):
         read.setdefault(key, []).append(rows)
         grid = grids.get(key) if ok else None
         base = None if grid is None or grid.shown is not None else grid.rows.locate(*rows)
         if base is None:
             ok = False  # keep recording the rollouts; the sums are dropped
             continue
-        with np.errstate(divide="ignore"):  # eos_prob 0: log is -inf
-            values = np.log(flat.astype(np.float64)).astype(np.float32)
         grid.add(base, rows[2], values)
         scale.add(values)
         if grid.rows.complete():
