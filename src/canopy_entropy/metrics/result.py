@@ -254,8 +254,6 @@ def merge_diversity(
     into the prompts (and re-pool) and each rollout's distance d into the rollouts; a prompt
     whose diversity was computed from another set of rollouts (its count differs), or whose RSE
     judged more rollouts than it now has, gets none, with a note."""
-    from canopy_entropy.semantic.rse import RSE_SCHEMA_VERSION
-
     keys = list(PROMPT_KEYS)
     notes = dict(result.notes)
     prompts = result.prompts
@@ -272,8 +270,8 @@ def merge_diversity(
             and c not in prompts.columns
         ]
         prompts = prompts.merge(div[[*keys, *numeric]], on=keys, how="left", validate="one_to_one")
-    rse_path = Path(run_dir) / "semantic" / "rse.parquet"
-    rse = _read_semantic(rse_path, RSE_SCHEMA_VERSION, "rse_m", "canopy semantic-entropy")
+    rse_path = artefact_path(run_dir, "semantic.rse")
+    rse = _read_semantic(rse_path, schema_of("semantic.rse"), "rse_m", "canopy semantic-entropy")
     if rse is not None:
         rse = _drop_stale(rse, prompts, "rse_m", "relaxed semantic entropy",
                           "canopy semantic-entropy", notes)  # fmt: skip

@@ -30,7 +30,7 @@ from scipy.sparse.csgraph import connected_components
 
 from canopy_entropy.engines.base import DecodingPolicy, Engine, rollout_seed
 from canopy_entropy.errors import CanopyError, ConfigError, StoreError
-from canopy_entropy.run.layout import PROMPT_KEYS
+from canopy_entropy.run.layout import PROMPT_KEYS, artefact_path, schema_of
 from canopy_entropy.store import (
     KEY_COLUMNS,
     RunStore,
@@ -40,8 +40,8 @@ from canopy_entropy.store import (
 )
 
 DEFAULT_JUDGE = "smollm2-135m-instruct"
-VERDICTS_SCHEMA_VERSION = "canopy-rse-verdicts/1"
-RSE_SCHEMA_VERSION = "canopy-rse/1"
+VERDICTS_SCHEMA_VERSION = schema_of("semantic.rse_verdicts")
+RSE_SCHEMA_VERSION = schema_of("semantic.rse")
 MAX_FAILURE_SHARE = 0.05
 JUDGE_TASKS = ("coding", "completion", "math", "stories")
 PLACEHOLDERS = ("question", "response_a", "response_b")
@@ -212,7 +212,7 @@ def _verdict_table(rows: pd.DataFrame) -> pa.Table:
 def read_verdicts(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
     """Every cached judge verdict of a run (empty when none); verdict 1 similar, 0 different,
     -1 unparseable after the retry."""
-    path = Path(run_dir) / "semantic" / "rse_verdicts.parquet"
+    path = artefact_path(run_dir, "semantic.rse_verdicts")
     if not path.exists():
         return pd.DataFrame({c: pd.Series(dtype=object) for c in VERDICT_COLUMNS})
     return read_table(path, VERDICTS_SCHEMA_VERSION).to_pandas()
@@ -220,7 +220,7 @@ def read_verdicts(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
 
 def read_rse(run_dir: str | os.PathLike[str]) -> pd.DataFrame | None:
     """The run's per-prompt RSE table, or None when ``semantic-entropy`` has not run."""
-    path = Path(run_dir) / "semantic" / "rse.parquet"
+    path = artefact_path(run_dir, "semantic.rse")
     if not path.exists():
         return None
     return read_table(path, RSE_SCHEMA_VERSION).to_pandas()
@@ -469,7 +469,7 @@ def rse_run(
                         new_rows.append(
                             (identity, judge_keys[task], task, pid, h, v, attempts, output)
                         )
-                    _write_verdicts(sem, cache_df, new_rows)
+                    _write_verdicts(run, cache_df, new_rows)
                 failures = int((verdict[~np.eye(k, dtype=bool)] == FAILED).sum())
                 key = dict(zip(PROMPT_KEYS, (*shard, pid), strict=True))
                 if k > 1 and failures > MAX_FAILURE_SHARE * k * (k - 1):
@@ -512,7 +512,7 @@ def rse_run(
         table[col] = table[col].astype(np.float64)
     out = pa.Table.from_pandas(table, preserve_index=False)
     out = out.replace_schema_metadata({b"canopy.judge": identity.encode()})
-    atomic_write_table(sem / "rse.parquet", out, RSE_SCHEMA_VERSION)
+    atomic_write_table(artefact_path(run_dir, "semantic.rse"), out, RSE_SCHEMA_VERSION)
     calls = judge_obj.calls if judge_obj else 0
     seconds = judge_obj.seconds if judge_obj else 0.0
     atomic_write_json(
@@ -600,10 +600,11 @@ def _impute(verdict: np.ndarray) -> np.ndarray:
     return np.where(failed, similar.T, similar)
 
 
-def _write_verdicts(sem: Path, cached: pd.DataFrame, new_rows: list[tuple]) -> None:
+def _write_verdicts(run: Path, cached: pd.DataFrame, new_rows: list[tuple]) -> None:
     new = pd.DataFrame(new_rows, columns=VERDICT_COLUMNS)
     frame = new if cached.empty else pd.concat([cached, new], ignore_index=True)
-    atomic_write_table(sem / "rse_verdicts.parquet", _verdict_table(frame), VERDICTS_SCHEMA_VERSION)
+    path = artefact_path(run, "semantic.rse_verdicts")
+    atomic_write_table(path, _verdict_table(frame), VERDICTS_SCHEMA_VERSION)
 
 
 __all__ = [

@@ -363,12 +363,13 @@ def rse_panel_from_frames(metrics: pd.DataFrame, rse: pd.DataFrame) -> pd.DataFr
 def rse_panel(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
     """The RSE regression panel of a run (after ``canopy semantic-entropy``)."""
     from canopy_entropy.metrics import current_metrics
+    from canopy_entropy.run.layout import artefact_path
     from canopy_entropy.semantic.rse import read_rse
 
     run = Path(run_dir)
     rse = read_rse(run)
     if rse is None:
-        raise CanopyError(f"{run / 'semantic' / 'rse.parquet'} is missing; run "
+        raise CanopyError(f"{artefact_path(run, 'semantic.rse')} is missing; run "
                           f"'canopy semantic-entropy {run}' first")  # fmt: skip
     return rse_panel_from_frames(current_metrics(run).prompts, rse)
 
