@@ -44,7 +44,7 @@ OPTIONS: dict[str, dict] = {
     "zstd 9 + byte-stream-split": _with(compression_level=9),
     "token ids plain (split floats only)": _with(use_byte_stream_split=_elements(FLOAT_LISTS)),
     "token ids dictionary": _with(
-        use_dictionary=[*SCALARS, "token_ids.list.element"],
+        use_dictionary=["token_ids.list.element"],
         use_byte_stream_split=_elements(FLOAT_LISTS),
     ),
     "token ids delta-binary-packed": {
@@ -57,6 +57,10 @@ OPTIONS: dict[str, dict] = {
     "with min/max statistics for per-step lists": _with(write_statistics=True),
     "lz4 + byte-stream-split": _with(compression="lz4", compression_level=None),
     "with the Arrow schema copy in the footer": _with(store_schema=True),
+    "zstd 15 (last landing)": _with(compression_level=15),
+    "zstd 15, dictionaries and statistics for every scalar (last landing)": _with(
+        compression_level=15, use_dictionary=SCALARS, write_statistics=SCALARS
+    ),
     "zstd 19": _with(compression_level=19),
 }
 

@@ -10,6 +10,7 @@ import pytest
 
 from canopy_entropy.metrics import compute_metrics
 from canopy_entropy.reference import rollouts_table_from_flat
+from canopy_entropy.run.layout import PROMPT_KEYS
 from canopy_entropy.run.manifest import Manifest, ModelRecord, PolicyRecord, write_manifest
 from canopy_entropy.store import (
     ROLLOUT_SCHEMA,
@@ -78,9 +79,12 @@ def test_per_step_lists_are_byte_stream_split_without_dictionary(tmp_path):
     for name in PER_STEP:
         assert "BYTE_STREAM_SPLIT" in encodings[name], (name, encodings[name])
         assert "RLE_DICTIONARY" not in encodings[name] and "PLAIN_DICTIONARY" not in encodings[name]
-    assert "RLE_DICTIONARY" in encodings["model"]  # key columns keep their dictionary
+    assert not [n for n, e in encodings.items() if "RLE_DICTIONARY" in e or "PLAIN_DICTIONARY" in e]
     meta = pq.read_metadata(path).row_group(0)
     assert {meta.column(i).compression for i in range(meta.num_columns)} == {"ZSTD"}
+    with_stats = {meta.column(i).path_in_schema for i in range(meta.num_columns)
+                  if meta.column(i).is_stats_set}  # fmt: skip
+    assert with_stats == set(PROMPT_KEYS)  # what filtered reads prune shards by
     assert verify_file(path, SCHEMA_VERSION)  # the content digest is still recorded
     legacy = _store(tmp_path / "old", [_table(0)], LEGACY)
     old = _encodings(legacy.shard_files()[0])
