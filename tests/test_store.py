@@ -144,3 +144,32 @@ def test_streaming_reads_in_bounded_batches(tmp_path):
     assert len(batches) >= 9 and max(b.num_rows for b in batches) <= 16
     assert sum(b.num_rows for b in batches) == 150
     assert set(batches[0].schema.names) == {"prompt_id", "length"}
+
+
+def test_read_keys_maps_each_group_to_the_shards_holding_it(tmp_path):
+    """Per (model, variant, family, task) exactly the shards with a row of it (a shard may
+    hold several groups), checked shard by shard; a group's read of those shards alone
+    returns every one of its rollouts."""
+    store = RunStore(tmp_path)
+    store.write_rollouts("a0", make_rollouts({"p0": [[0.5] * 2] * 3}, model="a", task="x"))
+    store.write_rollouts("a1", make_rollouts({"p1": [[0.5] * 4] * 2}, model="a", task="x"))
+    mixed = pa.concat_tables(
+        [
+            make_rollouts({"p2": [[0.1] * 3] * 2}, model="a", task="y"),
+            make_rollouts({"p3": [[0.2] * 5] * 4}, model="b", task="x"),
+        ]
+    )
+    store.write_rollouts("mixed", mixed)
+    keys, index = store.read_keys(["prompt_id", "rollout_index", "length"])
+    assert keys.column_names == ["prompt_id", "rollout_index", "length"] and keys.num_rows == 11
+    expected: dict[tuple, set] = {}
+    for path in store.shard_files():
+        for row in pq.read_table(path, columns=["model", "variant", "family", "task"]).to_pylist():
+            expected.setdefault(tuple(row.values()), set()).add(path)
+    assert {k: set(v) for k, v in index.items()} == expected
+    assert index[("a", "base", "f", "x")] == [store.shard_path("a0"), store.shard_path("a1")]
+    for (model, _, _, task), files in index.items():
+        flt = (pa.compute.field("model") == model) & (pa.compute.field("task") == task)
+        part = store.read_rollouts(columns=["prompt_id"], filter=flt, files=files)
+        whole = store.read_rollouts(columns=["prompt_id"], filter=flt)
+        assert sorted(part["prompt_id"].to_pylist()) == sorted(whole["prompt_id"].to_pylist())

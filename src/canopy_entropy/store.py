@@ -651,10 +651,11 @@ class RunStore:
         unverified = [p for p in files if not verify_file(p, PROMPT_SCHEMA_VERSION)]
         _warn_unverified(unverified, len(files))
 
-    def dataset(self) -> ds.Dataset:
-        """A pyarrow dataset over all rollout shards (verified), for streaming scans; page
-        checksums are checked while scanning (``iter_batches`` names a file that fails)."""
-        files = self.shard_files()
+    def dataset(self, files: Sequence[Path] | None = None) -> ds.Dataset:
+        """A pyarrow dataset over the rollout shards ``files`` (default: all), verified, for
+        streaming scans; page checksums are checked while scanning (``iter_batches`` names a
+        file that fails)."""
+        files = self.shard_files() if files is None else list(files)
         if not files:
             raise StoreError(
                 f"no rollouts in {self.root}; generate some with 'canopy generate' or "
@@ -672,11 +673,35 @@ class RunStore:
                 columns=list(columns) if columns else None, filter=filter, batch_size=batch_size
             )
 
-    def read_rollouts(self, columns: Sequence[str] | None = None, filter: Any = None) -> pa.Table:
-        """Read (a projection of) all rollouts into one table."""
-        dataset = self.dataset()
-        with scan_errors(self.shard_files(), SCHEMA_VERSION):
+    def read_rollouts(
+        self,
+        columns: Sequence[str] | None = None,
+        filter: Any = None,
+        files: Sequence[Path] | None = None,
+    ) -> pa.Table:
+        """Read (a projection of) the rollouts of ``files`` (default: every shard) into one
+        table."""
+        files = self.shard_files() if files is None else list(files)
+        dataset = self.dataset(files)
+        with scan_errors(files, SCHEMA_VERSION):
             return dataset.to_table(columns=list(columns) if columns else None, filter=filter)
+
+    def read_keys(
+        self, columns: Sequence[str]
+    ) -> tuple[pa.Table, dict[tuple[str, ...], list[Path]]]:
+        """Scalar ``columns`` of every rollout and, per group (``KEY_COLUMNS``), the shards
+        holding its rollouts, from one verified read: a stage that works group by group then
+        reads (``read_rollouts(files=...)``) only that group's shards, not the whole store."""
+        files = self.shard_files()
+        names = list(dict.fromkeys([*KEY_COLUMNS, *columns]))
+        table = self.read_rollouts(columns=[*names, "__filename"], files=files)
+        pairs = table.group_by([*KEY_COLUMNS, "__filename"]).aggregate([])  # group x shard
+        by_name = {str(p): p for p in files}
+        index: dict[tuple[str, ...], list[Path]] = {}
+        for *key, name in zip(*(pairs[c].to_pylist() for c in pairs.column_names), strict=True):
+            index.setdefault(tuple(key), []).append(by_name[name])
+        index = {key: sorted(index[key]) for key in sorted(index)}
+        return table.select(list(columns)), index
 
     def read_prompts(self) -> pa.Table:
         files = self.prompt_files()

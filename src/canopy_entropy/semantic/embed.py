@@ -260,7 +260,8 @@ def embed_run(
     run = Path(run_dir)
     store = RunStore(run)
     keys_cols = [*KEY_COLUMNS, "prompt_id", "rollout_index", "length"]
-    keys = store.read_rollouts(columns=keys_cols).to_pandas()
+    keys, group_files = store.read_keys(keys_cols)
+    keys = keys.to_pandas()
     dup = keys.duplicated([*KEY_COLUMNS, "prompt_id", "rollout_index"])
     if dup.any():
         row = keys[dup].iloc[0]
@@ -302,7 +303,9 @@ def embed_run(
                 expr = pc.field(col) == val
                 flt = expr if flt is None else flt & expr
             frame = (
-                store.read_rollouts(columns=[*keys_cols, "text"], filter=flt)
+                store.read_rollouts(
+                    columns=[*keys_cols, "text"], filter=flt, files=group_files[tuple(shard)]
+                )
                 .to_pandas()
                 .sort_values(["prompt_id", "rollout_index"])
                 .reset_index(drop=True)

@@ -342,7 +342,8 @@ def rse_run(
     if not run.is_dir():
         raise CanopyError(f"run folder {run} does not exist")
     store = RunStore(run)
-    keys = store.read_rollouts(columns=[*PROMPT_KEYS, "rollout_index"]).to_pandas()
+    keys, group_files = store.read_keys([*PROMPT_KEYS, "rollout_index"])
+    keys = keys.to_pandas()
     dup = keys.duplicated([*PROMPT_KEYS, "rollout_index"])
     if dup.any():
         row = keys[dup].iloc[0]
@@ -419,7 +420,11 @@ def rse_run(
                 expr = pc.field(col) == val
                 flt = expr if flt is None else flt & expr
             frame = (
-                store.read_rollouts(columns=[*PROMPT_KEYS, "rollout_index", "text"], filter=flt)
+                store.read_rollouts(
+                    columns=[*PROMPT_KEYS, "rollout_index", "text"],
+                    filter=flt,
+                    files=group_files[tuple(shard)],
+                )
                 .to_pandas()
                 .sort_values(["prompt_id", "rollout_index"])
             )
