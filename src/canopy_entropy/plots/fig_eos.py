@@ -589,7 +589,7 @@ def eos_heatmap(matrices: Mapping[Key, EOSPanel], mode: str = "combined", clip=C
                 edges = np.flatnonzero(ids[1:] != ids[:-1]) + 0.5
                 ax.hlines(edges, 0.5, mat.width + 0.5, color="#bbbbbb", linewidth=0.6)
             ax.tick_params(labelbottom=False)
-            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.yaxis.set_major_locator(MaxNLocator(5, integer=True))
             positions = np.arange(1, mat.width + 1)
             strip.step(positions, mat.active(), where="mid", color="#333333")
             strip.set_ylim(bottom=0)
