@@ -13,7 +13,7 @@ from canopy_entropy.metrics.result import write_metrics
 from canopy_entropy.plots import make_figures, read_index
 from canopy_entropy.plots.fig_eos import CLIP, ClipScale, eos_heatmap, eos_matrices
 from canopy_entropy.reference import FiniteStateLM
-from canopy_entropy.store import RunStore
+from canopy_entropy.store import CorruptFileError, RunStore
 
 
 def _run(tmp_path, with_eos_prob=True):
@@ -159,6 +159,19 @@ def test_every_read_path_draws_the_same_cells(tmp_path, monkeypatch, how):
     )
     for mode in ("combined", "prompt"):
         _assert_drawn(run, eos_matrices(run, batch_size=3), mode)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_damaged_shard_is_named_whichever_thread_reads_it(tmp_path, monkeypatch, threads):
+    monkeypatch.setattr(fig_eos, "scan_threads", lambda: threads)
+    run = _run(tmp_path)
+    write_metrics(run, warn=False)
+    shard = RunStore(run).shard_files()[1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match="corrupt file .*" + shard.name):
+        eos_matrices(run)
 
 
 def test_color_scale_from_the_tails_is_np_quantile():
