@@ -123,7 +123,7 @@ _DEFAULT_OPTIONS: dict[str, Any] = {"compression": "zstd"}
 # few scalar rows compress as well plain), min/max statistics only for the prompt keys (what
 # scans filter on: a filtered read skips the shards of other groups) and no serialized Arrow
 # schema in the footer (ROLLOUT_SCHEMA's types all map back from the Parquet schema
-# unchanged). On the 240k synthetic study 11.997 bytes/step against 19.63 with zstd 3 and
+# unchanged). On the 240k synthetic study 11.98 bytes/step against 19.63 with zstd 3 and
 # dictionaries, at about 1.1 µs of write CPU per step; the options tried are in
 # benchmarks/bench_store_encodings.py. Lossless and recorded per column by Parquet, so old and
 # new shards read the same.
