@@ -341,7 +341,7 @@ def _file_pieces(files: Sequence[Path], batch_size: int) -> Iterator[Piece]:
     columns = [*_KEYS, "eos_prob"]
 
     def whole(path: Path) -> list[Piece]:
-        return list(_pieces(iter_file_batches(path, SCHEMA_VERSION, columns, batch_size, False)))
+        return list(_pieces(_batches([path], batch_size, columns)))
 
     workers = min(len(files), scan_threads())
     if workers < 2:
@@ -468,8 +468,9 @@ def eos_matrices(run_dir: str | Path, batch_size: int = 1024, clip=CLIP) -> dict
     """Per (model, task) the drawn log-EOS cells of a run's rollouts, from one streaming pass
     over the shards (``store.iter_file_batches``), rows placed by the lengths the per-rollout
     metrics record (without them: the shards' scalar columns); a second pass when the shards
-    do not hold exactly those rollouts (stale metrics, rollouts without eos_prob). ``clip``: the widest quantiles the colour scale may use.
-    MissingInput when no rollout has an eos_prob."""
+    do not hold exactly those rollouts (stale metrics, rollouts without eos_prob). ``clip``:
+    the widest quantiles the colour scale may use. MissingInput when no rollout has an
+    eos_prob."""
     run = check_run_dir(run_dir)
     files = RunStore(run).shard_files()
     if not files:
